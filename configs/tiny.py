@@ -1,0 +1,24 @@
+"""A tiny decoder (2 layers, d_model 32) on 24 files of the embedded corpus: the config the tests use.
+
+  python -m jaxtrain.main --config=configs/tiny.py --workdir=/tmp/tiny
+
+Expected on a 2-core CPU (1 device): about 15 s including compilation; train loss from about 6.2 to
+about 5.1 in 30 steps, eval loss about 5.3.
+"""
+
+from jaxtrain.defaults import base_config
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 32, 2, 4, 2, 64
+  d = c.data
+  d.max_files, d.tokenizer_vocab_size, d.seq_len, d.batch_size = 24, 512, 64, 8
+  d.eval_fraction = 0.2
+  c.optim.lr, c.optim.warmup_steps = 1e-2, 3
+  c.train.steps, c.train.eval_every, c.train.eval_batches = 30, 15, 2
+  c.checkpoint.every = 10
+  c.log.every, c.log.wandb, c.log.progress = 1, 'disabled', False
+  return c

@@ -1,0 +1,29 @@
+"""The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    'train': 'train a model (python -m jaxtrain.main)',
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv if argv is None else argv
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print('usage: jaxtrain COMMAND [flags]\n\ncommands:')
+    for name, text in COMMANDS.items():
+      print(f'  {name:10s} {text}')
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f'error: unknown command {command!r}; valid: {", ".join(COMMANDS)}', file=sys.stderr)
+    sys.exit(2)
+  sys.argv = [f'jaxtrain {command}'] + argv[2:]
+  from jaxtrain import main as train_main
+  train_main.run_main()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,148 @@
+"""Validation of a run's ConfigDict before anything is written.
+
+Every problem becomes a `ConfigError` whose message names the key, the offending value and what would be
+valid; `jaxtrain.main` prints it as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxtrain import sharding
+from jaxtrain.defaults import base_config
+
+CHOICES = {
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.compute_dtype': ('auto', 'float32', 'bfloat16', 'float16'),
+    'model.remat': ('none', 'full', 'save_dots'),
+    'optim.schedule': ('constant', 'linear', 'cosine', 'wsd'),
+    'optim.decay_shape': ('linear', 'cosine', 'sqrt'),
+    'log.wandb': ('disabled', 'offline', 'online'),
+}
+POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
+            'model.rope_theta', 'model.norm_eps', 'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
+            'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every')
+NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch',
+                'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
+                'train.eval_every', 'checkpoint.every')
+UNIT_INTERVAL = ('data.eval_fraction', 'optim.min_lr_ratio', 'optim.decay_fraction', 'optim.b1', 'optim.b2')
+
+
+class ConfigError(ValueError):
+  """A user mistake in the config: `key`, `value` and what would be `valid`."""
+
+  def __init__(self, key: str, value: Any, valid: str):
+    self.key, self.value, self.valid = key, value, valid
+    super().__init__(f'config.{key}={value!r}: {valid}')
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = cfg
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def check_schema(cfg: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+                 prefix: str = '') -> None:
+  """Unknown keys and wrong types against `reference` (the defaults). ints are accepted for floats."""
+  reference = base_config() if reference is None else reference
+  for key in cfg.keys():
+    path = f'{prefix}{key}'
+    value = cfg[key]
+    if key not in reference:
+      known = ', '.join(sorted(reference.keys()))
+      raise ConfigError(path, value, f'unknown key; known keys here: {known}')
+    ref = reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(path, value, 'must be a config section')
+      check_schema(value, ref, path + '.')
+    elif isinstance(ref, bool):
+      if not isinstance(value, bool):
+        raise ConfigError(path, value, 'must be True or False')
+    elif isinstance(ref, float):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, value, 'must be a number')
+    elif isinstance(ref, int):
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, value, 'must be an integer')
+    elif isinstance(ref, str) and not isinstance(value, str):
+      raise ConfigError(path, value, 'must be a string')
+  for key in reference.keys():
+    if key not in cfg:
+      raise ConfigError(f'{prefix}{key}', None, 'is missing; start config files from jaxtrain.defaults.base_config()')
+
+
+def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Choices, ranges and cross-field consistency (mesh vs devices, batch vs data parallelism)."""
+  for key, options in CHOICES.items():
+    if _get(cfg, key) not in options:
+      raise ConfigError(key, _get(cfg, key), f'must be one of {", ".join(options)}')
+  for key in POSITIVE:
+    if not _get(cfg, key) > 0:
+      raise ConfigError(key, _get(cfg, key), 'must be > 0')
+  for key in NON_NEGATIVE:
+    if not _get(cfg, key) >= 0:
+      raise ConfigError(key, _get(cfg, key), 'must be >= 0')
+  for key in UNIT_INTERVAL:
+    if not 0 <= _get(cfg, key) < 1 or (key == 'optim.min_lr_ratio' and _get(cfg, key) > 1):
+      raise ConfigError(key, _get(cfg, key), 'must be in [0, 1)')
+  m = cfg.model
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError('model.num_kv_heads', m.num_kv_heads, f'must divide model.num_heads={m.num_heads}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError('model.num_heads', m.num_heads, f'must divide model.d_model={m.d_model} (or set model.head_dim)')
+  if (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise ConfigError('model.head_dim', m.head_dim or m.d_model // m.num_heads, 'must be even (rotary embedding)')
+  try:
+    shape = sharding.mesh_shape(cfg.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError('mesh', dict(cfg.mesh), str(e)) from None
+  dp = shape[0] * shape[1]
+  b, accum = cfg.data.batch_size, cfg.train.accum_steps
+  if b % accum:
+    raise ConfigError('data.batch_size', b, f'must be divisible by train.accum_steps={accum}')
+  if (b // accum) % dp:
+    raise ConfigError('data.batch_size', b, f'micro-batch {b // accum} (batch_size / train.accum_steps) must be '
+                      f'divisible by the data-parallel size {dp} (mesh data={shape[0]} x fsdp={shape[1]})')
+  if cfg.optim.warmup_steps > cfg.train.steps:
+    raise ConfigError('optim.warmup_steps', cfg.optim.warmup_steps, f'must be <= train.steps={cfg.train.steps}')
+
+
+def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Workdir writable; tokenizer and data files exist."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError('workdir', workdir, 'exists and is not a directory')
+  parent = os.path.abspath(workdir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError('workdir', workdir, f'cannot be created or written: {parent} is not a writable directory')
+  if cfg.data.tokenizer and not os.path.exists(cfg.data.tokenizer):
+    raise ConfigError('data.tokenizer', cfg.data.tokenizer, 'does not exist; give a tokenizer.json, a tokenizer '
+                      "directory, or '' to build one on the train data")
+  for key in ('data.train', 'data.eval'):
+    spec = _get(cfg, key)
+    if not spec or spec == 'stdlib':
+      continue
+    for pattern in spec.split(','):
+      if not glob.glob(pattern.strip(), recursive=True):
+        raise ConfigError(key, spec, f'pattern {pattern.strip()!r} matches no file')
+
+
+def validate(cfg: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:
+  """All checks, cheapest first. Raises ConfigError."""
+  check_schema(cfg)
+  check_values(cfg, num_devices)
+  check_paths(cfg, workdir)
+
+
+def describe_mesh(cfg: ml_collections.ConfigDict, num_devices: int) -> str:
+  shape = sharding.mesh_shape(cfg.mesh, num_devices)
+  return ' x '.join(f'{a}={s}' for a, s in zip(sharding.MESH_AXES, shape)) + f' ({math.prod(shape)} devices)'

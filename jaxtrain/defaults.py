@@ -1,0 +1,85 @@
+"""The one place where every config key, its type and its default live.
+
+Config files start from `base_config()` and change what they need; `jaxtrain.config.validate` rejects any
+key that is not defined here, so a typo is an error instead of a silently new setting.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full default configuration (a small Llama-style decoder on the embedded corpus)."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0: the tokenizer's vocabulary rounded up to a multiple of 128.
+  m.d_model = 256
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4  # == num_heads: MHA; 1: MQA; in between: GQA.
+  m.head_dim = 0  # 0: d_model // num_heads.
+  m.mlp_dim = 768
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.tie_embeddings = True
+  m.qkv_bias = False  # Qwen2-style q/k/v projection bias.
+  m.qk_norm = False  # Qwen3-style per-head RMSNorm on q and k.
+  m.init_std = 0.02
+  m.param_dtype = 'float32'
+  m.compute_dtype = 'auto'  # auto: bfloat16 on accelerators, float32 on CPU.
+  m.remat = 'none'  # none | full | save_dots
+  m.scan_layers = True  # lax.scan over layers: compile time flat in depth.
+
+  c.data = d = ml_collections.ConfigDict()
+  d.train = 'stdlib'  # 'stdlib' (embedded corpus) or comma-separated globs of .jsonl/.json/.parquet/.txt files.
+  d.eval = ''  # '' = a held-out split of `train` (by file for stdlib, by document otherwise).
+  d.eval_fraction = 0.05
+  d.text_field = 'text'  # field of JSON Lines / column of Parquet holding the document text.
+  d.tokenizer = ''  # '' = byte-level BPE built locally on the train corpus and cached; else tokenizer.json or a dir.
+  d.tokenizer_vocab_size = 4096  # only for the locally built tokenizer.
+  d.batch_size = 8  # global batch, in rows of seq_len tokens.
+  d.seq_len = 256
+  d.max_files = 0  # stdlib only: use the first N files of the sorted list (0 = all); keeps tiny runs fast.
+  d.prefetch = 2  # batches prepared ahead in a background thread (0 = none).
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 3e-3
+  o.schedule = 'cosine'  # constant | linear | cosine | wsd
+  o.warmup_steps = 20
+  o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio for linear/cosine/wsd.
+  o.decay_fraction = 0.2  # wsd: share of the steps spent decaying.
+  o.decay_shape = 'linear'  # wsd: linear | cosine | sqrt
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.no_decay = r'(norm|bias|embed)'  # regex over parameter paths that get no weight decay.
+  o.clip_norm = 1.0  # global-norm clipping; 0 disables.
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 200
+  t.seed = 0
+  t.accum_steps = 1  # micro-batches per step (lax.scan); data.batch_size is split between them.
+  t.z_loss = 0.0  # weight of the z-loss (logsumexp^2) term.
+  t.eval_every = 100  # 0 disables periodic eval (the final eval still runs).
+  t.eval_batches = 4
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  k.every = 100  # 0: only at the end.
+  k.keep = 3
+  k.async_save = True
+
+  c.log = g = ml_collections.ConfigDict()
+  g.every = 10
+  g.wandb = 'offline'  # disabled | offline | online
+  g.wandb_project = 'jaxtrain'
+  g.progress = True
+  g.plot = True
+
+  c.mesh = s = ml_collections.ConfigDict()
+  s.data = -1  # -1: all devices not used by the other axes.
+  s.fsdp = 1
+  s.tensor = 1
+  return c

@@ -1,0 +1,41 @@
+"""Loss functions. Each returns *sums* over tokens plus the token count, so that callers can add them up
+across micro-batches and devices and divide once (a mean of per-micro-batch means is biased when
+micro-batches hold different numbers of loss tokens)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def next_token_targets(batch: dict[str, Array]) -> tuple[Array, Array]:
+  """Targets and 0/1 weights for predicting token t+1 at position t.
+
+  A prediction counts only when t+1 is a real token of the same document as t and carries loss_mask 1,
+  so nothing is learned across the boundary of two packed documents or into padding.
+  """
+  tokens, seg, mask = batch['tokens'], batch['segment_ids'], batch['loss_mask']
+  targets = tokens[:, 1:]
+  weights = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+  return targets, weights.astype(jnp.float32)
+
+
+def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0) -> dict[str, Array]:
+  """Summed token cross-entropy (float32) and optional z-loss: {'loss_sum', 'z_loss_sum', 'tokens'}."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  ce = (lse - target_logit) * weights
+  out = {'loss_sum': ce.sum(), 'z_loss_sum': jnp.zeros((), jnp.float32), 'tokens': weights.sum()}
+  if z_loss:
+    out['z_loss_sum'] = z_loss * (jnp.square(lse) * weights).sum()
+  return out
+
+
+def causal_lm_loss(logits: Array, batch: dict[str, Array], z_loss: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """Next-token loss for logits (B,T,V) of `batch`: (objective sum to differentiate, sums for metrics)."""
+  targets, weights = next_token_targets(batch)
+  sums = cross_entropy_sums(logits[:, :-1], targets, weights, z_loss)
+  return sums['loss_sum'] + sums['z_loss_sum'], sums

@@ -1,0 +1,140 @@
+"""FLOPs accounting, the device peak, and the logging sinks (metrics.jsonl, progress bar, wandb, plot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtrain.models import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip (no sparsity).
+PEAK_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6': 918e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+  """Model FLOPs per token: matmuls (LM head included, embedding lookup excluded) and attention scores and
+  values over a full row of seq_len (dense attention on packed rows), halved when causal. Training is
+  3x forward (backward = 2x forward)."""
+  d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_layer = d * h * (n + 2 * k) + n * h * d + 3 * d * f
+  matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
+  attention = 4 * cfg.num_layers * seq_len * n * h * (0.5 if cfg.causal else 1.0)
+  forward = 2 * matmul_params + attention
+  return 3 * forward if training else forward
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 n x n matmul on the first device: the practical CPU peak to report MFU against."""
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def device_peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s per device, where it came from): the table for known accelerators, else a matmul probe."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak, f'table ({kind})'
+  return measure_matmul_peak(), f'measured f32 matmul ({kind})'
+
+
+class Logger:
+  """Writes metrics to WORKDIR/metrics.jsonl, a progress bar and (optionally) wandb."""
+
+  def __init__(self, workdir: str, cfg: Any, total_steps: int, start_step: int, run_config: dict):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._file = open(self.path, 'a')
+    self._bar = None
+    if cfg.progress:
+      import tqdm
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+    self._wandb = None
+    if cfg.wandb != 'disabled':
+      import wandb
+      os.environ.setdefault('WANDB_SILENT', 'true')
+      self._wandb = wandb.init(project=cfg.wandb_project, dir=workdir, mode=cfg.wandb, config=run_config,
+                               resume='allow', id=_run_id(workdir), settings=wandb.Settings(console='off'))
+
+  def log(self, step: int, metrics: dict[str, float]) -> None:
+    record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._wandb is not None:
+      self._wandb.log(record, step=step)
+    if self._bar is not None and 'loss' in record:
+      self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
+
+  def advance(self, steps: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def write(self, line: str) -> None:
+    """Prints a line without breaking the progress bar."""
+    if self._bar is not None:
+      self._bar.write(line)
+    else:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+    self._file.close()
+
+
+def _run_id(workdir: str) -> str:
+  """A stable wandb id per workdir so a resumed run continues the same wandb run."""
+  import hashlib
+  return hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str) -> str | None:
+  """WORKDIR/loss.png: train loss per step (the last record for each step, so resumed runs plot once) and
+  eval loss. Returns the path, or None when there is nothing to plot."""
+  by_step: dict[int, dict] = {}
+  for r in read_metrics(workdir):
+    by_step.setdefault(r['step'], {}).update(r)
+  train = sorted((s, r['loss']) for s, r in by_step.items() if 'loss' in r)
+  evals = sorted((s, r['eval_loss']) for s, r in by_step.items() if 'eval_loss' in r)
+  if not train:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(*zip(*train), label='train loss', lw=1)
+  if evals:
+    ax.plot(*zip(*evals), 'o-', label='eval loss')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token)')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  path = os.path.join(workdir, 'loss.png')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

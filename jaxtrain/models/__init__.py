@@ -1,0 +1,56 @@
+"""Model construction as pure functions over parameter trees.
+
+`graphdef, specs = describe(cfg)` is the static half of an NNX model; `init_params(cfg, key)` the
+arrays; `apply(graphdef, params, batch)` runs it. Training code sees only plain nested dicts of arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxtrain.models.transformer import ModelConfig, Transformer
+
+__all__ = ['ModelConfig', 'Transformer', 'model_config', 'describe', 'init_params', 'apply', 'count_params']
+
+
+def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
+  """ModelConfig from the `model` config section, resolving vocab_size 0, head_dim 0 and compute_dtype auto."""
+  vocab = model.vocab_size or -(-tokenizer_vocab // 128) * 128
+  compute = model.compute_dtype
+  if compute == 'auto':
+    compute = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return ModelConfig(
+      vocab_size=vocab, d_model=model.d_model, num_layers=model.num_layers, num_heads=model.num_heads,
+      num_kv_heads=model.num_kv_heads, head_dim=model.head_dim or model.d_model // model.num_heads,
+      mlp_dim=model.mlp_dim, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
+      tie_embeddings=model.tie_embeddings, qkv_bias=model.qkv_bias, qk_norm=model.qk_norm,
+      init_std=model.init_std, param_dtype=model.param_dtype, compute_dtype=compute, remat=model.remat,
+      scan_layers=model.scan_layers)
+
+
+def describe(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, logical PartitionSpec tree, ShapeDtypeStruct tree) without allocating parameters."""
+  # Built outside any mesh context: NNX would otherwise read the logical axis names as mesh axes.
+  with jax.set_mesh(None):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  return graphdef, specs, nnx.to_pure_dict(state)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """Freshly initialised parameters as a nested dict (call under `jax.jit` with out_shardings to shard)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(key))))
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
+  """Logits (B,T,V) float32 for a batch with tokens, segment_ids and positions."""
+  model = nnx.merge(graphdef, params)
+  return model(batch['tokens'], batch['segment_ids'], batch['positions'])
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

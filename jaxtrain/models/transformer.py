@@ -1,0 +1,209 @@
+"""Llama-family decoder in Flax NNX: RMSNorm, RoPE, GQA attention, SwiGLU MLP, tied or untied head.
+
+Shapes use B batch, T sequence, D d_model, N query heads, K kv heads, H head_dim, F mlp_dim, V vocab,
+L layers. Parameters name logical axes only (`out_sharding` metadata); `jaxtrain.sharding` maps them to mesh
+axes. Block parameters are stacked along a leading `layers` axis so the forward pass can `lax.scan` over
+them (compile time flat in depth) or unroll them, from the same parameter tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain import sharding
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of the decoder. Built from `config.model` by `model_config`."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  init_std: float = 0.02
+  param_dtype: str = 'float32'
+  compute_dtype: str = 'float32'
+  remat: str = 'none'  # none | full | save_dots
+  scan_layers: bool = True
+  causal: bool = True
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
+           std: float | None = None) -> nnx.Param:
+  """A parameter drawn from N(0, std^2) (or ones when std == 0), tagged with its logical axes."""
+  dtype = jnp.dtype(cfg.param_dtype)
+  std = cfg.init_std if std is None else std
+  if std == 0:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  # eager_sharding=False: the axes are logical names, not mesh axes; sharding.py translates them.
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _zeros(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
+  return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm, computed in float32 whatever the compute dtype."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.scale = _param(rngs, (dim,), ('norm',), cfg, std=0.0)
+    self.eps = cfg.norm_eps
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the half-split convention of Hugging Face Llama. x: (B,T,n,H), positions: (B,T)."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # (B,T,H/2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array, causal: bool) -> Array:
+  """(B,1,T,T) boolean mask: same document only (segment 0 = padding), and no future tokens if causal.
+
+  Padding attends to padding so its rows stay finite; real tokens never see padding or other documents.
+  """
+  mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+  if causal:
+    t = segment_ids.shape[1]
+    mask &= jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+  return mask[:, None]
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention (MHA when K == N, MQA when K == 1) with optional q/k/v bias and q/k norm."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.cfg = cfg
+    self.q = _param(rngs, (d, n, h), ('embed', 'heads', 'head_dim'), cfg)
+    self.k = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), cfg)
+    self.v = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), cfg)
+    self.o = _param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), cfg)
+    if cfg.qkv_bias:
+      self.q_bias = _zeros((n, h), ('heads', 'head_dim'), cfg)
+      self.k_bias = _zeros((k, h), ('kv_heads', 'head_dim'), cfg)
+      self.v_bias = _zeros((k, h), ('kv_heads', 'head_dim'), cfg)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, cfg, rngs)
+      self.k_norm = RMSNorm(h, cfg, rngs)
+
+  def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum('btd,dnh->btnh', x, self.q[...].astype(dt))
+    k = jnp.einsum('btd,dkh->btkh', x, self.k[...].astype(dt))
+    v = jnp.einsum('btd,dkh->btkh', x, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    # dot_product_attention handles K < N (GQA) itself and may dispatch to cuDNN on GPU.
+    out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, cfg.causal))  # (B,T,N,H)
+    return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.gate = _param(rngs, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg)
+    self.up = _param(rngs, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), cfg)
+    self.down = _param(rngs, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), cfg)
+
+  def __call__(self, x: Array) -> Array:
+    dt = x.dtype
+    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))  # (B,T,F)
+    return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+    x = x + self.attn(self.attn_norm(x), segment_ids, positions)
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ('batch', 'seq', 'act_embed'))
+
+
+_REMAT_POLICIES: dict[str, Any] = {
+    'full': None,  # save nothing: recompute the whole block in the backward pass.
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model. `__call__(tokens, segment_ids, positions) -> float32 logits (B,T,V)`."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg)
+
+  def __call__(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.compute_dtype)
+    # Gather the (fsdp/tensor-sharded) table whole before the lookup: a gather from a sharded table with a
+    # batch-sharded index makes XLA replicate and re-partition the output, which costs more.
+    table = sharding.constrain(self.embed[...].astype(dt), (None, None))
+    x = table[tokens]  # (B,T,D)
+    x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(x: Array, params: Any) -> tuple[Array, None]:
+      return nnx.merge(graphdef, params)(x, segment_ids, positions), None
+
+    if cfg.remat != 'none':
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      x, _ = jax.lax.scan(layer, x, stacked)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
+    x = self.final_norm(x)
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum('btd,dv->btv', x, head.astype(dt), preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))

@@ -1,0 +1,119 @@
+"""Composable train and eval steps.
+
+The train state is a plain pytree: {'params', 'opt_state', 'step', 'rng'} and optionally 'frozen', a tree
+that takes no gradient and has no optimizer state (a LoRA base, a frozen StackWise trunk). A
+`param_transform(params, frozen) -> model_params` combines the two before the loss; without one the
+trainable params are the model params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtrain import sharding
+
+Batch = dict[str, jax.Array]
+# loss_fn(model_params, batch, rng) -> (objective sum to differentiate, {'tokens': count, other sums...})
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+ParamTransform = Callable[[Any, Any], Any]
+
+
+def _identity_transform(params: Any, frozen: Any) -> Any:
+  del frozen
+  return params
+
+
+def split_micro_batches(batch: Batch, accum_steps: int) -> Batch:
+  """(B, ...) -> (accum, B/accum, ...) taking rows k, k+accum, ... for micro-batch k.
+
+  Strided rows keep every micro-batch spread over all data-parallel devices (contiguous rows would put a
+  whole micro-batch on a few devices).
+  """
+  def split(x: jax.Array) -> jax.Array:
+    b = x.shape[0]
+    x = x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def make_grad_fn(loss_fn: LossFn, param_transform: ParamTransform | None = None,
+                 accum_steps: int = 1) -> Callable[[Any, Any, Batch, jax.Array], tuple[Any, dict]]:
+  """(params, frozen, batch, rng) -> (gradient of the summed objective, summed metrics over the batch).
+
+  With accum_steps > 1 the batch runs as micro-batches under `lax.scan`; gradients and sums are added, so
+  the caller's single division by the total token count is exact whatever each micro-batch holds.
+  """
+  transform = param_transform or _identity_transform
+
+  def objective(params: Any, frozen: Any, batch: Batch, rng: jax.Array):
+    return loss_fn(transform(params, frozen), batch, rng)
+
+  value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+  def grads_and_sums(params: Any, frozen: Any, batch: Batch, rng: jax.Array):
+    if accum_steps == 1:
+      (_, sums), grads = value_and_grad(params, frozen, batch, rng)
+      return grads, sums
+    micro = split_micro_batches(batch, accum_steps)
+
+    def body(carry, xs):
+      grads_acc, sums_acc = carry
+      i, mb = xs
+      (_, sums), grads = value_and_grad(params, frozen, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    _, sums_shape = jax.eval_shape(objective, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+    return grads, sums
+
+  return grads_and_sums
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
+                    schedule: Callable[[Any], jax.Array] | None = None, accum_steps: int = 1,
+                    param_transform: ParamTransform | None = None) -> Callable[[dict, Batch], tuple[dict, dict]]:
+  """Builds the pure `train_step(state, batch) -> (state, metrics)`.
+
+  The loss is normalised once by the number of loss tokens in the whole global batch (all micro-batches,
+  all devices). Metrics: loss, z_loss, grad_norm (before clipping), lr, loss_tokens.
+  """
+  grads_and_sums = make_grad_fn(loss_fn, param_transform, accum_steps)
+
+  def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    frozen = state.get('frozen')
+    grads, sums = grads_and_sums(state['params'], frozen, batch, rng)
+    tokens = jnp.maximum(sums['tokens'], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = dict(state, params=optax.apply_updates(state['params'], updates), opt_state=opt_state,
+                     step=state['step'] + 1)
+    metrics = {
+        'loss': sums['loss_sum'] / tokens,
+        'z_loss': sums['z_loss_sum'] / tokens,
+        'grad_norm': optax.tree.norm(grads),
+        'loss_tokens': sums['tokens'],
+    }
+    if schedule is not None:
+      metrics['lr'] = schedule(state['step'])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(loss_fn: LossFn, param_transform: ParamTransform | None = None) -> Callable[[dict, Batch], dict]:
+  """`eval_step(state, batch) -> sums` ({'loss_sum', 'tokens', ...}); the caller adds batches and divides."""
+  transform = param_transform or _identity_transform
+
+  def eval_step(state: dict, batch: Batch) -> dict:
+    params = transform(state['params'], state.get('frozen'))
+    _, sums = loss_fn(params, batch, state['rng'])
+    return sums
+
+  return eval_step

@@ -1,0 +1,25 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported), a private cache dir, shared fixtures."""
+
+import os
+import tempfile
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAXTRAIN_CACHE', tempfile.mkdtemp(prefix='jaxtrain-cache-'))
+# Subprocess runs of the same config reuse compiled programs through JAX's persistent cache.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.environ['JAXTRAIN_CACHE'], 'jax'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('WANDB_MODE', 'disabled')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def repo_root() -> str:
+  return REPO
+
+
+def pytest_configure(config):
+  assert jax.device_count() == 8, f'expected 8 fake CPU devices, got {jax.device_count()}'

@@ -1,0 +1,32 @@
+"""Small builders shared by tests: tiny model configs and hand-made packed batches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxtrain.models import ModelConfig
+
+TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+def tiny(**overrides) -> ModelConfig:
+  return dataclasses.replace(TINY, **overrides)
+
+
+def packed_batch(docs_per_row: list[list[int]], seq_len: int, vocab: int = 64, seed: int = 0) -> dict:
+  """Rows packed from documents of the given lengths, random tokens, trailing padding (segment 0)."""
+  rng = np.random.default_rng(seed)
+  b = len(docs_per_row)
+  out = {k: np.zeros((b, seq_len), np.int32) for k in ('tokens', 'segment_ids', 'positions', 'loss_mask')}
+  for r, lengths in enumerate(docs_per_row):
+    at = 0
+    for s, n in enumerate(lengths, start=1):
+      out['tokens'][r, at:at + n] = rng.integers(1, vocab, n)
+      out['segment_ids'][r, at:at + n] = s
+      out['positions'][r, at:at + n] = np.arange(n)
+      out['loss_mask'][r, at:at + n] = 1
+      at += n
+    assert at <= seq_len
+  return out

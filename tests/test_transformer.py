@@ -1,0 +1,123 @@
+"""The decoder: shapes, masking (documents, causality, padding), RoPE, variants, scan vs unrolled."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtrain import models
+from tests.helpers import packed_batch, tiny
+
+
+def logits_fn(cfg, seed=0):
+  graphdef, _, _ = models.describe(cfg)
+  params = models.init_params(cfg, jax.random.PRNGKey(seed))
+  return params, jax.jit(lambda p, b: models.apply(graphdef, p, b))
+
+
+@pytest.fixture(scope='module')
+def base():
+  return logits_fn(tiny())
+
+
+def test_shapes_and_dtypes(base):
+  params, f = base
+  batch = packed_batch([[10, 6], [16]], 16)
+  out = f(params, batch)
+  assert out.shape == (2, 16, 64) and out.dtype == jnp.float32
+  assert params['blocks']['attn']['q'].shape == (2, 32, 4, 8)  # (L, D, N, H): layers stacked
+  assert params['blocks']['attn']['k'].shape == (2, 32, 2, 8)  # GQA: 2 kv heads
+  assert 'lm_head' not in params  # tied by default
+
+
+def test_bf16_compute_keeps_f32_params_and_logits():
+  params, f = logits_fn(tiny(compute_dtype='bfloat16'))
+  out = f(params, packed_batch([[16]], 16))
+  assert params['embed'].dtype == jnp.float32 and out.dtype == jnp.float32
+  ref_params, ref = logits_fn(tiny())
+  np.testing.assert_allclose(out, ref(ref_params, packed_batch([[16]], 16)), atol=0.1)
+
+
+def test_other_document_in_row_does_not_change_logits(base):
+  params, f = base
+  batch = packed_batch([[7, 9]], 16)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['tokens'][0, 7:] = (changed['tokens'][0, 7:] + 5) % 64  # rewrite document 2 only
+  a, b = f(params, batch), f(params, changed)
+  np.testing.assert_array_equal(a[0, :7], b[0, :7])
+  assert np.abs(a[0, 7:] - b[0, 7:]).max() > 1e-3
+  # And document 2 cannot see document 1 either.
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['tokens'][0, :7] = (changed['tokens'][0, :7] + 5) % 64
+  np.testing.assert_array_equal(f(params, batch)[0, 7:], f(params, changed)[0, 7:])
+
+
+def test_later_token_does_not_change_earlier_logits(base):
+  params, f = base
+  batch = packed_batch([[16]], 16)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['tokens'][0, 11] = (changed['tokens'][0, 11] + 1) % 64
+  a, b = f(params, batch), f(params, changed)
+  np.testing.assert_array_equal(a[0, :11], b[0, :11])
+  assert np.abs(a[0, 11:] - b[0, 11:]).max() > 1e-4
+
+
+def test_padding_is_invisible(base):
+  params, f = base
+  batch = packed_batch([[10]], 16)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['tokens'][0, 10:] = 33  # padding tokens (segment 0) change
+  np.testing.assert_array_equal(f(params, batch)[0, :10], f(params, changed)[0, :10])
+
+
+def test_packed_document_matches_document_alone(base):
+  """Positions restart per document, so a document packed after another gives the logits it has alone."""
+  params, f = base
+  packed = packed_batch([[5, 8]], 16, seed=3)
+  alone = {k: np.zeros_like(v) for k, v in packed.items()}
+  for k in alone:
+    alone[k][0, :8] = packed[k][0, 5:13]
+  alone['segment_ids'][0, :8] = 1
+  np.testing.assert_allclose(f(params, packed)[0, 5:13], f(params, alone)[0, :8], atol=2e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position(base):
+  params, f = base
+  batch = packed_batch([[16]], 16)
+  shifted = dict(batch, positions=batch['positions'] + 1000)
+  np.testing.assert_allclose(f(params, batch), f(params, shifted), atol=5e-4)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(num_kv_heads=4),  # MHA
+    dict(num_kv_heads=1),  # MQA
+    dict(qkv_bias=True, qk_norm=True, tie_embeddings=False, rope_theta=500000.0),
+])
+def test_variants_build_and_mask(overrides):
+  cfg = tiny(**overrides)
+  params, f = logits_fn(cfg)
+  batch = packed_batch([[6, 10]], 16)
+  changed = {k: v.copy() for k, v in batch.items()}
+  changed['tokens'][0, 6:] = (changed['tokens'][0, 6:] + 1) % 64
+  np.testing.assert_array_equal(f(params, batch)[0, :6], f(params, changed)[0, :6])
+  assert params['blocks']['attn']['k'].shape[2] == cfg.num_kv_heads
+  if overrides.get('qkv_bias'):
+    assert params['blocks']['attn']['q_bias'].shape == (2, 4, 8)
+    assert params['blocks']['attn']['q_norm']['scale'].shape == (2, 8)
+    assert params['lm_head'].shape == (32, 64)
+
+
+@pytest.mark.parametrize('remat', ['none', 'full', 'save_dots'])
+def test_scan_unrolled_and_remat_agree(remat):
+  batch = packed_batch([[9, 7], [16]], 16)
+  params = models.init_params(tiny(), jax.random.PRNGKey(1))
+
+  def loss(cfg):
+    graphdef, _, _ = models.describe(cfg)
+    return jax.jit(jax.value_and_grad(lambda p: models.apply(graphdef, p, batch).std()))(params)
+
+  ref_val, ref_grad = loss(tiny())
+  val, grad = loss(tiny(scan_layers=False, remat=remat))
+  np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
