@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -27,7 +28,7 @@ CHOICES = {
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
             'model.rope_theta', 'model.norm_eps', 'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
             'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every')
-NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch',
+NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch', 'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
                 'train.eval_every', 'checkpoint.every')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.min_lr_ratio', 'optim.decay_fraction', 'optim.b1', 'optim.b2')
@@ -122,8 +123,10 @@ def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   parent = os.path.abspath(workdir)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise ConfigError('workdir', workdir, f'cannot be created or written: {parent} is not a writable directory')
+  try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, /proc)
+    os.rmdir(tempfile.mkdtemp(prefix='.jaxtrain-probe-', dir=parent))
+  except OSError as e:
+    raise ConfigError('workdir', workdir, f'cannot be created or written ({parent}: {e.strerror})') from None
   if cfg.data.tokenizer and not os.path.exists(cfg.data.tokenizer):
     raise ConfigError('data.tokenizer', cfg.data.tokenizer, 'does not exist; give a tokenizer.json, a tokenizer '
                       "directory, or '' to build one on the train data")

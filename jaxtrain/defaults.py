@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 8  # global batch, in rows of seq_len tokens.
   d.seq_len = 256
   d.max_files = 0  # stdlib only: use the first N files of the sorted list (0 = all); keeps tiny runs fast.
+  d.shuffle_window = 2048  # train: seq_len pieces shuffled in a window before packing (0/1 = off).
   d.prefetch = 2  # batches prepared ahead in a background thread (0 = none).
 
   c.optim = o = ml_collections.ConfigDict()

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)), e.g. configs/tiny.py.',
@@ -24,13 +24,35 @@ def default_workdir(config_flag: str) -> str:
   return os.path.join('runs', name + ('_' + re.sub(r'[^A-Za-z0-9.-]+', '-', arg) if arg else ''))
 
 
+def _text(error: BaseException) -> str:
+  text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+  if 'Traceback (most recent call last)' in text:  # keep only the exception line of an embedded traceback
+    text = [line for line in text.splitlines() if line.strip()][-1]
+  return ' '.join(text.split()).rstrip(':') or type(error).__name__
+
+
+def _one_line(error: BaseException) -> str:
+  """The flag at fault and the root cause on one line (config_flags wraps the real reason, sometimes
+  with a whole traceback, in a generic message)."""
+  root = error.__cause__ or error.__context__  # one level down holds the specific reason
+  if root is None:
+    return _text(error)
+  flag = re.match(r'(flag --\S+?): ', str(error))
+  reason = _text(root)
+  if isinstance(root, KeyError):
+    reason = f'unknown config key {reason}'
+  return f'{flag.group(1)}: {reason}' if flag else reason
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that turns a bad flag or override into one line and exit status 2."""
+  """absl flag parsing that turns a bad flag, config file or override into one line and exit status 2."""
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'error: {message}', file=sys.stderr)
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # config_flags defers some load errors (a missing file) to the first use.
+    return rest
+  except (flags.Error, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
 
 
@@ -41,6 +63,8 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None:
     print('error: --config is required, e.g. --config=configs/tiny.py', file=sys.stderr)
     sys.exit(2)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO; keep the console for results.
   # Imported here so that `--help` and flag errors answer without initialising JAX.
   import jax
   from jaxtrain import config as config_lib, data, train

@@ -1,0 +1,177 @@
+"""Tokenizers: a byte-level BPE built from the train split and cached, or one loaded from disk.
+
+The built tokenizer is trained on at most `TRAIN_BUDGET_CHARS` characters picked deterministically from the
+train documents, so building takes seconds and every process that builds it gets the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from jaxtrain.data import sources
+from jaxtrain.data.sources import DataError
+
+EOS = '<|endoftext|>'
+# Bump when the build recipe changes, so caches of the old recipe are not reused.
+BUILD_VERSION = 'bpe-v1'
+TRAIN_BUDGET_CHARS = 4_000_000
+_EOS_FALLBACKS = (EOS, '</s>')
+_PATH_HINT = "expected '' (build a BPE from data.train), a tokenizer.json file or a Hugging Face tokenizer directory"
+
+
+class Tokenizer:
+  """Thin wrapper over a `tokenizers.Tokenizer` or a `transformers` tokenizer, with a known EOS id.
+
+  `encode` adds no special tokens (no BOS/EOS); the data pipeline appends `eos_id` to each document itself.
+  """
+
+  def __init__(self, backend: Any, *, eos_id: int, path: str):
+    self._backend = backend
+    self._is_fast_lib = isinstance(backend, tokenizers.Tokenizer)
+    self.eos_id = int(eos_id)
+    self.path = path
+    self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True) if self._is_fast_lib else len(backend))
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without special tokens."""
+    if self._is_fast_lib:
+      return self._backend.encode(text, add_special_tokens=False).ids
+    return self._backend.encode(text, add_special_tokens=False)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens; tokenizes in parallel outside the GIL."""
+    if self._is_fast_lib:
+      return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+    return self._backend(list(texts), add_special_tokens=False)['input_ids']
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of `ids`; special tokens such as EOS are kept so document boundaries stay visible."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    return self._backend.decode(ids, skip_special_tokens=False)
+
+  def __repr__(self) -> str:
+    return f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})'
+
+
+def cache_root() -> str:
+  """Root of jaxtrain's on-disk caches: $JAXTRAIN_CACHE, else ~/.cache/jaxtrain."""
+  return os.environ.get('JAXTRAIN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'jaxtrain')
+
+
+def load_tokenizer(cfg: Any) -> Tokenizer:
+  """The tokenizer named by `cfg.tokenizer` (the data config section); '' builds or reuses a cached BPE."""
+  if not cfg.tokenizer:
+    return _built_tokenizer(cfg)
+  path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
+  if not os.path.exists(path):
+    raise DataError('data.tokenizer', cfg.tokenizer, 'does not exist', _PATH_HINT)
+  if os.path.isdir(path):
+    return _load_pretrained_dir(cfg.tokenizer, path)
+  try:
+    backend = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # The Rust loader raises a bare Exception on malformed files.
+    raise DataError('data.tokenizer', cfg.tokenizer, f'is not a readable tokenizer.json ({e})', _PATH_HINT) from None
+  return Tokenizer(backend, eos_id=_eos_of_json(cfg.tokenizer, path, backend), path=path)
+
+
+def _eos_of_json(value: str, path: str, backend: tokenizers.Tokenizer) -> int:
+  # A bare tokenizer.json does not say which token is EOS; a tokenizer_config.json beside it may.
+  candidates = []
+  config = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+  if os.path.exists(config):
+    with open(config, encoding='utf-8') as fh:
+      eos = json.load(fh).get('eos_token')
+    candidates.append(eos.get('content') if isinstance(eos, dict) else eos)
+  candidates.extend(_EOS_FALLBACKS)
+  for token in candidates:
+    if isinstance(token, str) and backend.token_to_id(token) is not None:
+      return backend.token_to_id(token)
+  raise DataError('data.tokenizer', value, f'has no EOS token (looked for {candidates})',
+                  'use a tokenizer whose vocabulary holds an EOS token')
+
+
+def _load_pretrained_dir(value: str, path: str) -> Tokenizer:
+  import transformers  # Deferred: importing transformers costs seconds and only this branch needs it.
+
+  try:
+    backend = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise DataError('data.tokenizer', value, f'is not a loadable Hugging Face tokenizer directory ({e})',
+                    _PATH_HINT) from None
+  eos_id = backend.eos_token_id
+  if eos_id is None:
+    vocab = backend.get_vocab()
+    eos_id = next((vocab[t] for t in _EOS_FALLBACKS if t in vocab), None)
+  if eos_id is None:
+    raise DataError('data.tokenizer', value, f'has no eos_token and none of {_EOS_FALLBACKS} in its vocabulary',
+                    'use a tokenizer with an EOS token')
+  return Tokenizer(backend, eos_id=eos_id, path=path)
+
+
+# ----------------------------------------------------------------------------- the built BPE
+
+
+def _fingerprint(cfg: Any, docs: sources.Documents) -> str:
+  h = hashlib.sha256()
+  parts = [BUILD_VERSION, tokenizers.__version__, cfg.train, int(cfg.tokenizer_vocab_size), int(cfg.max_files),
+           TRAIN_BUDGET_CHARS]
+  if cfg.train == sources.STDLIB:
+    parts.append(sys.version_info[:2])  # The file list below already pins the stdlib content.
+  h.update(repr(parts).encode())
+  h.update(docs.fingerprint().encode())
+  return h.hexdigest()[:16]
+
+
+def training_texts(docs: Sequence[str], total_bytes: int, budget: int = TRAIN_BUDGET_CHARS) -> Iterator[str]:
+  """Every k-th document (k chosen so about `budget` characters come out), cut at `budget` in total.
+
+  A stride rather than the first files, so a corpus sorted by name still yields a representative sample.
+  """
+  stride = max(1, math.ceil(total_bytes / budget))
+  left = budget
+  for i in range(0, len(docs), stride):
+    if left <= 0:
+      return
+    text = docs[i][:left]
+    left -= len(text)
+    yield text
+
+
+def build_bpe(texts: Iterator[str], vocab_size: int) -> tokenizers.Tokenizer:
+  """A byte-level BPE with `EOS` as its only special token, trained on `texts`."""
+  backend = tokenizers.Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  backend.train_from_iterator(texts, trainer=trainer)
+  return backend
+
+
+def _built_tokenizer(cfg: Any) -> Tokenizer:
+  min_vocab = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # 256 byte symbols + EOS.
+  if cfg.tokenizer_vocab_size < min_vocab:
+    raise DataError('data.tokenizer_vocab_size', cfg.tokenizer_vocab_size, 'is too small for a byte-level BPE',
+                    f'expected at least {min_vocab} (256 bytes + EOS); 4096-32768 are typical')
+  docs = sources.load_documents(cfg, 'train')
+  path = os.path.join(cache_root(), 'tokenizers', _fingerprint(cfg, docs), 'tokenizer.json')
+  if not os.path.exists(path):
+    backend = build_bpe(training_texts(docs, docs.total_bytes), int(cfg.tokenizer_vocab_size))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Write then rename: a concurrent reader sees either no file or a complete one.
+    tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp'
+    backend.save(tmp)
+    os.replace(tmp, path)
+  backend = tokenizers.Tokenizer.from_file(path)
+  return Tokenizer(backend, eos_id=backend.token_to_id(EOS), path=path)

@@ -1,0 +1,85 @@
+"""End to end on configs/tiny.py: learning, outputs in the workdir, compile-once, bitwise resume."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from jaxtrain import metrics, train
+from tests.conftest import REPO
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(REPO, 'configs', 'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for dotted, value in overrides.items():
+    section, key = dotted.split('.')
+    config[section][key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tiny_full'))
+  return workdir, train.run(tiny_config(), workdir)
+
+
+def test_loss_falls_and_outputs_exist(full_run):
+  workdir, summary = full_run
+  losses = summary['losses']
+  assert sorted(losses) == list(range(1, 31))
+  assert losses[30] < losses[1] - 0.8, (losses[1], losses[30])
+  assert summary['eval']['eval_loss'] < losses[1] - 0.5
+  assert summary['compiles'] == 1  # the step compiled once for the whole run
+  records = metrics.read_metrics(workdir)
+  train_records = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train_records] == list(range(1, 31))
+  for key in ('loss', 'grad_norm', 'lr', 'loss_tokens', 'step_time', 'tokens_per_s', 'mfu'):
+    assert all(key in r for r in train_records), key
+  assert [r['step'] for r in records if 'eval_loss' in r] == [15, 30]
+  assert os.path.getsize(os.path.join(workdir, 'loss.png')) > 1000
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['train']['steps'] == 30
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=lambda s: (len(s), s))[-3:] == ['10', '20', '30']
+
+
+def test_resume_is_bitwise_identical(full_run, tmp_path):
+  """A run stopped after checkpoint 10 (its later checkpoints never written) and run again continues with
+  exactly the losses of the uninterrupted run."""
+  workdir, summary = full_run
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  for step in ('20', '30'):
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
+  again = train.run(tiny_config(), resumed)
+  assert again['start_step'] == 10
+  assert again['losses'] == {s: l for s, l in summary['losses'].items() if s > 10}
+  assert again['eval'] == summary['eval']
+
+
+def run_cli(args, **kw):
+  env = dict(os.environ)
+  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600, **kw)
+
+
+@pytest.mark.slow
+def test_main_end_to_end_in_a_subprocess(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = run_cli(['jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=12',
+                  '--config.log.wandb=offline'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'eval loss' in proc.stdout
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12'))
+  assert any(name.startswith('offline-run') for name in os.listdir(os.path.join(workdir, 'wandb')))
+  # `jaxtrain train` is the same entry point; the run is complete, so it only reports and evaluates.
+  again = run_cli(['jaxtrain.cli', 'train', '--config=configs/tiny.py', f'--workdir={workdir}',
+                   '--config.train.steps=12'])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'nothing to train' in again.stdout and 'step 12 of 12' in again.stdout
