@@ -65,10 +65,7 @@ class Logger:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
     self._wandb = None
     if cfg.wandb != 'disabled':
-      import wandb
-      os.environ.setdefault('WANDB_SILENT', 'true')
-      self._wandb = wandb.init(project=cfg.wandb_project, dir=workdir, mode=cfg.wandb, config=run_config,
-                               resume='allow', id=_run_id(workdir), settings=wandb.Settings(console='off'))
+      self._wandb = _start_wandb(workdir, cfg, run_config, self.write)
 
   def log(self, step: int, metrics: dict[str, float]) -> None:
     record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
@@ -96,6 +93,27 @@ class Logger:
     if self._wandb is not None:
       self._wandb.finish()
     self._file.close()
+
+
+def _start_wandb(workdir: str, cfg: Any, run_config: dict, say: Any) -> Any:
+  """A wandb run in WORKDIR/wandb. 'online' without credentials falls back to offline with a note rather
+  than prompting or failing: a run must never wait on a login."""
+  import wandb
+  os.environ.setdefault('WANDB_SILENT', 'true')
+  mode = cfg.wandb
+  if mode == 'online' and not (os.environ.get('WANDB_API_KEY') or _has_netrc_login()):
+    say('wandb: no login found (WANDB_API_KEY or ~/.netrc); logging offline instead, sync later with `wandb sync`')
+    mode = 'offline'
+  return wandb.init(project=cfg.wandb_project, dir=workdir, mode=mode, config=run_config, resume='allow',
+                    id=_run_id(workdir), settings=wandb.Settings(console='off'))
+
+
+def _has_netrc_login() -> bool:
+  import netrc
+  try:
+    return any('wandb' in host for host in netrc.netrc().hosts)
+  except (OSError, netrc.NetrcParseError):
+    return False
 
 
 def _run_id(workdir: str) -> str:

@@ -1,0 +1,42 @@
+"""FLOPs accounting by hand, the loss plot of a resumed run, and wandb never waiting on a login."""
+
+import json
+import os
+import types
+
+import pytest
+
+from jaxtrain import metrics
+from tests.helpers import tiny
+
+
+def test_flops_per_token_by_hand():
+  cfg = tiny()  # d 32, 2 layers, 4 heads / 2 kv of dim 8, mlp 64, vocab 64, tied
+  per_layer = 32 * 8 * (4 + 2 * 2) + 4 * 8 * 32 + 3 * 32 * 64  # q,k,v + o + gate/up/down
+  matmul = 2 * per_layer + 32 * 64  # LM head counts; the embedding lookup does not
+  attention = 4 * 2 * 16 * 4 * 8 * 0.5  # QK^T and AV over 16 positions, causal half
+  assert metrics.flops_per_token(cfg, 16, training=False) == 2 * matmul + attention
+  assert metrics.flops_per_token(cfg, 16) == 3 * (2 * matmul + attention)
+
+
+def test_plot_uses_last_record_per_step(tmp_path):
+  rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0}, {'step': 2, 'loss': 4.0}, {'step': 2, 'eval_loss': 4.5}]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  path = metrics.plot_losses(str(tmp_path))
+  assert path and os.path.getsize(path) > 1000
+  assert metrics.plot_losses(str(tmp_path / 'empty')) is None
+
+
+@pytest.mark.slow
+def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch):
+  monkeypatch.delenv('WANDB_API_KEY', raising=False)
+  monkeypatch.delenv('WANDB_MODE', raising=False)
+  monkeypatch.setenv('HOME', str(tmp_path))  # no ~/.netrc
+  notes = []
+  cfg = types.SimpleNamespace(wandb='online', wandb_project='jaxtrain-test')
+  run = metrics._start_wandb(str(tmp_path), cfg, {'a': 1}, notes.append)
+  run.log({'loss': 1.0}, step=1)
+  run.finish()
+  assert notes and 'logging offline' in notes[0]
+  assert any(d.startswith('offline-run') for d in os.listdir(tmp_path / 'wandb'))
