@@ -56,6 +56,27 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def init_distributed() -> None:
+  """Joins a multi-process run when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID), or when JAXTRAIN_DISTRIBUTED=auto lets JAX detect the cluster (SLURM, TPU pods, ...).
+  CPU processes talk over gloo."""
+  import jax
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not address and os.environ.get('JAXTRAIN_DISTRIBUTED') != 'auto':
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if not address:
+    jax.distributed.initialize()
+    return
+  try:
+    count, index = int(os.environ['JAX_NUM_PROCESSES']), int(os.environ['JAX_PROCESS_ID'])
+  except (KeyError, ValueError):
+    print(f'error: JAX_COORDINATOR_ADDRESS={address!r} needs integer JAX_NUM_PROCESSES and JAX_PROCESS_ID '
+          f"(got {os.environ.get('JAX_NUM_PROCESSES')!r}, {os.environ.get('JAX_PROCESS_ID')!r})", file=sys.stderr)
+    sys.exit(2)
+  jax.distributed.initialize(address, num_processes=count, process_id=index)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE', file=sys.stderr)
@@ -69,6 +90,7 @@ def main(argv: list[str]) -> None:
   import jax
   from jaxtrain import config as config_lib, data, train
 
+  init_distributed()
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
   try:

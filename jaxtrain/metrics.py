@@ -54,20 +54,26 @@ def device_peak_flops() -> tuple[float, str]:
 
 
 class Logger:
-  """Writes metrics to WORKDIR/metrics.jsonl, a progress bar and (optionally) wandb."""
+  """Writes metrics to WORKDIR/metrics.jsonl, a progress bar and (optionally) wandb.
 
-  def __init__(self, workdir: str, cfg: Any, total_steps: int, start_step: int, run_config: dict):
+  With `enabled=False` (processes other than the first of a multi-process run) it writes nothing."""
+
+  def __init__(self, workdir: str, cfg: Any, total_steps: int, start_step: int, run_config: dict,
+               enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = open(self.path, 'a')
+    self.enabled = enabled
+    self._file = open(self.path, 'a') if enabled else None
     self._bar = None
-    if cfg.progress:
+    if cfg.progress and enabled:
       import tqdm
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
     self._wandb = None
-    if cfg.wandb != 'disabled':
+    if cfg.wandb != 'disabled' and enabled:
       self._wandb = _start_wandb(workdir, cfg, run_config, self.write)
 
   def log(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
     record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
@@ -82,6 +88,8 @@ class Logger:
 
   def write(self, line: str) -> None:
     """Prints a line without breaking the progress bar."""
+    if not self.enabled:
+      return
     if self._bar is not None:
       self._bar.write(line)
     else:
@@ -92,7 +100,8 @@ class Logger:
       self._bar.close()
     if self._wandb is not None:
       self._wandb.finish()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def _start_wandb(workdir: str, cfg: Any, run_config: dict, say: Any) -> Any:

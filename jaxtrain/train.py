@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_token = metrics.flops_per_token(mc, config.data.seq_len)
     peak, peak_source = metrics.device_peak_flops()
-    logger = metrics.Logger(workdir, config.log, total, start, config.to_dict())
+    logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
     logger.write(f'jaxtrain: {n_params / 1e6:.2f}M params, {jax.device_count()} devices, mesh '
                  f'{dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} MFLOPs/token, '
                  f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
@@ -151,15 +151,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     saved = ckpt.latest_step()
     summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
     logger.close()
-  if primary and config.log.plot:
-    metrics.plot_losses(workdir)
-  losses_now = summary['losses']
-  if losses_now:
-    first, last = min(losses_now), max(losses_now)
-    print(f'steps {first}..{last}: loss {losses_now[first]:.4f} -> {losses_now[last]:.4f}; '
-          f"eval loss {summary['eval']['eval_loss']:.4f} (ppl {summary['eval']['eval_ppl']:.2f}); "
-          f'checkpoint {ckpt.directory}/{saved}', flush=True)
-  else:
-    print(f"nothing to train: {workdir} already holds step {start} of {total}; "
-          f"eval loss {summary['eval']['eval_loss']:.4f}", flush=True)
+  if primary:
+    if config.log.plot:
+      metrics.plot_losses(workdir)
+    print(_summary_line(summary, workdir, f'{ckpt.directory}/{saved}', total), flush=True)
   return summary
+
+
+def _summary_line(summary: dict[str, Any], workdir: str, checkpoint: str, total: int) -> str:
+  losses, ev = summary['losses'], summary['eval']
+  if not losses:
+    return (f"nothing to train: {workdir} already holds step {summary['start_step']} of {total}; "
+            f"eval loss {ev['eval_loss']:.4f}")
+  first, last = min(losses), max(losses)
+  return (f"steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}; "
+          f"eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f}); checkpoint {checkpoint}")
