@@ -2,8 +2,8 @@
 
   python -m jaxtrain.main --config=configs/tiny.py --workdir=/tmp/tiny
 
-Expected on a 2-core CPU (1 device): about 15 s including compilation; train loss from about 6.2 to
-about 5.1 in 30 steps, eval loss about 5.3.
+Expected on a 2-core CPU (1 device): about 17 s wall time including tokenizer build and compilation;
+train loss 6.22 -> 5.28 in 30 steps, eval loss 5.41 (ppl 223). Not measured on a GPU.
 """
 
 from jaxtrain.defaults import base_config

@@ -7,7 +7,6 @@ valid; `jaxtrain.main` prints it as one line and exits with status 2.
 from __future__ import annotations
 
 import glob
-import math
 import os
 import tempfile
 from typing import Any
@@ -28,7 +27,8 @@ CHOICES = {
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
             'model.rope_theta', 'model.norm_eps', 'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
             'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every')
-NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch', 'data.shuffle_window',
+NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch',
+                'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
                 'train.eval_every', 'checkpoint.every')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.min_lr_ratio', 'optim.decay_fraction', 'optim.b1', 'optim.b2')
@@ -145,7 +145,3 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str, num_devices: int) -> 
   check_values(cfg, num_devices)
   check_paths(cfg, workdir)
 
-
-def describe_mesh(cfg: ml_collections.ConfigDict, num_devices: int) -> str:
-  shape = sharding.mesh_shape(cfg.mesh, num_devices)
-  return ' x '.join(f'{a}={s}' for a, s in zip(sharding.MESH_AXES, shape)) + f' ({math.prod(shape)} devices)'

@@ -153,9 +153,9 @@ def plot_losses(workdir: str) -> str | None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot(*zip(*train), label='train loss', lw=1)
+  ax.plot(*zip(*train, strict=True), label='train loss', lw=1)
   if evals:
-    ax.plot(*zip(*evals), 'o-', label='eval loss')
+    ax.plot(*zip(*evals, strict=True), 'o-', label='eval loss')
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats/token)')
   ax.legend()

@@ -39,16 +39,17 @@ RULES: dict[str, Any] = {
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
   """Resolves the configured axis sizes (one may be -1) against the device count. Raises ValueError."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  named = dict(zip(MESH_AXES, sizes, strict=True))
   known = math.prod(s for s in sizes if s != -1)
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh sizes {dict(zip(MESH_AXES, sizes))} are invalid: use positive sizes and at most one -1')
+    raise ValueError(f'mesh sizes {named} are invalid: use positive sizes and at most one -1')
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} devices')
+      raise ValueError(f'mesh {named} does not divide the {num_devices} devices')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but '
-                     f'{num_devices} are present: make the product equal the device count or set one axis to -1')
+    raise ValueError(f'mesh {named} uses {math.prod(sizes)} devices but {num_devices} are present: make the '
+                     'product equal the device count or set one axis to -1')
   return tuple(sizes)  # type: ignore[return-value]
 
 
@@ -66,7 +67,7 @@ def data_parallel_size(mesh: Mesh) -> int:
 def spec_for(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
   """Mesh PartitionSpec for an array with the given logical axes, replicating dims the mesh cannot divide."""
   out = []
-  for name, dim in zip(logical, shape):
+  for name, dim in zip(logical, shape, strict=True):
     target = RULES.get(name) if name is not None else None
     if name is not None and name not in RULES:
       raise KeyError(f'logical axis {name!r} has no sharding rule; known: {sorted(RULES)}')
@@ -90,7 +91,7 @@ def shardings_like(tree: Any, params: Any, param_sh: Any, mesh: Mesh) -> Any:
   """Shardings for a tree whose leaves mirror parameters (optimizer moments): a leaf takes the sharding of
   the parameter whose path is a suffix of its own and whose shape matches; everything else is replicated."""
   by_path = {}
-  for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh)):
+  for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh), strict=True):
     by_path[_dict_path(path)] = (x.shape, sh)
   replicated = NamedSharding(mesh, P())
 
@@ -127,7 +128,7 @@ def constrain(x: jax.Array, logical: tuple[str, ...]) -> jax.Array:
 def describe(tree_sh: Any, params: Any, pattern: str = '.*') -> dict[str, P]:
   """{'path/to/param': PartitionSpec} for parameters matching `pattern`: handy in tests and logs."""
   out = {}
-  for (path, _), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(tree_sh)):
+  for (path, _), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(tree_sh), strict=True):
     name = '/'.join(_dict_path(path))
     if re.search(pattern, name):
       out[name] = sh.spec

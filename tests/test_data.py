@@ -83,7 +83,7 @@ def _take(it, n):
 def _segments(batch):
   """Token tuples of every (row, segment) of a batch, in row order."""
   out = []
-  for tokens, seg in zip(batch['tokens'], batch['segment_ids']):
+  for tokens, seg in zip(batch['tokens'], batch['segment_ids'], strict=True):
     for s in range(1, seg.max() + 1):
       out.append(tuple(tokens[seg == s].tolist()))
   return out
@@ -96,7 +96,7 @@ def _pieces(tok: Tokenizer, text: str) -> list[tuple[int, ...]]:
 
 def _assert_equal_batches(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     assert x.keys() == y.keys()
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -265,7 +265,7 @@ def test_batch_packing_invariants(jsonl_cfg, jsonl_tok):
     seg, pos, mask = b['segment_ids'], b['positions'], b['loss_mask']
     np.testing.assert_array_equal(mask, seg > 0)
     assert (seg[:, 0] == 1).all()  # Every row starts with a document.
-    for row_seg, row_pos, row_tok in zip(seg, pos, b['tokens']):
+    for row_seg, row_pos, row_tok in zip(seg, pos, b['tokens'], strict=True):
       real = row_seg > 0
       n = real.sum()
       assert real[:n].all() and not real[n:].any()  # Padding only at the end of the row.
@@ -273,7 +273,7 @@ def test_batch_packing_invariants(jsonl_cfg, jsonl_tok):
       steps = np.diff(row_seg[:n])
       assert set(steps.tolist()) <= {0, 1}  # 1, 1, ..., 2, 2, ..., 3: ids count up by one.
       starts = np.flatnonzero(np.r_[True, steps == 1])
-      for s, e in zip(starts, np.r_[starts[1:], n]):
+      for s, e in zip(starts, np.r_[starts[1:], n], strict=True):
         np.testing.assert_array_equal(row_pos[s:e], np.arange(e - s))
     for piece in _segments(b):
       assert piece in expected  # Each segment is a whole document or one of its seq_len pieces.
@@ -306,7 +306,7 @@ def test_same_seed_same_batches(jsonl_cfg, jsonl_tok):
   make = lambda seed: _take(iter(make_dataset(jsonl_cfg, jsonl_tok, split='train', seed=seed, batch_size=4)), 6)
   a, b, c = make(3), make(3), make(4)
   _assert_equal_batches(a, b)
-  assert any(not np.array_equal(x['tokens'], y['tokens']) for x, y in zip(a, c))
+  assert any(not np.array_equal(x['tokens'], y['tokens']) for x, y in zip(a, c, strict=True))
 
 
 def test_epochs_are_reshuffled(jsonl_cfg, jsonl_tok):

@@ -30,7 +30,7 @@ def test_two_processes_train_one_run(tmp_path):
          '--config.train.steps=6', '--config.checkpoint.every=3', '--config.train.eval_every=0'],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert 'steps 1..6' in outs[0][0] and 'steps 1..6' not in outs[1][0]  # only the first process reports
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

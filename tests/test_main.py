@@ -66,7 +66,7 @@ def test_every_config_error_exits_2_with_one_line(tmp_path):
   with ThreadPoolExecutor(4) as pool:
     results = list(pool.map(call, runs))
   for args, needle, proc in results:
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and 'Warning' not in l]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and 'Warning' not in line]
     assert proc.returncode == 2, (args, proc.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith('error: '), (args, proc.stderr[-2000:])
     assert needle in lines[0], (args, lines[0])

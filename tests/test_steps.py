@@ -74,7 +74,7 @@ def test_sharded_step_matches_single_device():
   s1, h1 = run_steps(mesh1, step1, s1, batch, 3)
   s8, h8 = run_steps(mesh8, step8, s8, batch, 3)
   np.testing.assert_allclose(h8, h1, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s8['params']), jax.tree.leaves(s1['params'])):
+  for a, b in zip(jax.tree.leaves(s8['params']), jax.tree.leaves(s1['params']), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   q = s8['params']['blocks']['attn']['q']
   assert isinstance(q.sharding, NamedSharding)

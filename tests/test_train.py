@@ -59,7 +59,7 @@ def test_resume_is_bitwise_identical(full_run, tmp_path):
     shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
   again = train.run(tiny_config(), resumed)
   assert again['start_step'] == 10
-  assert again['losses'] == {s: l for s, l in summary['losses'].items() if s > 10}
+  assert again['losses'] == {s: loss for s, loss in summary['losses'].items() if s > 10}
   assert again['eval'] == summary['eval']
 
 

@@ -119,5 +119,5 @@ def test_scan_unrolled_and_remat_agree(remat):
   ref_val, ref_grad = loss(tiny())
   val, grad = loss(tiny(scan_layers=False, remat=remat))
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
