@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,22 +26,31 @@ def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
   return loss_fn
 
 
-def init_state(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict]:
-  """(graphdef, state, state shardings): parameters and optimizer state are created already sharded."""
+def state_factory(mc: models.ModelConfig, tx: Any, seed: int,
+                  mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict, Callable[[], dict]]:
+  """(graphdef, abstract state, state shardings, create): nothing is allocated until `create()` runs,
+  which builds parameters and optimizer state already sharded. A resume restores into the abstract state
+  instead, so the model never exists twice in memory."""
   graphdef, specs, shapes = models.describe(mc)
   param_sh = sharding.param_shardings(specs, shapes, mesh)
 
-  def create(key: jax.Array) -> dict:
+  def create_fn(key: jax.Array) -> dict:
     params = models.init_params(mc, key)
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32), 'rng': key}
 
   key = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(create, key)
+  abstract = jax.eval_shape(create_fn, key)
   replicated = NamedSharding(mesh, P())
   state_sh = {'params': param_sh, 'opt_state': sharding.shardings_like(abstract['opt_state'], shapes, param_sh, mesh),
               'step': replicated, 'rng': replicated}
-  state = jax.jit(create, out_shardings=state_sh)(key)
-  return graphdef, state, state_sh
+  create = jax.jit(create_fn, out_shardings=state_sh)
+  return graphdef, abstract_with_shardings(abstract, state_sh), state_sh, lambda: create(key)
+
+
+def init_state(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict]:
+  """(graphdef, freshly initialised sharded state, state shardings)."""
+  graphdef, _, state_sh, create = state_factory(mc, tx, seed, mesh)
+  return graphdef, create(), state_sh
 
 
 def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
@@ -80,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f.write(config.to_json_best_effort(indent=2))
 
   with jax.set_mesh(mesh):
-    graphdef, state, state_sh = init_state(mc, tx, config.train.seed, mesh)
+    graphdef, abstract_state, state_sh, create_state = state_factory(mc, tx, config.train.seed, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     loss_fn = make_loss_fn(graphdef, config.train.z_loss)
@@ -96,8 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     start = ckpt.latest_step() or 0
-    if start:
-      state = ckpt.restore(start, abstract_with_shardings(state, state_sh), data_iter)
+    state = ckpt.restore(start, abstract_state, data_iter) if start else create_state()
 
     n_params = models.count_params(state['params'])
     tokens_per_step = config.data.batch_size * config.data.seq_len
