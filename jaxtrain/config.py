@@ -23,6 +23,7 @@ CHOICES = {
     'optim.schedule': ('constant', 'linear', 'cosine', 'wsd'),
     'optim.decay_shape': ('linear', 'cosine', 'sqrt'),
     'log.wandb': ('disabled', 'offline', 'online'),
+    'data.process_split': ('documents', 'rows'),
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
             'model.rope_theta', 'model.norm_eps', 'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
@@ -30,7 +31,7 @@ POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_k
 NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch',
                 'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
-                'train.eval_every', 'checkpoint.every')
+                'train.eval_every', 'train.max_bad_steps', 'checkpoint.every', 'distributed.num_processes')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.min_lr_ratio', 'optim.decay_fraction', 'optim.b1', 'optim.b2')
 
 

@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.seq_len = 256
   d.max_files = 0  # stdlib only: use the first N files of the sorted list (0 = all); keeps tiny runs fast.
   d.shuffle_window = 2048  # train: seq_len pieces shuffled in a window before packing (0/1 = off).
-  d.prefetch = 2  # batches prepared ahead in a background thread (0 = none).
+  d.prefetch = 2
+  # How processes share the data: 'documents' (each reads a disjoint share: scales) or 'rows' (each builds
+  # the same global batches and keeps its rows: per-step losses equal a single-process run exactly).
+  d.process_split = 'documents'  # batches prepared ahead in a background thread (0 = none).
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-3
@@ -66,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.z_loss = 0.0  # weight of the z-loss (logsumexp^2) term.
   t.eval_every = 100  # 0 disables periodic eval (the final eval still runs).
   t.eval_batches = 4
+  t.max_bad_steps = 5  # stop after this many consecutive non-finite steps (their updates are skipped).
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every = 100  # 0: only at the end.
@@ -78,6 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
   g.wandb_project = 'jaxtrain'
   g.progress = True
   g.plot = True
+
+  # Multi-process runs; the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
+  # variables fill in whatever is left empty here.
+  c.distributed = x = ml_collections.ConfigDict()
+  x.coordinator = ''  # host:port of process 0; '' = not distributed (unless auto or the env says so).
+  x.num_processes = 0
+  x.process_id = -1
+  x.auto = False  # let JAX detect the cluster (SLURM, TPU pods, ...).
 
   c.mesh = s = ml_collections.ConfigDict()
   s.data = -1  # -1: all devices not used by the other axes.
