@@ -8,19 +8,33 @@ asynchronous; `close()` waits for the last one so no checkpoint is left half wri
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class TopologyError(ValueError):
+  """A checkpoint that is intact but cannot be resumed with this many processes."""
 
 
 class Checkpointer:
-  """Saves every `every` steps (and whenever `force=True`), keeps the newest `keep`."""
+  """Saves every `every` steps (on demand too), keeps the newest `keep`.
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+  `shared_data_state=True` (data.process_split='rows': every process holds the same global iterator
+  position) stores that position once, as JSON, so any number of processes can resume from it; otherwise
+  each process stores its own position and a resume needs the same process count.
+  """
+
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True,
+               shared_data_state: bool = False):
     self.directory = os.path.abspath(directory)
     self.every = every
+    self.shared_data_state = shared_data_state
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         # We decide when to save (`should_save`); orbax should not second-guess the interval.
@@ -40,7 +54,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator | None) -> None:
     """Starts an (async) save of `state` and the iterator position at `step` completed steps."""
     items = {'state': ocp.args.StandardSave(state)}
-    if data_iter is not None:
+    if data_iter is not None and self.shared_data_state:
+      items['data'] = ocp.args.JsonSave(data_iter.get_state())  # written by process 0 only
+    elif data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -49,8 +65,52 @@ class Checkpointer:
     the data iterator is restored in place."""
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self._mngr.restore(step, args=ocp.args.Composite(**items))['state']
+      self._check_topology(step)
+      items['data'] = (ocp.args.JsonRestore() if self.shared_data_state
+                       else grain.checkpoint.CheckpointRestore(data_iter))
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None and self.shared_data_state:
+      data_iter.set_state(restored['data'])
+    return restored['state']
+
+  def _check_topology(self, step: int) -> None:
+    """Per-process iterator files name the process count that wrote them; another count cannot resume."""
+    names = os.listdir(os.path.join(self.directory, str(step), 'data')) if os.path.isdir(
+        os.path.join(self.directory, str(step), 'data')) else []
+    per_process = sorted(n for n in names if n.startswith('process_'))
+    if self.shared_data_state or not per_process:
+      return
+    written_by = int(per_process[0].rsplit('-of-', 1)[1].split('.')[0])
+    if written_by != jax.process_count():
+      raise TopologyError(
+          f'checkpoint {self.directory}/{step} was written by {written_by} processes with '
+          f"data.process_split='documents' and cannot resume with {jax.process_count()}: run with "
+          f"{written_by} processes, or train with data.process_split='rows' to move between process counts")
+
+  def restore_latest(self, abstract_state: Any, data_iter: grain.DatasetIterator | None,
+                     say: Callable[[str], None] = print) -> tuple[int, Any]:
+    """(step, state) from the newest checkpoint that restores; (0, None) when there is none.
+
+    A checkpoint that fails to restore (truncated or missing files) is reported in one line and moved
+    aside to `<step>.corrupt-<time>` (never deleted: it may still be worth a look), so the previous one is
+    used and a later save of the same step does not collide with it.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, data_iter)
+      except TopologyError:
+        raise
+      except Exception as e:  # noqa: BLE001 -- any failure to read means: not usable, try the previous
+        reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+        aside = f'{self.directory}/{step}.corrupt-{int(time.time())}'
+        if jax.process_index() == 0:
+          os.rename(os.path.join(self.directory, str(step)), aside)
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices(f'jaxtrain-aside-{step}')
+        say(f'checkpoint {self.directory}/{step} is incomplete or corrupt ({reason}); moved to {aside}, '
+            'trying the previous one')
+        self._mngr.reload()
+    return 0, None
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk; re-raises their errors."""

@@ -1,12 +1,17 @@
-"""The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`)."""
+"""The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`) and
+`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 COMMANDS = {
     'train': 'train a model (python -m jaxtrain.main)',
+    'check': 'validate a config, preview tokenization, print params and memory',
 }
+# The module whose run_main() each command calls.
+ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check'}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,8 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'error: unknown command {command!r}; valid: {", ".join(COMMANDS)}', file=sys.stderr)
     sys.exit(2)
   sys.argv = [f'jaxtrain {command}'] + argv[2:]
-  from jaxtrain import main as train_main
-  train_main.run_main()
+  importlib.import_module(ENTRY_POINTS[command]).run_main()
 
 
 if __name__ == '__main__':

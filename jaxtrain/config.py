@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxtrain import sharding
+from jaxtrain import data, sharding
 from jaxtrain.defaults import base_config
 
 CHOICES = {
@@ -32,7 +32,8 @@ NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.ma
                 'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
                 'train.eval_every', 'train.max_bad_steps', 'checkpoint.every', 'distributed.num_processes')
-UNIT_INTERVAL = ('data.eval_fraction', 'optim.min_lr_ratio', 'optim.decay_fraction', 'optim.b1', 'optim.b2')
+UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2')  # [0, 1)
+UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction')  # [0, 1]
 
 
 class ConfigError(ValueError):
@@ -93,8 +94,11 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if not _get(cfg, key) >= 0:
       raise ConfigError(key, _get(cfg, key), 'must be >= 0')
   for key in UNIT_INTERVAL:
-    if not 0 <= _get(cfg, key) < 1 or (key == 'optim.min_lr_ratio' and _get(cfg, key) > 1):
+    if not 0 <= _get(cfg, key) < 1:
       raise ConfigError(key, _get(cfg, key), 'must be in [0, 1)')
+  for key in UNIT_CLOSED:
+    if not 0 <= _get(cfg, key) <= 1:
+      raise ConfigError(key, _get(cfg, key), 'must be in [0, 1]')
   m = cfg.model
   if m.num_heads % m.num_kv_heads:
     raise ConfigError('model.num_kv_heads', m.num_kv_heads, f'must divide model.num_heads={m.num_heads}')
@@ -138,6 +142,15 @@ def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     for pattern in spec.split(','):
       if not glob.glob(pattern.strip(), recursive=True):
         raise ConfigError(key, spec, f'pattern {pattern.strip()!r} matches no file')
+  for split in ('train', 'eval'):  # e.g. an eval_fraction that leaves no eval file: fail now, not at the end
+    data.list_files(cfg.data, split)
+
+
+def check_vocab(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
+  """An explicit model vocabulary must hold every token id the tokenizer can produce."""
+  if cfg.model.vocab_size and cfg.model.vocab_size < tokenizer_vocab:
+    raise ConfigError('model.vocab_size', cfg.model.vocab_size,
+                      f'must be >= the tokenizer vocabulary ({tokenizer_vocab}) or 0 to derive it')
 
 
 def validate(cfg: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:

@@ -43,10 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.seq_len = 256
   d.max_files = 0  # stdlib only: use the first N files of the sorted list (0 = all); keeps tiny runs fast.
   d.shuffle_window = 2048  # train: seq_len pieces shuffled in a window before packing (0/1 = off).
-  d.prefetch = 2
+  d.prefetch = 2  # batches prepared ahead in a background thread (0 = none).
   # How processes share the data: 'documents' (each reads a disjoint share: scales) or 'rows' (each builds
-  # the same global batches and keeps its rows: per-step losses equal a single-process run exactly).
-  d.process_split = 'documents'  # batches prepared ahead in a background thread (0 = none).
+  # the same global batches and keeps its rows: per-step losses equal a single-process run to float
+  # rounding, and checkpoints resume with any process count).
+  d.process_split = 'documents'
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-3

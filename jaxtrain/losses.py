@@ -11,15 +11,16 @@ Array = jax.Array
 
 
 def next_token_targets(batch: dict[str, Array]) -> tuple[Array, Array]:
-  """Targets and 0/1 weights for predicting token t+1 at position t.
+  """Targets and weights for predicting token t+1 at position t.
 
-  A prediction counts only when t+1 is a real token of the same document as t and carries loss_mask 1,
-  so nothing is learned across the boundary of two packed documents or into padding.
+  A prediction counts only when t+1 is a real token of the same document as t; its weight is loss_mask at
+  t+1 (0/1 from the data pipeline; a float mask weights tokens). Nothing is learned across the boundary of
+  two packed documents or into padding.
   """
   tokens, seg, mask = batch['tokens'], batch['segment_ids'], batch['loss_mask']
   targets = tokens[:, 1:]
-  weights = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-  return targets, weights.astype(jnp.float32)
+  same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+  return targets, jnp.where(same_doc, mask[:, 1:].astype(jnp.float32), 0.0)
 
 
 def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0) -> dict[str, Array]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,6 +16,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)), e.g. configs/tiny.py.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics). Default: runs/<config>.')
+_PREFLIGHT = flags.DEFINE_bool('preflight', False, 'Print the `jaxtrain check` report (tokenization preview, '
+                                'parameters, memory per device) before training.')
 
 
 def default_workdir(config_flag: str) -> str:
@@ -25,7 +28,10 @@ def default_workdir(config_flag: str) -> str:
 
 
 def _text(error: BaseException) -> str:
-  text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+  if len(error.args) > 1 and all(isinstance(a, str) for a in error.args):  # ('Non-boolean argument ...', 'maybe')
+    text = ': '.join(error.args)
+  else:
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
   if 'Traceback (most recent call last)' in text:  # keep only the exception line of an embedded traceback
     text = [line for line in text.splitlines() if line.strip()][-1]
   return ' '.join(text.split()).rstrip(':') or type(error).__name__
@@ -56,28 +62,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def init_distributed() -> None:
-  """Joins a multi-process run when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID), or when JAXTRAIN_DISTRIBUTED=auto lets JAX detect the cluster (SLURM, TPU pods, ...).
-  CPU processes talk over gloo."""
+def init_distributed(cfg) -> None:
+  """Joins a multi-process run. `config.distributed` wins; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID fill what it leaves empty; `distributed.auto` (or JAXTRAIN_DISTRIBUTED=auto) lets JAX
+  detect the cluster (SLURM, TPU pods, ...). CPU processes talk over gloo."""
   import jax
-  address = os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if not address and os.environ.get('JAXTRAIN_DISTRIBUTED') != 'auto':
+  env = os.environ
+  address = cfg.coordinator or env.get('JAX_COORDINATOR_ADDRESS', '')
+  auto = cfg.auto or env.get('JAXTRAIN_DISTRIBUTED') == 'auto'
+  if not address and not auto:
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if not address:
     jax.distributed.initialize()
     return
   try:
-    count, index = int(os.environ['JAX_NUM_PROCESSES']), int(os.environ['JAX_PROCESS_ID'])
+    count = cfg.num_processes or int(env['JAX_NUM_PROCESSES'])
+    index = cfg.process_id if cfg.process_id >= 0 else int(env['JAX_PROCESS_ID'])
   except (KeyError, ValueError):
-    print(f'error: JAX_COORDINATOR_ADDRESS={address!r} needs integer JAX_NUM_PROCESSES and JAX_PROCESS_ID '
-          f"(got {os.environ.get('JAX_NUM_PROCESSES')!r}, {os.environ.get('JAX_PROCESS_ID')!r})", file=sys.stderr)
+    print(f'error: distributed coordinator {address!r} needs the process count and this process\'s id: set '
+          'config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID (integers; got '
+          f"{env.get('JAX_NUM_PROCESSES')!r}, {env.get('JAX_PROCESS_ID')!r})", file=sys.stderr)
+    sys.exit(2)
+  if not 0 <= index < count:
+    print(f'error: process id {index} is not in [0, {count}) for {count} processes', file=sys.stderr)
     sys.exit(2)
   jax.distributed.initialize(address, num_processes=count, process_id=index)
 
 
-def main(argv: list[str]) -> None:
+def setup(argv: list[str]) -> tuple[Any, str]:
+  """The start shared by `jaxtrain train` and `jaxtrain check`: argument checks, log level, distributed
+  initialisation and the workdir. Returns (config, workdir)."""
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE', file=sys.stderr)
     sys.exit(2)
@@ -86,19 +101,28 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO; keep the console for results.
+  config = _CONFIG.value
+  init_distributed(config.distributed)
+  return config, _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
+
+
+def main(argv: list[str]) -> None:
+  config, workdir = setup(argv)
   # Imported here so that `--help` and flag errors answer without initialising JAX.
   import jax
-  from jaxtrain import config as config_lib, data, train
+  from jaxtrain import check, checkpoint, config as config_lib, data, train
 
-  init_distributed()
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].serialize().split('=', 1)[1])
   try:
     config_lib.validate(config, workdir, jax.device_count())
+    if _PREFLIGHT.value:
+      check.preflight(config)
     train.run(config, workdir)
-  except (config_lib.ConfigError, data.DataError) as e:
+  except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 def run_main() -> None:

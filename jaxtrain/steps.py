@@ -77,11 +77,14 @@ def make_grad_fn(loss_fn: LossFn, param_transform: ParamTransform | None = None,
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     schedule: Callable[[Any], jax.Array] | None = None, accum_steps: int = 1,
-                    param_transform: ParamTransform | None = None) -> Callable[[dict, Batch], tuple[dict, dict]]:
+                    param_transform: ParamTransform | None = None,
+                    skip_nonfinite: bool = True) -> Callable[[dict, Batch], tuple[dict, dict]]:
   """Builds the pure `train_step(state, batch) -> (state, metrics)`.
 
   The loss is normalised once by the number of loss tokens in the whole global batch (all micro-batches,
-  all devices). Metrics: loss, z_loss, grad_norm (before clipping), lr, loss_tokens.
+  all devices). Metrics: loss, z_loss, grad_norm (before clipping), lr, loss_tokens, skipped.
+  With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and optimizer state
+  unchanged (the step counter still advances, as the batch was consumed) and reports skipped = 1.
   """
   grads_and_sums = make_grad_fn(loss_fn, param_transform, accum_steps)
 
@@ -91,14 +94,21 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     grads, sums = grads_and_sums(state['params'], frozen, batch, rng)
     tokens = jnp.maximum(sums['tokens'], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new_state = dict(state, params=optax.apply_updates(state['params'], updates), opt_state=opt_state,
-                     step=state['step'] + 1)
+    params = optax.apply_updates(state['params'], updates)
+    finite = jnp.isfinite(sums['loss_sum'] + sums['z_loss_sum']) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      params = jax.tree.map(keep, params, state['params'])
+      opt_state = jax.tree.map(keep, opt_state, state['opt_state'])
+    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
     metrics = {
         'loss': sums['loss_sum'] / tokens,
         'z_loss': sums['z_loss_sum'] / tokens,
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'loss_tokens': sums['tokens'],
+        'skipped': 1.0 - finite.astype(jnp.float32),
     }
     if schedule is not None:
       metrics['lr'] = schedule(state['step'])

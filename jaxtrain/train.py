@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -13,9 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import data, losses, metrics, models, optim, sharding, steps
+from jaxtrain import data, losses, metrics, models, optim, sharding, steps, stopping
 from jaxtrain.checkpoint import Checkpointer, abstract_with_shardings
-from jaxtrain.config import ConfigError
+from jaxtrain.config import check_vocab
 
 
 def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
@@ -77,9 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_tokenizer(config.data)
-  if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
-    raise ConfigError('model.vocab_size', config.model.vocab_size,
-                      f'must be >= the tokenizer vocabulary ({tokenizer.vocab_size}) or 0 to derive it')
+  check_vocab(config, tokenizer.vocab_size)
   mc = models.model_config(config.model, tokenizer.vocab_size)
   total = config.train.steps
   tx, schedule = optim.make_optimizer(config.optim, total)
@@ -104,9 +103,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                    process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = iter(train_data)
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
-                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
-    state = ckpt.restore(start, abstract_state, data_iter) if start else create_state()
+                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                        shared_data_state=config.data.process_split == 'rows')
+    start, state = ckpt.restore_latest(abstract_state, data_iter)
+    if not start:
+      state = create_state()
 
     n_params = models.count_params(state['params'])
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -119,10 +120,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if start:
       logger.write(f'resumed from {ckpt.directory}/{start}')
 
-    summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None}
+    summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None}
     last_time = time.perf_counter()
+    bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
+    max_bad = config.train.max_bad_steps
 
-    def emit(step: int, device_metrics: dict, data_wait: float) -> None:
+    def emit(step: int, device_metrics: dict, data_wait: float, provenance: dict) -> None:
       nonlocal last_time
       values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       now = time.perf_counter()
@@ -130,33 +133,61 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
                     mfu=flops_token * tokens_per_step / step_time / (peak * jax.device_count()))
       summary['losses'][step] = values['loss']
-      if step % config.log.every == 0 or step == total:
+      if values['skipped']:
+        bad.append((step, provenance))
+        logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
+                     'update skipped')
+      else:
+        bad.clear()
+      if step % config.log.every == 0 or step == total or values['skipped']:
         logger.log(step, values)
       logger.advance()
 
-    pending = None
-    for step in range(start, total):
-      t0 = time.perf_counter()
-      host_batch = next(data_iter)
-      data_wait = time.perf_counter() - t0
-      state, step_metrics = train_step(state, sharding.to_global(host_batch, mesh))
-      if pending is not None:  # fetch the previous step's metrics while this one runs
-        emit(*pending)
-      pending = (step + 1, step_metrics, data_wait)
-      done = step + 1
-      if ckpt.should_save(done) or done == total:
-        ckpt.save(done, state, data_iter)
-      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-        emit(*pending)
-        pending = None
-        logger.log(done, evaluate(eval_step, state, config, tokenizer, mesh))
-        last_time = time.perf_counter()
-    if pending is not None:
-      emit(*pending)
+    def save_and_wait(step: int) -> str:
+      if step not in ckpt.all_steps():
+        ckpt.save(step, state, data_iter)
+      ckpt.wait()
+      return f'{ckpt.directory}/{step}'
 
-    summary['eval'] = evaluate(eval_step, state, config, tokenizer, mesh)
-    logger.log(total, summary['eval'])
-    ckpt.close()
+    pending = None
+    with stopping.StopRequests(workdir) as stop:
+      for step in range(start, total):
+        t0 = time.perf_counter()
+        host_batch = next(data_iter)
+        # Provenance (which documents fill each row) stays on the host; the step sees model inputs only.
+        provenance = {k: host_batch.pop(k) for k in list(host_batch) if k.startswith('doc_')}
+        data_wait = time.perf_counter() - t0
+        state, step_metrics = train_step(state, sharding.to_global(host_batch, mesh))
+        if pending is not None:  # fetch the previous step's metrics while this one runs
+          emit(*pending)
+        pending = (step + 1, step_metrics, data_wait, provenance)
+        if bad and len(bad) < max_bad:  # inside a streak, look at each step at once: the state stays known
+          emit(*pending)
+          pending = None
+        done = step + 1
+        if max_bad and len(bad) >= max_bad:
+          if pending is not None:
+            emit(*pending)
+          raise NonFiniteError(_nonfinite_message(bad, save_and_wait(done), config, workdir))
+        reason = stop.reason()
+        if reason:
+          if pending is not None:
+            emit(*pending)
+          summary['stopped'] = (reason, save_and_wait(done))
+          break
+        if ckpt.should_save(done) or done == total:
+          ckpt.save(done, state, data_iter)
+        if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+          emit(*pending)
+          pending = None
+          logger.log(done, evaluate(eval_step, state, config, tokenizer, mesh))
+          last_time = time.perf_counter()
+      if pending is not None:
+        emit(*pending)
+      if not summary['stopped']:
+        summary['eval'] = evaluate(eval_step, state, config, tokenizer, mesh)
+        logger.log(total, summary['eval'])
+      ckpt.close()
     saved = ckpt.latest_step()
     summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
     logger.close()
@@ -167,8 +198,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite steps; the message says where the last good state was saved."""
+
+
+def _nonfinite_message(bad: list[tuple[int, dict]], checkpoint: str, config: ml_collections.ConfigDict,
+                       workdir: str) -> str:
+  """One paragraph for the user, plus WORKDIR/nonfinite_steps.json with every sample id of the bad steps."""
+  records = []
+  for step, provenance in bad:
+    names = data.sample_ids(config.data, 'train', provenance) if provenance else []
+    records.append({'step': step, 'samples': sorted({n for row in names for n in row})})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'nonfinite_steps.json'), 'w') as f:
+      json.dump(records, f, indent=1)
+  first, last = bad[0][0], bad[-1][0]
+  shown = ', '.join(records[-1]['samples'][:6]) or 'unknown'
+  return (f'stopping: {len(bad)} consecutive steps ({first}..{last}) had a non-finite loss or gradients '
+          f'(train.max_bad_steps={config.train.max_bad_steps}). Their updates were skipped, so {checkpoint} holds '
+          f'the parameters and optimizer state from before step {first}. Samples of step {last}: {shown}; all '
+          f'samples of the bad steps are in {workdir}/nonfinite_steps.json.')
+
+
 def _summary_line(summary: dict[str, Any], workdir: str, checkpoint: str, total: int) -> str:
   losses, ev = summary['losses'], summary['eval']
+  if summary['stopped']:
+    reason, where = summary['stopped']
+    return f'stopped by {reason} after step {max(losses, default=summary["start_step"])}: checkpoint saved to ' \
+           f'{where}; run the same command to resume'
   if not losses:
     return (f"nothing to train: {workdir} already holds step {summary['start_step']} of {total}; "
             f"eval loss {ev['eval_loss']:.4f}")

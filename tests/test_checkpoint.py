@@ -1,8 +1,11 @@
 """Checkpoint round trip of the sharded state and the data iterator; keep-N; restore onto another mesh."""
 
+import time
+
 import jax
 import numpy as np
 import optax
+import pytest
 
 from jaxtrain import data, sharding, train
 from jaxtrain.checkpoint import Checkpointer, abstract_with_shardings
@@ -73,3 +76,33 @@ def test_restore_onto_a_different_mesh(tmp_path):
   restored = Checkpointer(str(tmp_path), every=1, keep=1).restore(1, abstract_with_shardings(target, target_sh), None)
   assert_trees_equal(restored, state)
   assert restored['params']['blocks']['mlp']['up'].sharding.spec == target_sh['params']['blocks']['mlp']['up'].spec
+
+
+class _FailingWrite:
+  """A background write that fails, as a full disk or a lost mount would."""
+
+  def result(self, timeout=None):
+    del timeout
+    time.sleep(0.2)  # fail after save() has returned: a truly asynchronous error
+    raise OSError(28, 'No space left on device (injected)')
+
+
+def test_async_save_errors_surface(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  original = ocp.StandardCheckpointHandler.async_save
+
+  async def failing(self, *args, **kwargs):
+    futures = await original(self, *args, **kwargs)
+    return list(futures or []) + [_FailingWrite()]
+
+  _, state, _ = make_state({'data': -1, 'fsdp': 1, 'tensor': 1})
+  ckpt = Checkpointer(str(tmp_path), every=1, keep=2)
+  ckpt.save(1, state, None)  # a good one first
+  ckpt.wait()
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', failing)
+  ckpt.save(2, state, None)  # returns at once; the write fails in the background
+  with pytest.raises(Exception, match='No space left on device'):
+    ckpt.wait()
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', original)
+  assert Checkpointer(str(tmp_path), every=1, keep=2).latest_step() == 1  # the failed one never counts

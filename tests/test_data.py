@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxtrain.data import DataError, Tokenizer, list_files, load_tokenizer, make_dataset
+from jaxtrain.data import DataError, Tokenizer, list_files, load_tokenizer, make_dataset, sample_ids
 from jaxtrain.data import pipeline, sources
 from jaxtrain.data.tokenizer import EOS
 from jaxtrain.defaults import base_config
@@ -213,6 +213,7 @@ def test_explicit_eval_globs_and_other_formats(corpus, tmp_path):
   train = sources.load_documents(cfg, 'train')
   # Sorted files (notes.txt < p.parquet), all of them train since data.eval is set; empty ones skipped.
   assert list(train) == ['plain text document\n', 'parquet one', 'parquet two']
+  assert [train.name(i) for i in range(3)] == ['notes.txt:0', 'p.parquet:0', 'p.parquet:3']  # Parquet: row.
   with pytest.raises(DataError, match=r"data\.text_field='body' is missing at .*b\.jsonl:1 \(keys present: \['id', "
                                       r"'text'\]\)"):
     sources.load_documents(cfg, 'eval')
@@ -259,11 +260,13 @@ def test_batch_packing_invariants(jsonl_cfg, jsonl_tok):
   expected = {p for t in sources.load_documents(jsonl_cfg, 'train') for p in _pieces(tok, t)}
   seen = set()
   for b in batches:
-    assert sorted(b) == ['loss_mask', 'positions', 'segment_ids', 'tokens']
+    assert sorted(b) == ['doc_chunks', 'doc_ids', 'loss_mask', 'positions', 'segment_ids', 'tokens']
     for k, v in b.items():
       assert v.shape == (4, SEQ_LEN) and v.dtype == np.int32, k
     seg, pos, mask = b['segment_ids'], b['positions'], b['loss_mask']
     np.testing.assert_array_equal(mask, seg > 0)
+    np.testing.assert_array_equal(b['doc_ids'] >= 0, seg > 0)  # -1 exactly on padding.
+    assert (b['doc_chunks'][seg == 0] == -1).all()
     assert (seg[:, 0] == 1).all()  # Every row starts with a document.
     for row_seg, row_pos, row_tok in zip(seg, pos, b['tokens'], strict=True):
       real = row_seg > 0
@@ -311,7 +314,7 @@ def test_same_seed_same_batches(jsonl_cfg, jsonl_tok):
 
 def test_epochs_are_reshuffled(jsonl_cfg, jsonl_tok):
   ds = pipeline.document_dataset(jsonl_cfg, jsonl_tok, split='train', seed=0)
-  stream = [tuple(d.tolist()) for group in ds[:12] for d in group]
+  stream = [tuple(d.tolist()) for group in ds[:12] for _, d in group]
   n = len(sources.load_documents(jsonl_cfg, 'train'))
   first, second = stream[:n], stream[n:2 * n]
   assert len(set(first)) == n and set(first) == set(second)  # Each epoch is a permutation of all documents.
@@ -365,13 +368,17 @@ def test_processes_see_disjoint_documents(jsonl_cfg, jsonl_tok):
   for index in range(2):
     ds = pipeline.document_dataset(jsonl_cfg, tok, split='train', seed=0, process_index=index, process_count=2)
     mine = docs[index::2]
-    epoch = [tok.decode(d[:-1]) for group in ds[:4] for d in group][:len(mine)]
-    assert sorted(epoch) == sorted(mine)
+    epoch = [(i, tok.decode(d[:-1])) for group in ds[:4] for i, d in group][:len(mine)]
+    assert sorted(t for _, t in epoch) == sorted(mine)
+    assert all(docs[i] == t for i, t in epoch)  # Indices are global: into the unsharded documents.
+    epoch = [t for _, t in epoch]
     # The packed batches of this process hold exactly its documents.
     it = iter(make_dataset(jsonl_cfg, tok, split='train', seed=0, batch_size=4, process_index=index,
                            process_count=2))
-    seen = {p for b in _take(it, 16) for p in _segments(b)}
+    batches = _take(it, 16)
+    seen = {p for b in batches for p in _segments(b)}
     assert seen == {p for t in mine for p in _pieces(tok, t)}
+    assert all((b['doc_ids'][b['doc_ids'] >= 0] % 2 == index).all() for b in batches)
     per_process.append(set(epoch))
   assert not per_process[0] & per_process[1]
   assert per_process[0] | per_process[1] == set(docs)
@@ -390,6 +397,11 @@ def test_stdlib_batches(stdlib_cfg, stdlib_tok):
   e = next(iter(make_dataset(stdlib_cfg, stdlib_tok, split='eval', seed=0, batch_size=2)))
   row = e['tokens'][0][e['segment_ids'][0] == 1]
   assert any(t.startswith(stdlib_tok.decode(row)) for t in eval_texts)
+  # Eval keeps file order, so the first row starts with the first eval file, named relative to the stdlib.
+  first = os.path.relpath(list_files(stdlib_cfg, 'eval')[0], sources.stdlib_root()).replace(os.sep, '/')
+  assert sample_ids(stdlib_cfg, 'eval', e)[0][0] in (f'{first}:0', f'{first}:0:chunk0')
+  with open(os.path.join(sources.stdlib_root(), first)) as fh:
+    assert fh.read().startswith(stdlib_tok.decode(row))
 
 
 def test_make_dataset_argument_errors(jsonl_cfg, jsonl_tok):
@@ -401,6 +413,10 @@ def test_make_dataset_argument_errors(jsonl_cfg, jsonl_tok):
     make_dataset(jsonl_cfg, jsonl_tok, split='train', seed=0, batch_size=2, process_index=2, process_count=2)
   with pytest.raises(DataError, match=r'data\.seq_len=0 is not valid'):
     make_dataset(_cfg(train=jsonl_cfg.train, seq_len=0), jsonl_tok, split='train', seed=0, batch_size=2)
+  with pytest.raises(DataError, match=r"data\.process_split='hosts' is not valid; expected one of \('documents', "
+                                      r"'rows'\)") as e:
+    make_dataset(_cfg(train=jsonl_cfg.train, process_split='hosts'), jsonl_tok, split='train', seed=0, batch_size=2)
+  assert e.value.key == 'data.process_split'
 
 
 def test_shuffle_window_mixes_pieces_and_resumes(stdlib_cfg, stdlib_tok):
@@ -420,3 +436,83 @@ def test_shuffle_window_mixes_pieces_and_resumes(stdlib_cfg, stdlib_tok):
   again.set_state(state)
   _assert_equal_batches(_take(again, 3), expected)
   assert count(first(windowed)) >= count(first(plain))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def _names_in_files(corpus) -> dict[str, str]:
+  """Document text -> '<file>:<line index>', read straight from the corpus files."""
+  names = {}
+  for f in ('a.jsonl', 'b.jsonl'):
+    for i, line in enumerate((corpus / f).read_text().split('\n')):
+      text = json.loads(line)['text'] if line.strip() else ''
+      if text:
+        names[text] = f'{f}:{i}'
+  return names
+
+
+@pytest.mark.parametrize('split', ['train', 'eval'])
+def test_sample_ids_name_the_documents_of_each_row(corpus, jsonl_cfg, jsonl_tok, split):
+  tok = jsonl_tok
+  # Eval = every document in file order, which reaches the long documents' pieces within a few batches.
+  cfg = jsonl_cfg if split == 'train' else _cfg(train=jsonl_cfg.train, eval=jsonl_cfg.train)
+  docs = sources.load_documents(cfg, split)
+  names = _names_in_files(corpus)
+  piece_of = {}  # token tuple -> (text, K, number of pieces of the document)
+  for text in docs:
+    pieces = _pieces(tok, text)
+    piece_of.update({p: (text, k, len(pieces)) for k, p in enumerate(pieces)})
+  chunks = 0
+  for b in _take(iter(make_dataset(cfg, tok, split=split, seed=0, batch_size=4)), 12):
+    ids = sample_ids(cfg, split, b)
+    assert len(ids) == 4
+    for r, row_ids in enumerate(ids):
+      expected = []
+      for s in range(1, b['segment_ids'][r].max() + 1):
+        in_seg = b['segment_ids'][r] == s
+        tokens = tuple(b['tokens'][r][in_seg].tolist())
+        text, k, n = piece_of[tokens]
+        (doc,) = set(b['doc_ids'][r][in_seg].tolist())  # One document per segment ...
+        assert docs[doc] == text  # ... the one the tokens came from.
+        if n == 1:
+          assert tok.decode(tokens) == text + EOS
+          expected.append(names[text])
+        else:
+          chunks += 1
+          assert tok.decode(tokens) in text + EOS
+          expected.append(f'{names[text]}:chunk{k}')
+      assert row_ids == list(dict.fromkeys(expected))
+  assert chunks > 0
+
+
+# ----------------------------------------------------------------------------- data.process_split='rows'
+
+
+def _concat_rows(parts: list[dict]) -> dict:
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize('split', ['train', 'eval'])
+def test_rows_split_concatenates_to_one_process_batches(jsonl_cfg, jsonl_tok, split):
+  cfg = jsonl_cfg.copy_and_resolve_references()
+  cfg.process_split = 'rows'
+  cfg.shuffle_window = 64  # Still mixes several epochs; the default window makes each iterator cost seconds.
+  make = lambda index, count: iter(make_dataset(cfg, jsonl_tok, split=split, seed=5, batch_size=4 // count,
+                                                process_index=index, process_count=count))
+  one, procs = make(0, 1), [make(0, 2), make(1, 2)]
+  for _ in range(5):  # Process 0's rows then process 1's are the one-process batch, bit for bit.
+    parts = [next(p) for p in procs]
+    assert all(p['tokens'].shape == (2, SEQ_LEN) for p in parts)
+    _assert_equal_batches([_concat_rows(parts)], [next(one)])
+  # The state is the global stream's: the same in both processes and in the one-process run.
+  state = json.loads(json.dumps(procs[0].get_state()))
+  assert procs[1].get_state() == state == one.get_state()
+  after = _take(one, 3)
+  restored = [make(0, 2), make(1, 2)]
+  for it in restored:
+    it.set_state(state)
+  _assert_equal_batches([_concat_rows([next(p) for p in restored]) for _ in range(3)], after)
+  single = make(0, 1)  # One process resumes from the two processes' checkpoint.
+  single.set_state(state)
+  _assert_equal_batches(_take(single, 3), after)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,12 +23,13 @@ def test_two_processes_train_one_run(tmp_path):
   workdir = str(tmp_path / 'run')
   port = free_port()
   procs = []
-  for index in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(index), XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  for index in range(2):  # configured through config flags here; the other tests use the env variables
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
-         '--config.train.steps=6', '--config.checkpoint.every=3', '--config.train.eval_every=0'],
+         '--config.train.steps=6', '--config.checkpoint.every=3', '--config.train.eval_every=0',
+         f'--config.distributed.coordinator=127.0.0.1:{port}', '--config.distributed.num_processes=2',
+         f'--config.distributed.process_id={index}'],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
@@ -39,3 +41,67 @@ def test_two_processes_train_one_run(tmp_path):
   assert records[0]['loss_tokens'] > 0 and all(r['loss'] == r['loss'] for r in records if 'loss' in r)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', '6', 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def launch(workdir: str, processes: int, devices_each: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+  """Runs tiny in `processes` local processes (gloo) with `devices_each` CPU devices each; returns stdouts."""
+  port = free_port()
+  procs = []
+  for index in range(processes):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_each}')
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(index))
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+         f'--config.train.steps={steps}', '--config.checkpoint.every=4', '--config.train.eval_every=0',
+         '--config.data.process_split=rows', *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  return outs
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_one_process_restores_their_checkpoint(tmp_path):
+  single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
+  launch(single, processes=1, devices_each=4, steps=8)
+  launch(double, processes=2, devices_each=2, steps=8)
+  one, two = train_losses(single), train_losses(double)
+  assert sorted(one) == sorted(two) == list(range(1, 9))
+  for step in one:  # the same global batch on the same 4-device program; only the collectives differ
+    assert two[step] == pytest.approx(one[step], rel=1e-6), (step, one[step], two[step])
+  data_dir = os.path.join(double, 'checkpoints', '8', 'data')
+  assert sorted(os.listdir(data_dir)) == ['commit_success.txt', 'metadata']  # one shared iterator state
+  # A single process resumes the two-process run from its step-4 checkpoint and continues as the
+  # single-process run did (to the same 1e-6: the restored parameters carry the collectives' rounding).
+  shutil.rmtree(os.path.join(double, 'checkpoints', '8'))
+  out = launch(double, processes=1, devices_each=4, steps=8)[0]
+  assert f'resumed from {double}/checkpoints/4' in out
+  resumed = train_losses(double)
+  for step in range(5, 9):
+    assert resumed[step] == pytest.approx(one[step], rel=1e-6), (step, one[step], resumed[step])
+
+
+@pytest.mark.slow
+def test_documents_split_checkpoint_refuses_another_process_count(tmp_path):
+  """A run whose processes read disjoint documents cannot silently resume with another process count."""
+  workdir = str(tmp_path / 'run')
+  launch(workdir, processes=2, devices_each=2, steps=4, extra=('--config.data.process_split=documents',))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+       '--config.train.steps=8', '--config.checkpoint.every=4', '--config.data.process_split=documents'],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1 and 'written by 2 processes' in lines[0] and "process_split='rows'" in lines[0]
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # nothing moved aside or lost

@@ -49,6 +49,18 @@ def cases(tmp):
       (['--config=configs/nope.py'], 'nope.py'),
       (['--config=configs/llama.py:size=huge'], 'huge'),
       ([tiny, '--bogus_flag=1'], 'bogus_flag'),
+      # inconsistent sections
+      ([tiny, '--config.model.num_kv_heads=3'], 'model.num_kv_heads=3'),  # does not divide num_heads=4
+      ([tiny, '--config.train.accum_steps=3'], 'train.accum_steps=3'),  # does not divide batch_size=8
+      ([tiny, '--config.optim.warmup_steps=1000'], 'optim.warmup_steps=1000'),  # longer than steps=30
+      # out of range
+      ([tiny, '--config.data.eval_fraction=1.5'], 'data.eval_fraction=1.5'),
+      ([tiny, '--config.optim.b2=1.0'], 'optim.b2=1.0'),  # [0, 1): b2=1 never forgets the first gradients
+      ([tiny, '--config.model.head_dim=3'], 'model.head_dim=3'),  # odd: no rotary embedding
+      # wrong type
+      ([tiny, '--config.model.tie_embeddings=maybe'], 'tie_embeddings=maybe'),
+      # two mesh axes sized -1
+      ([tiny, '--config.mesh.data=-1', '--config.mesh.fsdp=-1'], "'fsdp': -1"),
   ]
 
 

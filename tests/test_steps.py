@@ -106,3 +106,21 @@ def test_metrics_are_normalised_by_loss_tokens(z):
   np.testing.assert_allclose(float(m['loss']), float(sums['loss_sum'] / sums['tokens']), rtol=1e-6)
   assert (float(m['z_loss']) > 0) == (z > 0)
   assert float(m['lr']) == 0.0
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  mesh, _, state, _, step = build(optax.adamw(1e-2), {'data': -1, 'fsdp': 1, 'tensor': 1})
+  batch = packed_batch([[16], [8, 8], [4], [16]] * 2, 16, seed=5)
+  poisoned = dict(batch, loss_mask=batch['loss_mask'].astype(np.float32))
+  poisoned['loss_mask'][0, 5] = np.nan  # a real token (row 0 is one 16-token document)
+  with jax.set_mesh(mesh):
+    before = jax.device_get(state)
+    state, m = step(state, sharding.to_global(poisoned, mesh))
+    assert float(m['skipped']) == 1.0 and not np.isfinite(float(m['loss']))
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves((before['params'], before['opt_state'])),
+                    jax.tree.leaves((after['params'], after['opt_state'])), strict=True):
+      np.testing.assert_array_equal(a, b)
+    assert int(after['step']) == int(before['step']) + 1
+    state, m = step(state, sharding.to_global(batch, mesh))  # a clean batch trains normally again
+  assert float(m['skipped']) == 0.0 and np.isfinite(float(m['loss']))

@@ -147,11 +147,12 @@ class _FileSpec:
 class Documents(Sequence[str]):
   """Random-access texts of one split. Holds only an index (file, offset/row) plus Parquet text columns."""
 
-  def __init__(self, files: Sequence[_FileSpec], file_idx: np.ndarray, loc: np.ndarray, text_field: str,
-               columns: dict[int, Any]):
+  def __init__(self, files: Sequence[_FileSpec], file_idx: np.ndarray, loc: np.ndarray, in_file: np.ndarray,
+               text_field: str, columns: dict[int, Any]):
     self.files = list(files)
     self._file_idx = file_idx
     self._loc = loc  # JSONL: byte offset of the line; Parquet: row; text: unused.
+    self._in_file = in_file  # JSONL: line index; Parquet: row; text: 0.
     self._text_field = text_field
     self._columns = columns
 
@@ -175,9 +176,17 @@ class Documents(Sequence[str]):
     with open(path, encoding='utf-8', errors='replace') as fh:
       return fh.read()
 
+  def name(self, index: int) -> str:
+    """'<file>:<index in file>' of document `index`: the file relative to the split's common directory (the
+    stdlib root for stdlib), the index a line index for JSONL, a row for Parquet and 0 for a text file."""
+    if not -len(self) <= index < len(self):
+      raise IndexError(f'document index={index} is not valid; expected 0 <= index < {len(self)}')
+    return f'{self.files[int(self._file_idx[index])].rel}:{int(self._in_file[index])}'
+
   def subset(self, mask: np.ndarray) -> Documents:
     """The documents where `mask` is True, in the same order."""
-    return Documents(self.files, self._file_idx[mask], self._loc[mask], self._text_field, self._columns)
+    return Documents(self.files, self._file_idx[mask], self._loc[mask], self._in_file[mask], self._text_field,
+                     self._columns)
 
   @property
   def total_bytes(self) -> int:
@@ -189,6 +198,7 @@ class Documents(Sequence[str]):
     h = hashlib.sha256()
     for spec in self.files:
       h.update(f'{spec.rel}\0{spec.size}\0{spec.mtime_ns}\n'.encode())
+    # `_in_file` follows from the files and `_loc`; leaving it out keeps older cache keys valid.
     h.update(self._file_idx.tobytes())
     h.update(self._loc.tobytes())
     return h.hexdigest()
@@ -257,7 +267,7 @@ def _load_parquet_column(spec: _FileSpec, text_field: str):
 def _index_files(specs: tuple[_FileSpec, ...], key: str, value: str, text_field: str,
                  eval_fraction: float) -> tuple[Documents, np.ndarray]:
   """All non-empty documents of `specs`, and which of them a held-out split by document puts in eval."""
-  file_idx, locs, in_eval, columns = [], [], [], {}
+  file_idx, locs, in_file, in_eval, columns = [], [], [], [], {}
   for f, spec in enumerate(specs):
     if spec.path.endswith(_COMPRESSED_EXTS):
       raise DataError(key, value, f'matches a compressed file {spec.path}',
@@ -273,8 +283,10 @@ def _index_files(specs: tuple[_FileSpec, ...], key: str, value: str, text_field:
     for index, loc in entries:
       file_idx.append(f)
       locs.append(loc)
+      in_file.append(index)
       in_eval.append(_in_eval(f'{spec.rel}:{index}', eval_fraction))
-  docs = Documents(specs, np.asarray(file_idx, np.int32), np.asarray(locs, np.int64), text_field, columns)
+  docs = Documents(specs, np.asarray(file_idx, np.int32), np.asarray(locs, np.int64), np.asarray(in_file, np.int64),
+                   text_field, columns)
   return docs, np.asarray(in_eval, bool)
 
 

@@ -1,0 +1,134 @@
+"""`jaxtrain check`: the preflight report from shapes alone, fast at any model size, nothing written."""
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from jaxtrain import check, data, models, optim, sharding
+from jaxtrain.data import sources
+from tests.conftest import REPO
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(f'config_{name}', os.path.join(REPO, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run(module: str, *args: str) -> tuple[int, str, str, float, int]:
+  """(exit status, stdout, stderr, seconds, peak RSS in bytes) of `python -m module args` in the repo."""
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, '-m', module, *args], cwd=REPO, stdout=out, stderr=err, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)  # the peak RSS of this child alone
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    return proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss * 1024
+
+
+def printed_param_count(stdout: str) -> int:
+  return int(re.search(r'^  parameters +([\d,]+)$', stdout, re.M).group(1).replace(',', ''))
+
+
+def test_check_tiny_previews_tokens_counts_params_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  code, out, err, seconds, _ = run('jaxtrain.cli', 'check', '--config=configs/tiny.py', f'--workdir={workdir}')
+  assert code == 0, err[-2000:]
+  assert seconds < 30
+  assert not workdir.exists()
+
+  config = load_config('tiny.py')
+  tokenizer = data.load_tokenizer(config.data)
+  ids = tokenizer.encode(sources.load_documents(config.data, 'train')[0])
+  for pos in (0, 1, 7):  # each row: position, token id, decoded piece, loss mask
+    piece = repr(tokenizer.decode([ids[pos]]))
+    assert re.search(rf'^ +{pos} +{ids[pos]}  {re.escape(piece)} +1$', out, re.M), (pos, ids[pos], piece, out)
+  assert 'loss mask' in out and '(no template)' in out
+  assert "data source 'train'" in out and "data source 'eval'" in out
+
+  mc = models.model_config(config.model, tokenizer.vocab_size)
+  assert printed_param_count(out) == models.count_params(models.init_params(mc, jax.random.PRNGKey(0)))
+  for row in ('parameters', 'gradients', 'optimizer state', 'activations', 'total'):
+    assert re.search(rf'^  {row} +\d+\.\d+ GiB', out, re.M), row
+  assert 'per token' in out
+
+
+def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
+  code, out, err, seconds, peak_rss = run('jaxtrain.check', '--config=configs/llama.py:size=1b',
+                                          f'--workdir={tmp_path}/run')
+  assert code == 0, err[-2000:]
+  assert seconds < 60
+  m = load_config('llama.py', 'size=1b').model
+  vocab, d, h, f = 32768, m.d_model, m.d_model // m.num_heads, m.mlp_dim
+  block = d * h * (m.num_heads + 2 * m.num_kv_heads) + m.num_heads * h * d + 3 * d * f + 2 * d
+  expected = 2 * vocab * d + m.num_layers * block + d  # untied embedding and head, final norm
+  assert printed_param_count(out) == expected
+  assert 1.0e9 < expected < 1.3e9
+  assert peak_rss < 2 * 2**30, f'{peak_rss / 2**30:.1f} GiB peak: were the 4.4 GB of parameters allocated?'
+
+
+def test_preflight_prints_the_report_then_trains(tmp_path):
+  code, out, err, _, _ = run('jaxtrain.main', '--config=configs/tiny.py', '--config.train.steps=2',
+                             '--config.optim.warmup_steps=0', '--preflight', f'--workdir={tmp_path}/run')
+  assert code == 0, err[-2000:]
+  report, trained = out.index('memory per device'), out.index('steps 1..2: loss')
+  assert report < trained
+  assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2')
+
+
+def test_check_rejects_bad_configs_in_one_line(tmp_path):
+  for args, needle in ((['--config.model.num_kv_heads=3'], 'model.num_kv_heads=3'),
+                       # validate accepts it; the held-out split is empty, which only reading the data shows
+                       (['--config.data.eval_fraction=0.0'], 'data.eval_fraction=0.0')):
+    code, out, err, _, _ = run('jaxtrain.cli', 'check', '--config=configs/tiny.py', *args,
+                               f'--workdir={tmp_path}/run')
+    lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
+    assert code == 2, (args, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], (args, lines)
+    assert 'Traceback' not in err and not os.path.exists(tmp_path / 'run')
+
+
+def test_memory_estimate_matches_eval_shape_bytes():
+  config = load_config('tiny.py')
+  mc = models.model_config(config.model, data.load_tokenizer(config.data).vocab_size)
+  shapes = jax.eval_shape(lambda key: models.init_params(mc, key), jax.random.PRNGKey(0))
+  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+  nbytes = lambda tree: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+  replicated = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  mem = check.estimate_memory(config, mc, replicated)
+  assert mem.params == nbytes(shapes) == 4 * models.count_params(shapes)
+  assert mem.grads == nbytes(shapes)
+  assert mem.opt_state == nbytes(jax.eval_shape(tx.init, shapes))
+  assert mem.micro_rows == 1 and mem.total == mem.params + mem.grads + mem.opt_state + mem.activations
+
+  # fsdp splits every parameter with an embed dimension 8 ways; norms stay whole.
+  fsdp = check.estimate_memory(config, mc, sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1}))
+  norms = sum(math.prod(x.shape) * 4 for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+              if 'norm' in jax.tree_util.keystr(path))
+  assert fsdp.params == (mem.params - norms) // 8 + norms
+
+  config.train.accum_steps = 2  # a running gradient sum beside each micro-batch's gradient
+  four = sharding.make_mesh({'data': 4, 'fsdp': 1, 'tensor': 1}, jax.devices()[:4])
+  assert check.estimate_memory(config, mc, four).grads == 2 * mem.grads
+
+
+def test_activation_estimate_orders_remat_policies():
+  config = load_config('llama.py', 'size=1b')
+  mc = models.model_config(config.model, 32768)
+  by_policy = {p: check.activation_bytes(dataclasses.replace(mc, remat=p), 4, 2048, 1)
+               for p in ('none', 'save_dots', 'full')}
+  assert by_policy['none'] > by_policy['save_dots'] > by_policy['full'] > 0
+  assert check.activation_bytes(mc, 4, 2048, 2) < by_policy['save_dots'] < check.activation_bytes(mc, 8, 2048, 1)
