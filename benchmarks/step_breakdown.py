@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 from unittest import mock
 
@@ -24,6 +23,7 @@ import optax
 
 from jaxtrain import sharding, steps, train
 from jaxtrain.models import ModelConfig
+from timing import time_calls
 
 MODEL = ModelConfig(vocab_size=8192, d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
                     mlp_dim=1536)
@@ -31,13 +31,7 @@ B, T = 8, 512
 
 
 def median_time(fn: Callable[[], object], repeats: int = 4) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return statistics.median(time_calls(fn, repeats))
 
 
 def step_time(cfg: ModelConfig, forward_only: bool = False) -> float:

@@ -15,14 +15,14 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import jax
 import numpy as np
 import optax
 
-from jaxtrain import metrics, sharding, steps, train
+from jaxtrain import metrics, models, sharding, steps, train
 from jaxtrain.models import ModelConfig
+from timing import time_calls
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,17 +38,6 @@ def parse_args() -> argparse.Namespace:
   p.add_argument('--steps', type=int, default=6, help='timed steps per framework (after 2 warm-up steps)')
   p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch intra-op threads')
   return p.parse_args()
-
-
-def time_steps(step_fn, n: int, warmup: int = 2) -> list[float]:
-  for _ in range(warmup):
-    step_fn()
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    step_fn()
-    times.append(time.perf_counter() - t)
-  return times
 
 
 def bench_jax(cfg: ModelConfig, tokens: np.ndarray, n: int) -> list[float]:
@@ -69,7 +58,7 @@ def bench_jax(cfg: ModelConfig, tokens: np.ndarray, n: int) -> list[float]:
       holder['state'], m = step(holder['state'], gb)
       m['loss'].block_until_ready()
 
-    return time_steps(one, n)
+    return time_calls(one, n, warmup=2)
 
 
 def bench_torch(cfg: ModelConfig, tokens: np.ndarray, n: int, threads: int) -> list[float]:
@@ -92,21 +81,13 @@ def bench_torch(cfg: ModelConfig, tokens: np.ndarray, n: int, threads: int) -> l
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return time_steps(one, n)
+  return time_calls(one, n, warmup=2)
 
 
 def torch_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   import torch
   x = torch.ones(n, n)
-  x @ x
-  best = min(_timed(lambda: x @ x) for _ in range(repeats))
-  return 2 * n ** 3 / best
-
-
-def _timed(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
+  return 2 * n ** 3 / min(time_calls(lambda: x @ x, repeats))
 
 
 def main() -> None:
@@ -122,8 +103,7 @@ def main() -> None:
   jax_t = statistics.median(bench_jax(cfg, tokens, a.steps))
   torch_t = statistics.median(bench_torch(cfg, tokens, a.steps, a.threads))
 
-  params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
-      lambda: __import__('jaxtrain.models', fromlist=['init_params']).init_params(cfg, jax.random.PRNGKey(0)))))
+  params = models.count_params(jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0))))
   print(f'\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
         f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch threads {a.threads}')
   print(f'model: {params / 1e6:.1f}M params (d_model {a.d_model}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, '
