@@ -150,25 +150,27 @@ def _shard_bytes(tree: Any, shardings: Any) -> int:
              for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
 
 
-def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: int) -> int:
+def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: int, fsdp: int = 1) -> int:
   """Analytic estimate of the activations one device keeps for the backward pass of one micro-batch.
 
   With c the compute dtype's bytes, tokens = rows * seq_len, and head / MLP / vocab dimensions split over
   the `tensor` axis (when it divides them), one block's backward reads, per token:
-    4D                 the block input, both norm outputs and the mid-block residual
+    6D                 the block input and mid-block residual, both norms' outputs and intermediates (six
+                       D-wide stacks in XLA's buffer assignment of the remat none step)
     (N + 2K)H + NH     q, k, v and the attention output before the o projection
-    3F                 gate, up and silu(gate) * up
-  times c, plus 3 * N * seq_len float32 values per token: XLA's attention keeps the scores, the masked scores
-  and the softmax (a fused kernel such as cuDNN's keeps none, so this term is an upper bound on GPU).
+    6F                 gate, up, silu(gate) * up and the pieces of silu's derivative (six F-wide stacks)
+  times c, plus 2 * N * seq_len float32 values per token: XLA's attention keeps the masked scores and the
+  softmax (a fused kernel such as cuDNN's keeps none, so this term is an upper bound on GPU).
   Across L layers:
-    remat none:       L * block
+    remat none:       L * block, plus with fsdp > 1 each layer's gathered weights, L * ((2N + 2K)HD + 3DF) * c
+                      (the scan saves what the forward gathered rather than gathering again)
     remat full:       L * D * c (only layer inputs) + 1 block (recomputed one layer at a time)
     remat save_dots:  L * (3D + (N + 2K)H + 2F) * c (input and the outputs of weight matmuls) + 1 block
-  plus the head: the final norm output D * c and float32 logits and their gradient, 2 * 4V per token.
+  plus the head: the final norm output D * c and float32 logits, their softmax and gradient, 3 * 4V per token.
 
-  Checked against `memory_analysis()` of the compiled train step on CPU (configs/llama.py:size=cpu, float32,
-  seq 256 and 1024, meshes 1, data 8 and 2x2x2): activations + gradients came within 15% of XLA's temp
-  bytes for all three remat modes, except remat none at seq 256 (20% under).
+  Checked by tests/test_memory.py against `memory_analysis()` of the compiled train step on CPU (float32,
+  d_model 128-256, seq 128-256, meshes data 8 and 2x2x2, every remat mode): with the rest of
+  `estimate_memory`, the total came within 15% of XLA's peak (arguments + outputs - aliased + temp).
   """
   d, n, k, h, f, v = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim, mc.vocab_size
   c = np.dtype(mc.compute_dtype).itemsize
@@ -178,22 +180,26 @@ def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: in
 
   tokens = rows * seq_len
   nq, nkv = split(n), split(k)  # heads one device holds
-  block = tokens * c * (4 * d + (2 * nq + 2 * nkv) * h + 3 * split(f)) + tokens * nq * seq_len * 3 * 4
+  block = tokens * c * (6 * d + (2 * nq + 2 * nkv) * h + 6 * split(f)) + tokens * nq * seq_len * 2 * 4
+  gathered = 0
   if mc.remat == 'none':
     layers = mc.num_layers * block
+    if fsdp > 1:  # the backward reads each layer's weights as gathered in the forward: the scan saves them
+      gathered = mc.num_layers * c * d * ((2 * nq + 2 * nkv) * h + 3 * split(f))
   elif mc.remat == 'full':
     layers = mc.num_layers * tokens * d * c + block
   else:  # save_dots
     saved = 3 * d + (nq + 2 * nkv) * h + 2 * split(f)
     layers = mc.num_layers * tokens * c * saved + block
-  head = tokens * (d * c + 2 * 4 * split(v))
-  return int(layers + head)
+  head = tokens * (d * c + 3 * 4 * split(v))
+  return int(layers + head + gathered)
 
 
 def estimate_memory(config: ml_collections.ConfigDict, mc: models.ModelConfig,
                     mesh: jax.sharding.Mesh) -> MemoryEstimate:
   """Per-device bytes of parameters, gradients and optimizer state (exact, from eval_shape and the
-  shardings training uses) and of activations (an estimate, see `activation_bytes`)."""
+  shardings training uses) and of activations (an estimate: `activation_bytes` plus a weight-sized
+  workspace). The total is checked against XLA's peak for the compiled step by tests/test_memory.py."""
   shapes = abstract_params(mc)
   _, specs, _ = models.describe(mc)
   param_sh = sharding.param_shardings(specs, shapes, mesh)
@@ -208,7 +214,11 @@ def estimate_memory(config: ml_collections.ConfigDict, mc: models.ModelConfig,
       # Accumulation keeps a running sum beside each micro-batch's gradient.
       grads=params * (2 if accum > 1 else 1),
       opt_state=_shard_bytes(opt_shapes, opt_sh),
-      activations=activation_bytes(mc, rows, config.data.seq_len, mesh.shape['tensor']),
+      # Plus one weight-sized workspace: XLA's backward holds weight copies laid out for the transposed
+      # matmuls and the embedding's scatter-add gradient, and Adam writes its new moments before they
+      # replace the donated state (tests/test_memory.py misses by up to 17% on small models without it).
+      activations=params + activation_bytes(mc, rows, config.data.seq_len, mesh.shape['tensor'],
+                                            mesh.shape['fsdp']),
       micro_rows=rows)
 
 
