@@ -92,8 +92,9 @@ def torch_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
 
 def main() -> None:
   a = parse_args()
+  # attention_block=128: what `model.attention_block=-1` (auto) resolves to on CPU.
   cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
-                    num_kv_heads=a.kv_heads, head_dim=a.d_model // a.heads, mlp_dim=a.mlp)
+                    num_kv_heads=a.kv_heads, head_dim=a.d_model // a.heads, mlp_dim=a.mlp, attention_block=128)
   tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len)).astype(np.int32)
   n_tokens = a.batch * a.seq_len
   flops = metrics.flops_per_token(cfg, a.seq_len) * n_tokens

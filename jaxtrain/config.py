@@ -100,6 +100,8 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if not 0 <= _get(cfg, key) <= 1:
       raise ConfigError(key, _get(cfg, key), 'must be in [0, 1]')
   m = cfg.model
+  if m.attention_block < -1:
+    raise ConfigError('model.attention_block', m.attention_block, 'must be -1 (auto), 0 (off) or a block size')
   if m.num_heads % m.num_kv_heads:
     raise ConfigError('model.num_kv_heads', m.num_kv_heads, f'must divide model.num_heads={m.num_heads}')
   if not m.head_dim and m.d_model % m.num_heads:

@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.compute_dtype = 'auto'  # auto: bfloat16 on accelerators, float32 on CPU.
   m.remat = 'none'  # none | full | save_dots
   m.scan_layers = True  # lax.scan over layers: compile time flat in depth.
+  m.attention_block = -1  # causal attention in query blocks of this size; 0: one call; -1: 128 on CPU, else 0.
 
   c.data = d = ml_collections.ConfigDict()
   d.train = 'stdlib'  # 'stdlib' (embedded corpus) or comma-separated globs of .jsonl/.json/.parquet/.txt files.
