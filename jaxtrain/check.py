@@ -115,8 +115,8 @@ def _size(tree: Any) -> int:
 
 
 def abstract_params(mc: models.ModelConfig) -> Any:
-  """ShapeDtypeStructs of `models.init_params`: the exact tree training creates, without allocating it."""
-  return jax.eval_shape(lambda key: models.init_params(mc, key), jax.random.PRNGKey(0))
+  """ShapeDtypeStructs of the parameter tree training creates, without allocating it."""
+  return models.describe(mc)[2]
 
 
 def param_counts(shapes: Any, num_layers: int) -> ParamCounts:
@@ -200,8 +200,7 @@ def estimate_memory(config: ml_collections.ConfigDict, mc: models.ModelConfig,
   """Per-device bytes of parameters, gradients and optimizer state (exact, from eval_shape and the
   shardings training uses) and of activations (an estimate: `activation_bytes` plus a weight-sized
   workspace). The total is checked against XLA's peak for the compiled step by tests/test_memory.py."""
-  shapes = abstract_params(mc)
-  _, specs, _ = models.describe(mc)
+  _, specs, shapes = models.describe(mc)  # one trace gives both the shapes and their logical axes
   param_sh = sharding.param_shardings(specs, shapes, mesh)
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
   opt_shapes = jax.eval_shape(tx.init, shapes)
