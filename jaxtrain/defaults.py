@@ -33,6 +33,23 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # lax.scan over layers: compile time flat in depth.
   m.attention_block = -1  # causal attention in query blocks of this size; 0: one call; -1: 128 on CPU, else 0.
 
+  # Where the starting weights come from (default: a fresh random init).
+  c.init = i = ml_collections.ConfigDict()
+  i.from_hf = ''  # a local Hugging Face model dir (config.json + *.safetensors): architecture and weights.
+  i.lora_from = ''  # a local PEFT adapter dir (adapter_config.json + adapter_model.safetensors) to start from.
+
+  # LoRA / QLoRA: adapters on the parameters whose path matches `targets`; everything else is frozen.
+  c.lora = r = ml_collections.ConfigDict()
+  r.rank = 0  # 0: LoRA off (full fine-tuning / pretraining).
+  r.alpha = 16.0
+  r.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank.
+  r.dropout = 0.0  # dropout on the adapter input (needs the factored product).
+  r.targets = r'attn/(q|k|v|o)$|mlp/(gate|up|down)$'  # regex over parameter paths such as blocks/attn/q.
+  r.mode = 'auto'  # auto | merged (W + s*A@B) | factored (x@W + s*(x@A)@B)
+  r.quantize = 'none'  # QLoRA base: none | nf4 | int8
+  r.quant_block = 64  # values per absmax scale.
+  r.double_quant = True  # quantize the absmax scales too (8-bit, blocks of 256).
+
   c.data = d = ml_collections.ConfigDict()
   d.train = 'stdlib'  # 'stdlib' (embedded corpus) or comma-separated globs of .jsonl/.json/.parquet/.txt files.
   d.eval = ''  # '' = a held-out split of `train` (by file for stdlib, by document otherwise).

@@ -58,6 +58,18 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: M
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def project(spec: str, x: Array, w: Any, out_dtype: Any = None) -> Array:
+  """`einsum(spec, x, w)` in x's dtype (or `out_dtype`), for a weight that is an array or a structured weight.
+
+  Structured weights (a frozen base with LoRA factors, a quantized base) are pytrees that compute the
+  product themselves through `w.einsum(spec, x)`; `jaxtrain.lora` and `jaxtrain.quant` build them from the
+  parameter tree, so the model never needs to know which one it was given.
+  """
+  if isinstance(w, jax.Array):
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+  return w.einsum(spec, x, out_dtype)
+
+
 def _zeros(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
   return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), out_sharding=axes, eager_sharding=False)
 
@@ -140,9 +152,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
     cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum('btd,dnh->btnh', x, self.q[...].astype(dt))
-    k = jnp.einsum('btd,dkh->btkh', x, self.k[...].astype(dt))
-    v = jnp.einsum('btd,dkh->btkh', x, self.v[...].astype(dt))
+    q = project('btd,dnh->btnh', x, self.q.get_value())
+    k = project('btd,dkh->btkh', x, self.k.get_value())
+    v = project('btd,dkh->btkh', x, self.v.get_value())
     if cfg.qkv_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
     if cfg.qk_norm:
@@ -150,7 +162,7 @@ class Attention(nnx.Module):
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     # dot_product_attention handles K < N (GQA) itself.
     out = attention(q, k, v, segment_ids, cfg.causal, cfg.attention_block)  # (B,T,N,H)
-    return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(dt))
+    return project('btnh,nhd->btd', out, self.o.get_value())
 
 
 class Mlp(nnx.Module):
@@ -162,9 +174,8 @@ class Mlp(nnx.Module):
     self.down = _param(rngs, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), cfg)
 
   def __call__(self, x: Array) -> Array:
-    dt = x.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))  # (B,T,F)
-    return h @ self.down[...].astype(dt)
+    h = jax.nn.silu(project('btd,df->btf', x, self.gate.get_value())) * project('btd,df->btf', x, self.up.get_value())
+    return project('btf,fd->btd', h, self.down.get_value())
 
 
 class Block(nnx.Module):
@@ -226,6 +237,8 @@ class Transformer(nnx.Module):
       for i in range(cfg.num_layers):
         x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
     x = self.final_norm(x)
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum('btd,dv->btv', x, head.astype(dt), preferred_element_type=jnp.float32)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum('btd,vd->btv', x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+    else:
+      logits = project('btd,dv->btv', x, self.lm_head.get_value(), jnp.float32)
     return sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
