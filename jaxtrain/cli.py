@@ -1,5 +1,6 @@
-"""The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`) and
-`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`)."""
+"""The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`),
+`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`) and `jaxtrain export --workdir=...
+--out=...` (same as `python -m jaxtrain.export ...`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import sys
 COMMANDS = {
     'train': 'train a model (python -m jaxtrain.main)',
     'check': 'validate a config, preview tokenization, print params and memory',
+    'merge-adapters': 'combine PEFT LoRA adapters (linear, ties, dare) into one, or into the base model',
+    'export': 'write a checkpoint as a Hugging Face model (or PEFT adapters)',
 }
 # The module whose run_main() each command calls.
-ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check'}
+ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check', 'merge-adapters': 'jaxtrain.merge_adapters',
+                'export': 'jaxtrain.export'}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print('usage: jaxtrain COMMAND [flags]\n\ncommands:')
     for name, text in COMMANDS.items():
-      print(f'  {name:10s} {text}')
+      print(f'  {name:15s} {text}')
     sys.exit(0 if len(argv) >= 2 else 2)
   command = argv[1]
   if command not in COMMANDS:

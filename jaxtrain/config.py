@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -20,19 +21,29 @@ CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.compute_dtype': ('auto', 'float32', 'bfloat16', 'float16'),
     'model.remat': ('none', 'full', 'save_dots'),
+    'model.norm': ('rmsnorm', 'layernorm'),
+    'model.positions': ('rope', 'learned'),
+    'model.mlp': ('swiglu', 'gelu', 'gelu_tanh'),
+    'model.rope_scaling': ('none', 'linear', 'llama3'),
     'optim.schedule': ('constant', 'linear', 'cosine', 'wsd'),
     'optim.decay_shape': ('linear', 'cosine', 'sqrt'),
     'log.wandb': ('disabled', 'offline', 'online'),
     'data.process_split': ('documents', 'rows'),
+    'lora.mode': ('auto', 'merged', 'factored'),
+    'lora.quantize': ('none', 'nf4', 'int8'),
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
-            'model.rope_theta', 'model.norm_eps', 'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
-            'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every')
-NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'data.max_files', 'data.prefetch',
-                'data.shuffle_window',
+            'model.rope_theta', 'model.norm_eps', 'model.rope_factor', 'model.rope_low_freq_factor',
+            'model.rope_high_freq_factor', 'model.rope_original_max_positions',
+            'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
+            'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every',
+            'lora.alpha', 'lora.quant_block')
+NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'model.max_positions', 'model.sliding_window',
+                'data.max_files', 'data.prefetch', 'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
-                'train.eval_every', 'train.max_bad_steps', 'checkpoint.every', 'distributed.num_processes')
-UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2')  # [0, 1)
+                'train.eval_every', 'train.max_bad_steps', 'checkpoint.every', 'distributed.num_processes',
+                'lora.rank')
+UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2', 'lora.dropout')  # [0, 1)
 UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction')  # [0, 1]
 
 
@@ -106,8 +117,14 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError('model.num_kv_heads', m.num_kv_heads, f'must divide model.num_heads={m.num_heads}')
   if not m.head_dim and m.d_model % m.num_heads:
     raise ConfigError('model.num_heads', m.num_heads, f'must divide model.d_model={m.d_model} (or set model.head_dim)')
-  if (m.head_dim or m.d_model // m.num_heads) % 2:
+  if m.positions == 'rope' and (m.head_dim or m.d_model // m.num_heads) % 2:
     raise ConfigError('model.head_dim', m.head_dim or m.d_model // m.num_heads, 'must be even (rotary embedding)')
+  if m.positions == 'learned' and m.max_positions < cfg.data.seq_len:
+    raise ConfigError('model.max_positions', m.max_positions,
+                      f"must be >= data.seq_len={cfg.data.seq_len} with model.positions='learned'")
+  if m.rope_scaling == 'llama3' and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+    raise ConfigError('model.rope_high_freq_factor', m.rope_high_freq_factor,
+                      f'must be > model.rope_low_freq_factor={m.rope_low_freq_factor} for llama3 rope scaling')
   try:
     shape = sharding.mesh_shape(cfg.mesh, num_devices)
   except ValueError as e:
@@ -121,6 +138,23 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'divisible by the data-parallel size {dp} (mesh data={shape[0]} x fsdp={shape[1]})')
   if cfg.optim.warmup_steps > cfg.train.steps:
     raise ConfigError('optim.warmup_steps', cfg.optim.warmup_steps, f'must be <= train.steps={cfg.train.steps}')
+  check_lora(cfg.lora, bool(cfg.init.lora_from))
+
+
+def check_lora(c: ml_collections.ConfigDict, from_adapter: bool) -> None:
+  """LoRA keys that only make sense together."""
+  try:
+    re.compile(c.targets)
+  except re.error as e:
+    raise ConfigError('lora.targets', c.targets, f'is not a valid regular expression ({e})') from None
+  on = c.rank > 0 or from_adapter
+  if c.quantize != 'none' and not on:
+    raise ConfigError('lora.quantize', c.quantize, 'needs LoRA: set lora.rank > 0 (or init.lora_from)')
+  if c.quantize != 'none' and c.mode == 'merged':
+    raise ConfigError('lora.mode', c.mode, 'cannot merge into a quantized base every step; use factored or auto')
+  if c.dropout > 0 and c.mode == 'merged':
+    raise ConfigError('lora.dropout', c.dropout, 'needs lora.mode=factored or auto (merged weights have no '
+                      'adapter input to drop)')
 
 
 def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -134,6 +168,10 @@ def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     os.rmdir(tempfile.mkdtemp(prefix='.jaxtrain-probe-', dir=parent))
   except OSError as e:
     raise ConfigError('workdir', workdir, f'cannot be created or written ({parent}: {e.strerror})') from None
+  for key, marker in (('init.from_hf', 'config.json'), ('init.lora_from', 'adapter_config.json')):
+    where = _get(cfg, key)
+    if where and not os.path.isfile(os.path.join(where, marker)):
+      raise ConfigError(key, where, f'must be a local directory holding {marker}')
   if cfg.data.tokenizer and not os.path.exists(cfg.data.tokenizer):
     raise ConfigError('data.tokenizer', cfg.data.tokenizer, 'does not exist; give a tokenizer.json, a tokenizer '
                       "directory, or '' to build one on the train data")
@@ -155,9 +193,27 @@ def check_vocab(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
                       f'must be >= the tokenizer vocabulary ({tokenizer_vocab}) or 0 to derive it')
 
 
+def resolve_init(cfg: ml_collections.ConfigDict) -> None:
+  """With `init.from_hf`, the architecture comes from the checkpoint's config.json (model keys are
+  overwritten) and the tokenizer from its directory unless data.tokenizer names one. Idempotent."""
+  where = cfg.init.from_hf
+  if not where:
+    return
+  if not os.path.isfile(os.path.join(where, 'config.json')):
+    raise ConfigError('init.from_hf', where, 'must be a local directory holding config.json and *.safetensors')
+  from jaxtrain import hf, models  # only runs that import a checkpoint pay for reading it
+  try:
+    hf.apply_overrides(cfg)
+    # The safetensors headers only: a missing, unknown or mis-shaped tensor fails before anything is written.
+    hf.check_weights(where, models.model_config(cfg.model, cfg.model.vocab_size))
+  except hf.HfError as e:
+    raise ConfigError('init.from_hf', where, str(e)) from None
+
+
 def validate(cfg: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:
   """All checks, cheapest first. Raises ConfigError."""
   check_schema(cfg)
+  resolve_init(cfg)
   check_values(cfg, num_devices)
   check_paths(cfg, workdir)
 

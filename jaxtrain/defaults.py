@@ -32,6 +32,19 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # none | full | save_dots
   m.scan_layers = True  # lax.scan over layers: compile time flat in depth.
   m.attention_block = -1  # causal attention in query blocks of this size; 0: one call; -1: 128 on CPU, else 0.
+  # Architecture switches for imported Hugging Face families (jaxtrain.hf); the defaults are Llama.
+  m.norm = 'rmsnorm'  # rmsnorm | layernorm (GPT-2: with bias)
+  m.positions = 'rope'  # rope | learned (GPT-2: absolute positions, a max_positions x d_model table)
+  m.max_positions = 0  # learned: table rows (>= data.seq_len); rope: only written to exported configs.
+  m.mlp = 'swiglu'  # swiglu | gelu | gelu_tanh (GPT-2's gelu_new)
+  m.mlp_bias = False  # biases on the MLP projections (GPT-2).
+  m.attn_out_bias = False  # bias on the attention output projection (GPT-2).
+  m.rope_scaling = 'none'  # none | linear | llama3 (Llama 3.1+ long-context frequencies)
+  m.rope_factor = 8.0  # linear, llama3: how much longer than the original context.
+  m.rope_low_freq_factor = 1.0  # llama3 only.
+  m.rope_high_freq_factor = 4.0  # llama3 only.
+  m.rope_original_max_positions = 8192  # llama3 only: the context the model was pretrained on.
+  m.sliding_window = 0  # Mistral-style: a token attends to the last this many tokens (itself included); 0: off.
 
   # Where the starting weights come from (default: a fresh random init).
   c.init = i = ml_collections.ConfigDict()

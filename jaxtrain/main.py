@@ -110,14 +110,15 @@ def main(argv: list[str]) -> None:
   config, workdir = setup(argv)
   # Imported here so that `--help` and flag errors answer without initialising JAX.
   import jax
-  from jaxtrain import check, checkpoint, config as config_lib, data, train
+  from jaxtrain import check, checkpoint, config as config_lib, data, hf, lora, peft_io, train
 
   try:
     config_lib.validate(config, workdir, jax.device_count())
     if _PREFLIGHT.value:
       check.preflight(config)
     train.run(config, workdir)
-  except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError) as e:
+  except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.HfError, lora.LoraError,
+          peft_io.PeftError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except train.NonFiniteError as e:

@@ -24,7 +24,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
   values over a full row of seq_len (dense attention on packed rows), halved when causal. Training is
   3x forward (backward = 2x forward)."""
   d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  per_layer = d * h * (n + 2 * k) + n * h * d + 3 * d * f
+  per_layer = d * h * (n + 2 * k) + n * h * d + (3 if cfg.mlp == 'swiglu' else 2) * d * f
   matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
   attention = 4 * cfg.num_layers * seq_len * n * h * (0.5 if cfg.causal else 1.0)
   forward = 2 * matmul_params + attention

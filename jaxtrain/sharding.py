@@ -33,6 +33,7 @@ RULES: dict[str, Any] = {
     'head_dim': None,
     'layers': None,
     'norm': None,
+    'positions': None,  # rows of a learned position table (GPT-2): small, replicated
 }
 
 

@@ -2,8 +2,8 @@
 
 The train state is a plain pytree: {'params', 'opt_state', 'step', 'rng'} and optionally 'frozen', a tree
 that takes no gradient and has no optimizer state (a LoRA base, a frozen StackWise trunk). A
-`param_transform(params, frozen) -> model_params` combines the two before the loss; without one the
-trainable params are the model params.
+`param_transform(params, frozen, rng) -> model_params` combines the two before the loss (rng is None in
+evaluation, turning off e.g. adapter dropout); without one the trainable params are the model params.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from jaxtrain import sharding
 Batch = dict[str, jax.Array]
 # loss_fn(model_params, batch, rng) -> (objective sum to differentiate, {'tokens': count, other sums...})
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-ParamTransform = Callable[[Any, Any], Any]
+ParamTransform = Callable[[Any, Any, jax.Array | None], Any]
 
 
-def _identity_transform(params: Any, frozen: Any) -> Any:
-  del frozen
+def _identity_transform(params: Any, frozen: Any, rng: jax.Array | None) -> Any:
+  del frozen, rng
   return params
 
 
@@ -51,7 +51,8 @@ def make_grad_fn(loss_fn: LossFn, param_transform: ParamTransform | None = None,
   transform = param_transform or _identity_transform
 
   def objective(params: Any, frozen: Any, batch: Batch, rng: jax.Array):
-    return loss_fn(transform(params, frozen), batch, rng)
+    # The transform and the loss draw from independent streams of the step's key.
+    return loss_fn(transform(params, frozen, jax.random.fold_in(rng, 1)), batch, rng)
 
   value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
@@ -122,7 +123,7 @@ def make_eval_step(loss_fn: LossFn, param_transform: ParamTransform | None = Non
   transform = param_transform or _identity_transform
 
   def eval_step(state: dict, batch: Batch) -> dict:
-    params = transform(state['params'], state.get('frozen'))
+    params = transform(state['params'], state.get('frozen'), None)
     _, sums = loss_fn(params, batch, state['rng'])
     return sums
 

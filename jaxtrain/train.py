@@ -6,17 +6,18 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain import data, losses, metrics, models, optim, sharding, steps, stopping
-from jaxtrain.checkpoint import Checkpointer, abstract_with_shardings
-from jaxtrain.config import check_vocab
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.config import check_vocab, resolve_init
+from jaxtrain.state import build, checkpointed, init_state, state_factory
+
+__all__ = ['run', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state', 'NonFiniteError']
 
 
 def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
@@ -25,33 +26,6 @@ def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
     del rng
     return losses.causal_lm_loss(models.apply(graphdef, params, batch), batch, z_loss)
   return loss_fn
-
-
-def state_factory(mc: models.ModelConfig, tx: Any, seed: int,
-                  mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict, Callable[[], dict]]:
-  """(graphdef, abstract state, state shardings, create): nothing is allocated until `create()` runs,
-  which builds parameters and optimizer state already sharded. A resume restores into the abstract state
-  instead, so the model never exists twice in memory."""
-  graphdef, specs, shapes = models.describe(mc)
-  param_sh = sharding.param_shardings(specs, shapes, mesh)
-
-  def create_fn(key: jax.Array) -> dict:
-    params = models.init_params(mc, key)
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32), 'rng': key}
-
-  key = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(create_fn, key)
-  replicated = NamedSharding(mesh, P())
-  state_sh = {'params': param_sh, 'opt_state': sharding.shardings_like(abstract['opt_state'], shapes, param_sh, mesh),
-              'step': replicated, 'rng': replicated}
-  create = jax.jit(create_fn, out_shardings=state_sh)
-  return graphdef, abstract_with_shardings(abstract, state_sh), state_sh, lambda: create(key)
-
-
-def init_state(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict]:
-  """(graphdef, freshly initialised sharded state, state shardings)."""
-  graphdef, _, state_sh, create = state_factory(mc, tx, seed, mesh)
-  return graphdef, create(), state_sh
 
 
 def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
@@ -76,6 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles'}.
   """
+  resolve_init(config)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_tokenizer(config.data)
   check_vocab(config, tokenizer.vocab_size)
@@ -89,14 +64,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f.write(config.to_json_best_effort(indent=2))
 
   with jax.set_mesh(mesh):
-    graphdef, abstract_state, state_sh, create_state = state_factory(mc, tx, config.train.seed, mesh)
+    built = build(config, mc, tx, mesh)
+    state_sh = built.shardings
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    loss_fn = make_loss_fn(graphdef, config.train.z_loss)
+    loss_fn = make_loss_fn(built.graphdef, config.train.z_loss)
     train_step = jax.jit(
-        steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps),
+        steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
+                              param_transform=built.transform),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
-    eval_step = jax.jit(steps.make_eval_step(loss_fn), in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+    eval_step = jax.jit(steps.make_eval_step(loss_fn, built.transform), in_shardings=(state_sh, batch_sh),
+                        out_shardings=replicated)
 
     train_data = data.make_dataset(config.data, tokenizer, split='train', seed=config.train.seed,
                                    batch_size=config.data.batch_size // jax.process_count(),
@@ -105,16 +83,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                         shared_data_state=config.data.process_split == 'rows')
-    start, state = ckpt.restore_latest(abstract_state, data_iter)
-    if not start:
-      state = create_state()
-
-    n_params = models.count_params(state['params'])
+    start, state = ckpt.restore_latest(built.abstract, data_iter)
+    state = built.complete(state) if start else built.create()
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops_token = metrics.flops_per_token(mc, config.data.seq_len)
     peak, peak_source = metrics.device_peak_flops()
     logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
-    logger.write(f'jaxtrain: {n_params / 1e6:.2f}M params, {jax.device_count()} devices, mesh '
+    logger.write(f'jaxtrain: {built.description}, {jax.device_count()} devices, mesh '
                  f'{dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} MFLOPs/token, '
                  f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
     if start:
@@ -145,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def save_and_wait(step: int) -> str:
       if step not in ckpt.all_steps():
-        ckpt.save(step, state, data_iter)
+        ckpt.save(step, checkpointed(state), data_iter)
       ckpt.wait()
       return f'{ckpt.directory}/{step}'
 
@@ -176,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           summary['stopped'] = (reason, save_and_wait(done))
           break
         if ckpt.should_save(done) or done == total:
-          ckpt.save(done, state, data_iter)
+          ckpt.save(done, checkpointed(state), data_iter)
         if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
           emit(*pending)
           pending = None

@@ -61,6 +61,8 @@ def cases(tmp):
       ([tiny, '--config.model.tie_embeddings=maybe'], 'tie_embeddings=maybe'),
       # two mesh axes sized -1
       ([tiny, '--config.mesh.data=-1', '--config.mesh.fsdp=-1'], "'fsdp': -1"),
+      # a Hugging Face start that is not there
+      ([tiny, '--config.init.from_hf=/nonexistent/hf-model'], "init.from_hf='/nonexistent/hf-model'"),
   ]
 
 
@@ -107,6 +109,21 @@ def test_validate_messages_name_key_value_and_valid():
     config_lib.check_schema(c)
 
 
+@pytest.mark.parametrize('changes, needle', [
+    ({'norm': 'batchnorm'}, "model.norm='batchnorm': must be one of rmsnorm, layernorm"),
+    ({'mlp': 'relu'}, "model.mlp='relu': must be one of swiglu, gelu, gelu_tanh"),
+    ({'positions': 'learned'}, "model.max_positions=0: must be >= data.seq_len=256 with model.positions='learned'"),
+    ({'rope_scaling': 'llama3', 'rope_high_freq_factor': 1.0},
+     'model.rope_high_freq_factor=1.0: must be > model.rope_low_freq_factor=1.0'),
+    ({'sliding_window': -2}, 'model.sliding_window=-2: must be >= 0'),
+])
+def test_architecture_keys_are_validated(changes, needle):
+  c = base_config()
+  c.model.update(changes)
+  with pytest.raises(config_lib.ConfigError, match=needle):
+    config_lib.check_values(c, 1)
+
+
 def test_default_workdir():
   assert default_workdir('configs/llama.py:size=cpu') == os.path.join('runs', 'llama_size-cpu')
   assert default_workdir('configs/tiny.py') == os.path.join('runs', 'tiny')
@@ -114,6 +131,6 @@ def test_default_workdir():
 
 def test_cli_lists_commands_and_rejects_unknown():
   ok = subprocess.run([sys.executable, '-m', 'jaxtrain.cli', '--help'], cwd=REPO, capture_output=True, text=True)
-  assert ok.returncode == 0 and 'train' in ok.stdout
+  assert ok.returncode == 0 and 'train' in ok.stdout and 'export' in ok.stdout
   bad = subprocess.run([sys.executable, '-m', 'jaxtrain.cli', 'trian'], cwd=REPO, capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr

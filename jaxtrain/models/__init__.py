@@ -31,7 +31,11 @@ def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
       mlp_dim=model.mlp_dim, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
       tie_embeddings=model.tie_embeddings, qkv_bias=model.qkv_bias, qk_norm=model.qk_norm,
       init_std=model.init_std, param_dtype=model.param_dtype, compute_dtype=compute, remat=model.remat,
-      scan_layers=model.scan_layers, attention_block=block)
+      scan_layers=model.scan_layers, attention_block=block, norm=model.norm, positions=model.positions,
+      max_positions=model.max_positions, mlp=model.mlp, mlp_bias=model.mlp_bias, attn_out_bias=model.attn_out_bias,
+      rope_scaling=model.rope_scaling, rope_factor=model.rope_factor, rope_low_freq_factor=model.rope_low_freq_factor,
+      rope_high_freq_factor=model.rope_high_freq_factor,
+      rope_original_max_positions=model.rope_original_max_positions, sliding_window=model.sliding_window)
 
 
 def describe(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:

@@ -1,0 +1,155 @@
+"""Export a run's checkpoint: `python -m jaxtrain.export --workdir=DIR [--step=N] --format=hf|peft --out=OUT`.
+
+  jaxtrain export --workdir=runs/llama --out=/tmp/llama-hf     # then transformers' from_pretrained(OUT)
+
+`hf` writes a transformers checkpoint (config.json, sharded safetensors, tokenizer) of the full model;
+a LoRA run's adapters are merged into its base first. `peft` writes a LoRA run's adapters as a PEFT
+adapter directory. The run's resolved WORKDIR/config.json says what the model is; the checkpoint is
+restored into host numpy arrays, so any device count and mesh can export. User mistakes (no such workdir,
+no checkpoint, an unknown step, an output directory that is not empty) exit 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import ml_collections
+
+from jaxtrain.defaults import base_config
+
+
+class ExportError(ValueError):
+  """A user mistake: the message is one line for the console."""
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json on top of today's defaults (keys added since the run was trained keep defaults)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise ExportError(f'--workdir={workdir} does not exist')
+  if not os.path.isfile(path):
+    raise ExportError(f'--workdir={workdir} has no config.json; expected the directory of a jaxtrain training run')
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)
+  config = base_config()
+
+  def merge(node: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+      if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        merge(node[key], value)
+      elif key in node:
+        node[key] = value
+  merge(config, saved)
+  return config
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Complete checkpoint steps of a run, oldest first (orbax skips unfinished temporary directories)."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  return sorted(ocp.CheckpointManager(directory, options=options).all_steps())
+
+
+def restore_state(workdir: str, step: int) -> dict:
+  """The train state pytree of checkpoint `step` as host numpy arrays (no target tree or mesh needed)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def model_params_for_export(config: ml_collections.ConfigDict, state: dict) -> dict:
+  """The full model parameters of a restored state: `state['params']`, or for a LoRA run (lora.rank > 0 or
+  init.lora_from set) the unquantized base (rebuilt from init.from_hf or the seed) with the adapters merged."""
+  if config.lora.rank == 0 and not config.init.lora_from:
+    return state['params']
+  from jaxtrain import data, models, state as state_lib  # LoRA runs only
+
+  vocab = config.model.vocab_size or data.load_tokenizer(config.data).vocab_size
+  return state_lib.merged_params(config, models.model_config(config.model, vocab), state)
+
+
+def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dtype: str = 'float32',
+           max_shard_bytes: int = 2 * 2 ** 30) -> str:
+  """Exports checkpoint `step` (default: newest) of `workdir` to `out`; returns a one-line summary.
+  Raises ExportError (and hf.HfError) for user mistakes."""
+  config = load_run_config(workdir)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise ExportError(f'--workdir={workdir} holds no complete checkpoint in {workdir}/checkpoints; train first')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ExportError(f'--step={step}: no such checkpoint in {workdir}/checkpoints; available: '
+                      f'{", ".join(map(str, steps))}')
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ExportError(f'--out={out} exists and is not an empty directory; choose a new one')
+  state = restore_state(workdir, step)
+  if fmt == 'peft':
+    from jaxtrain import peft_io  # written for LoRA runs only
+    peft_io.save_adapters(config, state, out)
+    return f'exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT format)'
+  from jaxtrain import data, hf
+  params = model_params_for_export(config, state)
+  tokenizer = data.load_tokenizer(config.data)
+  files = hf.save(params, config.model, tokenizer, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
+  with open(os.path.join(out, 'config.json'), encoding='utf-8') as f:
+    architecture = json.load(f)['architectures'][0]
+  return (f'exported step {step} of {workdir} to {out} as {architecture} ({dtype}, {len(files)} safetensors '
+          f'file{"s" if len(files) > 1 else ""}, tokenizer {tokenizer.path})')
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that reports a usage mistake in one line with exit status 2 (as jaxtrain.main does)."""
+
+  def error(self, message: str) -> None:  # type: ignore[override]
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+  p = _Parser(prog='jaxtrain export', description='Write a checkpoint of a jaxtrain run as a Hugging Face model '
+              '(or a LoRA run\'s adapters as PEFT adapters).')
+  p.add_argument('--workdir', required=True, help='run directory holding config.json and checkpoints/')
+  p.add_argument('--out', required=True, help='output directory (must not exist or be empty)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step to export (default: the newest)')
+  p.add_argument('--format', choices=('hf', 'peft'), default='hf',
+                 help='hf: a transformers model directory; peft: the LoRA adapters as a PEFT adapter directory')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='hf: dtype of the weights')
+  p.add_argument('--max_shard_mb', type=int, default=2048, help='hf: largest safetensors file in MiB (0: one file)')
+  return p
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line; user mistakes print one line and exit 2."""
+  args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+  # orbax logs warnings about metadata files that a numpy restore does not need.
+  logging.getLogger('absl').setLevel(logging.ERROR)
+  from jaxtrain import data, hf, lora, peft_io
+
+  shard = args.max_shard_mb * 2 ** 20 if args.max_shard_mb > 0 else sys.maxsize
+  try:
+    print(export(args.workdir, args.out, args.step, args.format, args.dtype, shard), flush=True)
+  except (ExportError, hf.HfError, data.DataError, lora.LoraError, peft_io.PeftError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main() -> None:
+  main()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,214 @@
+"""How the train state is built: fresh, from a Hugging Face checkpoint, or as LoRA/QLoRA adapters over a
+frozen base.
+
+The state is `{'params', 'opt_state', 'step', 'rng'}`; with LoRA, `params` are the adapters only (so the
+optimizer state exists only for them) and `frozen` holds the base, optionally quantized. The frozen base is
+never checkpointed: it is rebuilt from the config (the same seed or the same Hugging Face directory), which
+keeps fine-tuning checkpoints adapter-sized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxtrain import hf, lora, models, peft_io, quant, sharding, steps
+from jaxtrain.checkpoint import abstract_with_shardings
+
+# QLoRA quantizes the block projections; embeddings, norms, biases and the head stay in full precision.
+QUANTIZED = r'^blocks/(attn/(q|k|v|o)|mlp/(gate|up|down))$'
+
+
+def state_factory(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh,
+                  load_params: Callable[[Any], dict] | None = None) -> tuple[Any, dict, dict, Callable[[], dict]]:
+  """(graphdef, abstract state, state shardings, create) for training every parameter.
+
+  Nothing is allocated until `create()` runs, which builds parameters (random, or `load_params(shardings)`)
+  and optimizer state already sharded. A resume restores into the abstract state instead, so the model
+  never exists twice in memory.
+  """
+  graphdef, specs, shapes = models.describe(mc)
+  param_sh = sharding.param_shardings(specs, shapes, mesh)
+
+  def create_fn(key: jax.Array) -> dict:
+    params = models.init_params(mc, key)
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32), 'rng': key}
+
+  key = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(create_fn, key)
+  replicated = NamedSharding(mesh, P())
+  state_sh = {'params': param_sh, 'opt_state': sharding.shardings_like(abstract['opt_state'], shapes, param_sh, mesh),
+              'step': replicated, 'rng': replicated}
+  if load_params is None:
+    create = jax.jit(create_fn, out_shardings=state_sh)
+    return graphdef, abstract_with_shardings(abstract, state_sh), state_sh, lambda: create(key)
+
+  init_opt = jax.jit(tx.init, out_shardings=state_sh['opt_state'])
+
+  def create_loaded() -> dict:
+    params = load_params(param_sh)
+    return {'params': params, 'opt_state': init_opt(params), 'step': jnp.zeros((), jnp.int32),
+            'rng': jax.device_put(key, replicated)}
+  return graphdef, abstract_with_shardings(abstract, state_sh), state_sh, create_loaded
+
+
+def init_state(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict]:
+  """(graphdef, freshly initialised sharded state, state shardings)."""
+  graphdef, _, state_sh, create = state_factory(mc, tx, seed, mesh)
+  return graphdef, create(), state_sh
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """Everything the loop needs about the state.
+
+  `abstract` describes what is checkpointed (no frozen base); `create()` makes a fresh full state and
+  `complete(restored)` adds the frozen base to a restored one. `transform` is the step's param_transform.
+  """
+
+  graphdef: Any
+  abstract: dict
+  shardings: dict
+  create: Callable[[], dict]
+  complete: Callable[[dict], dict]
+  transform: steps.ParamTransform | None
+  description: str
+
+
+def load_base(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> Callable[[Any], dict] | None:
+  """A `load(shardings) -> params` for `init.from_hf`, or None for a random init."""
+  if not config.init.from_hf:
+    return None
+  return lambda shardings: hf.load_params(config.init.from_hf, mc, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  rank: int
+  alpha: float
+  rslora: bool
+  targets: str
+  initial: dict | None  # adapters loaded from init.lora_from (host arrays), else None
+
+  @property
+  def scale(self) -> float:
+    return lora.scaling(self.alpha, self.rank, self.rslora)
+
+
+def lora_settings(config: ml_collections.ConfigDict, mc: models.ModelConfig, shapes: Any) -> LoraSettings:
+  """Rank/alpha/targets from `config.lora`, or from the PEFT adapter dir in `init.lora_from`."""
+  c = config.lora
+  if not config.init.lora_from:
+    return LoraSettings(c.rank, c.alpha, c.rslora, c.targets, None)
+  adapters, s = peft_io.load_adapters(config.init.lora_from, shapes, model_type=model_type(config, mc))
+  if c.rank and c.rank != s['rank']:
+    raise lora.LoraError(f"lora.rank={c.rank} differs from r={s['rank']} of the adapter in init.lora_from="
+                     f'{config.init.lora_from}; set lora.rank=0 (take the adapter\'s) or {s["rank"]}')
+  return LoraSettings(s['rank'], s['alpha'], s['rslora'], s['targets'], adapters)
+
+
+def model_type(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> str:
+  """The Hugging Face model_type the base corresponds to (what PEFT module names follow)."""
+  return hf.export_target(mc).model_type
+
+
+def build(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> Built:
+  """The state for `config`: full training, or LoRA/QLoRA when `lora.rank` or `init.lora_from` is set."""
+  if not (config.lora.rank or config.init.lora_from):
+    graphdef, abstract, state_sh, create = state_factory(mc, tx, config.train.seed, mesh, load_base(config, mc))
+    n = models.count_params(abstract['params'])
+    return Built(graphdef, abstract, state_sh, create, lambda s: s, None, f'{n / 1e6:.2f}M params, all trained')
+  return _build_lora(config, mc, tx, mesh)
+
+
+def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> Built:
+  graphdef, specs, shapes = models.describe(mc)
+  param_sh = sharding.param_shardings(specs, shapes, mesh)
+  settings = lora_settings(config, mc, shapes)
+  key = jax.random.PRNGKey(config.train.seed)
+  replicated = NamedSharding(mesh, P())
+
+  def init_adapters() -> dict:
+    if settings.initial is not None:
+      return jax.tree.map(jnp.asarray, settings.initial)
+    return lora.init(shapes, settings.targets, settings.rank, jax.random.fold_in(key, 1))
+
+  ad_shapes = jax.eval_shape(init_adapters)
+  ad_sh = sharding.param_shardings(lora.specs(specs, ad_shapes), ad_shapes, mesh)
+  opt_shapes = jax.eval_shape(tx.init, ad_shapes)
+  saved_sh = {'params': ad_sh, 'opt_state': sharding.shardings_like(opt_shapes, ad_shapes, ad_sh, mesh),
+              'step': replicated, 'rng': replicated}
+  abstract = {'params': ad_shapes, 'opt_state': opt_shapes, 'step': jax.ShapeDtypeStruct((), jnp.int32),
+              'rng': jax.eval_shape(lambda: key)}
+
+  c = config.lora
+  quantize = None
+  if c.quantize != 'none':
+    quantize = lambda p: quant.quantize_tree(p, QUANTIZED, c.quantize, c.quant_block, c.double_quant)  # noqa: E731
+    frozen_shapes = jax.eval_shape(quantize, shapes)
+    # Quantized codes are small; they are replicated rather than split by the parameters' logical axes.
+    frozen_sh = jax.tree.map(lambda _: replicated, frozen_shapes)
+  else:
+    frozen_sh = param_sh
+  state_sh = dict(saved_sh, frozen=frozen_sh)
+  load = load_base(config, mc)
+
+  def make_frozen() -> dict:
+    base = load(param_sh) if load else jax.jit(models.init_params, static_argnums=0, out_shardings=param_sh)(mc, key)
+    if quantize is not None:
+      base = jax.jit(quantize, out_shardings=frozen_sh)(base)
+    return base
+
+  def create_fn(adapters: dict) -> dict:
+    return {'params': adapters, 'opt_state': tx.init(adapters), 'step': jnp.zeros((), jnp.int32), 'rng': key}
+  create_jit = jax.jit(create_fn, out_shardings=saved_sh)
+
+  def create() -> dict:
+    return dict(create_jit(init_adapters()), frozen=make_frozen())
+
+  mode = resolve_mode(c.mode, c.dropout, c.quantize)
+  scale = settings.scale
+
+  def transform(params: Any, frozen: Any, rng: jax.Array | None) -> Any:
+    return lora.apply(frozen, params, scale, mode, c.dropout, rng)
+
+  n_base, n_ad = models.count_params(shapes), lora.count(ad_shapes)
+  matrices = sum(lora.lookup(ad_shapes, p)['a'].shape[0] if p[0] == lora.STACKED else 1
+                 for p in lora.adapter_paths(ad_shapes))
+  what = f'{c.quantize}-quantized ' if quantize else ''
+  description = (f'{n_base / 1e6:.2f}M {what}frozen params + {n_ad / 1e6:.3f}M LoRA params (rank {settings.rank}, '
+                 f'scale {scale:g}, {mode}) on {matrices} weight matrices')
+  return Built(graphdef, abstract_with_shardings(abstract, saved_sh), state_sh, create,
+               lambda restored: dict(restored, frozen=make_frozen()), transform, description)
+
+
+def resolve_mode(mode: str, dropout: float, quantize: str) -> str:
+  """`lora.mode=auto`: the factored product (faster in benchmarks/lora_modes.py, needed for dropout and
+  for a quantized base, which must never be materialised whole)."""
+  if mode != 'auto':
+    return mode
+  return 'factored'
+
+
+def checkpointed(state: dict) -> dict:
+  """The part of the state that goes into checkpoints (everything but the frozen base)."""
+  return {k: v for k, v in state.items() if k != 'frozen'}
+
+
+def merged_params(config: ml_collections.ConfigDict, mc: models.ModelConfig, restored: dict) -> dict:
+  """Full-precision model parameters of a restored state: the params themselves, or with LoRA the base
+  rebuilt unquantized (from `init.from_hf` or the seed) with the adapters merged in. A QLoRA run merges into
+  the original base, not the quantized one, so export does not bake in quantisation error."""
+  if not (config.lora.rank or config.init.lora_from):
+    return restored['params']
+  _, _, shapes = models.describe(mc)
+  settings = lora_settings(config, mc, shapes)
+  load = load_base(config, mc)
+  base = load(None) if load else models.init_params(mc, jax.random.PRNGKey(config.train.seed))
+  return lora.merge(base, restored['params'], settings.scale)
