@@ -11,11 +11,13 @@ Arguments: `hf=DIR` a local Hugging Face model directory (Llama, Mistral, Qwen2,
 and tokenizer are imported; without it the base is a small Llama-style model initialised by jaxtrain from the
 seed (4 layers, d_model 256: nothing to download, so the job runs offline; a real fine-tune passes `hf=`).
 `data=PATH` JSONL with a `text` field. `quantize=none|nf4|int8` stores the frozen base quantized (QLoRA).
-`rank=N` the adapter rank (default 16, alpha = 2 x rank, all attention and MLP projections).
+`rank=N` the adapter rank (default 16, alpha = 2 x rank, all attention and MLP projections; 0 with
+`--config.init.lora_from=DIR` takes the PEFT adapter's own rank and alpha).
 
-Expected on a 2-core CPU without `hf=` (measured, see docs/benchmarks.md): about 1 min 30 s wall time;
-1.6M adapter parameters over a 4.6M frozen base; train loss 8.35 -> 5.5 in 150 steps (the adapters alone
-learn the text's statistics; the random base is frozen), eval loss about 5.7.
+Expected on a 2-core CPU without `hf=` (measured 2026-11-22): 2 min 32 s wall time including the tokenizer
+build and compilation; 0.31M adapter parameters (rank 16 on 28 weight matrices) over a 3.67M frozen base;
+train loss 7.71 -> 4.81 in 150 steps, eval loss 5.69 (ppl 296); deterministic (a rerun gives the same
+losses). The adapters alone learn the text's statistics; the randomly initialised base never changes.
 """
 
 import os
@@ -38,7 +40,7 @@ def get_config(arg=None):
   d.tokenizer_vocab_size, d.seq_len, d.batch_size = 2048, 256, 8
   r = c.lora
   r.rank = int(args['rank'])
-  r.alpha = 2.0 * r.rank
+  r.alpha = 2.0 * r.rank if r.rank else 16.0  # rank=0 with init.lora_from: the adapter's own r and alpha
   r.quantize = args['quantize']
   c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 2e-3, 10, 0.0
   c.train.steps, c.train.eval_every, c.train.eval_batches = 150, 50, 4

@@ -227,3 +227,12 @@ def test_qlora_run_exports_merged_into_the_unquantized_base(tmp_path):
   base = transformers.AutoModelForCausalLM.from_pretrained(f'{tmp_path}/base', dtype=torch.float32)
   with_adapter = PeftModel.from_pretrained(base, f'{tmp_path}/peft')
   assert np.abs(torch_logits(with_adapter) - expected).max() < 1e-4
+  # The PEFT dir is also a starting point: init.lora_from takes its rank and alpha and its values.
+  again = tiny_config(**dict(overrides, **{'lora.quantize': 'none', 'lora.rank': 0, 'lora.alpha': 1.0,
+                                           'init.lora_from': f'{tmp_path}/peft'}))
+  with jax.set_mesh(mesh):
+    resumed = state.build(again, mc, optax.adam(0.0), mesh)
+    start = resumed.create()
+  assert resumed.description == plain.description
+  for a, b in zip(jax.tree.leaves(start['params']), jax.tree.leaves(restored['params']), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
