@@ -1,5 +1,6 @@
 """The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`),
-`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`) and `jaxtrain export --workdir=...
+`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`), `jaxtrain estimate --config=...` (same as
+`python -m jaxtrain.estimate ...`) and `jaxtrain export --workdir=...
 --out=...` (same as `python -m jaxtrain.export ...`)."""
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import sys
 COMMANDS = {
     'train': 'train a model (python -m jaxtrain.main)',
     'check': 'validate a config, preview tokenization, print params and memory',
+    'estimate': 'largest micro-batch that fits a memory budget (compile-only); time and cost of a token budget',
     'merge-adapters': 'combine PEFT LoRA adapters (linear, ties, dare) into one, or into the base model',
     'export': 'write a checkpoint as a Hugging Face model (or PEFT adapters)',
 }
 # The module whose run_main() each command calls.
-ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check', 'merge-adapters': 'jaxtrain.merge_adapters',
-                'export': 'jaxtrain.export'}
+ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check', 'estimate': 'jaxtrain.estimate',
+                'merge-adapters': 'jaxtrain.merge_adapters', 'export': 'jaxtrain.export'}
 
 
 def main(argv: list[str] | None = None) -> None:

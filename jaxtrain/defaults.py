@@ -127,4 +127,23 @@ def base_config() -> ml_collections.ConfigDict:
   s.data = -1  # -1: all devices not used by the other axes.
   s.fsdp = 1
   s.tensor = 1
+
+  # `jaxtrain estimate`: the largest micro-batch that fits (compile-only) and the time/cost of a token budget.
+  c.estimate = e = ml_collections.ConfigDict()
+  e.memory_budget = ''  # per device, e.g. 80GB (10^9 bytes) or 80GiB (2^30); '': the device's own limit, if known.
+  e.tokens = 0.0  # training tokens to price, e.g. 2e9; 0: no time/cost table.
+  e.gpu = ''  # a key of price_per_hour; '': the detected device kind.
+  e.mfu = 0.4  # assumed model FLOPs utilisation for the time estimate, in (0, 1].
+  e.num_gpus = 0  # 0: jax.device_count().
+  e.max_rows = 4096  # the search's bound on the micro-batch (rows per device): each size tried costs a compile.
+  # USD per GPU (TPU: chip) hour. Placeholders in the style of public on-demand list prices (TPUs: Google
+  # Cloud's per-chip rates; GPUs: typical GPU-cloud rates, 2024-25), not quotes or measurements: edit them.
+  e.price_per_hour = p = ml_collections.ConfigDict()
+  p.h100 = 3.00
+  p.h200 = 3.80
+  p.a100 = 1.80
+  p.v4 = 3.22
+  p.v5e = 1.20
+  p.v5p = 4.20
+  p.v6e = 2.70
   return c

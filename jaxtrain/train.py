@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtrain import data, losses, metrics, models, optim, sharding, steps, stopping
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import check_vocab, resolve_init
-from jaxtrain.state import build, checkpointed, init_state, state_factory
+from jaxtrain.state import Built, build, checkpointed, init_state, state_factory
 
 __all__ = ['run', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state', 'NonFiniteError']
 
@@ -26,6 +26,22 @@ def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
     del rng
     return losses.causal_lm_loss(models.apply(graphdef, params, batch), batch, z_loss)
   return loss_fn
+
+
+def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule: Any,
+              mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """The run's jitted (train_step, eval_step): state and batch shardings fixed, the state donated, metrics
+  replicated, so the step compiles once."""
+  batch_sh = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  loss_fn = make_loss_fn(built.graphdef, config.train.z_loss)
+  train_step = jax.jit(
+      steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
+                            param_transform=built.transform),
+      in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(loss_fn, built.transform), in_shardings=(built.shardings, batch_sh),
+                      out_shardings=replicated)
+  return train_step, eval_step
 
 
 def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
@@ -65,16 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   with jax.set_mesh(mesh):
     built = build(config, mc, tx, mesh)
-    state_sh = built.shardings
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, P())
-    loss_fn = make_loss_fn(built.graphdef, config.train.z_loss)
-    train_step = jax.jit(
-        steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
-                              param_transform=built.transform),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
-    eval_step = jax.jit(steps.make_eval_step(loss_fn, built.transform), in_shardings=(state_sh, batch_sh),
-                        out_shardings=replicated)
+    train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
 
     train_data = data.make_dataset(config.data, tokenizer, split='train', seed=config.train.seed,
                                    batch_size=config.data.batch_size // jax.process_count(),

@@ -1,0 +1,170 @@
+"""`jaxtrain estimate`: the micro-batch search on the compiled step (compile-only), breakdown, time and cost."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import pytest
+
+from jaxtrain import config as config_lib, data, estimate, metrics, models, sharding
+from jaxtrain.defaults import base_config
+from tests.test_check import run
+from tests.test_train import tiny_config
+
+
+def step_memory(**overrides) -> estimate.StepMemory:
+  config = tiny_config(**overrides)
+  mc = models.model_config(config.model, data.load_tokenizer(config.data).vocab_size)
+  return estimate.StepMemory(config, mc, sharding.make_mesh(config.mesh))
+
+
+@pytest.fixture(scope='module')
+def full():
+  """The tiny config's step compiled for 1 and 2 rows per device, with proof that nothing ran: calling a
+  compiled program raises, and no array the size of the state appeared."""
+  def never(*args, **kwargs):
+    raise AssertionError('a compiled program was called: the estimate must be compile-only')
+
+  before = {id(x) for x in jax.live_arrays()}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax.stages.Compiled, '__call__', never)
+    sm = step_memory()
+    one, two = sm(1), sm(2)
+  created = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
+  return sm, one, two, created
+
+
+def test_compile_only_creates_no_state(full):
+  sm, one, _, created = full
+  b = sm.breakdown(1)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(sm.state))
+  # A created state would hold weights + optimizer state (~410 KiB); the PRNG key of state.build is 8 bytes.
+  assert created < 1024 < b.weights + b.optimizer, created
+  # Arguments are the donated state plus the batch rows, step and key: the exact part of the breakdown.
+  assert b.weights + b.optimizer <= one.argument <= b.weights + b.optimizer + 16 * 1024
+
+
+def test_search_picks_the_largest_micro_batch_under_the_budget(full):
+  sm, one, two, _ = full
+  assert one.total < two.total
+  for budget in ((one.total + two.total) // 2, one.total):  # between the two sizes, and exactly the first
+    result = estimate.search(sm, budget, max_rows=4096)
+    assert result.rows == 1 and sm(1).total <= budget < sm(2).total
+    assert [m.rows for m in result.tried] == [1, 2] and result.compiles == 2 and not result.capped
+  none = estimate.search(sm, one.total - 1, max_rows=4096)
+  assert none.rows == 0  # not even one row: the report says what would shrink the step
+  text = '\n'.join(estimate.memory_lines(sm, none, tiny_config()))
+  assert 'not even 1 row of 64 tokens per device fits' in text and '--config.mesh.fsdp=-1' in text
+  assert '--config.model.remat=full' in text and 'XLA compiled' in text
+  assert sm.global_batch(3) == 3 * 8  # 8 data-parallel devices, accum_steps 1
+
+
+def test_search_doubles_then_bisects():
+  def linear(rows: int) -> estimate.Measured:  # 1 MB of state plus 10 kB per row
+    return estimate.Measured(rows, argument=10 ** 6, output=10 ** 6, alias=10 ** 6, temp=10 ** 4 * rows)
+
+  result = estimate.search(linear, 10 ** 6 + 37 * 10 ** 4, max_rows=4096)
+  assert result.rows == 37 and not result.capped
+  assert [m.rows for m in result.tried] == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
+  capped = estimate.search(linear, 10 ** 9, max_rows=100)
+  assert capped.rows == 100 and capped.capped and [m.rows for m in capped.tried][-2:] == [64, 100]
+  none = estimate.search(linear, 10 ** 6, max_rows=4096)
+  assert none.rows == 0 and none.compiles == 1
+  refused = lambda rows: estimate.Measured(rows, 0, 0, 0, 0, oom=rows > 5)  # a TPU compile failing for OOM
+  assert estimate.search(refused, 10 ** 9, max_rows=4096).rows == 5
+
+
+def test_lora_state_is_smaller_than_full_training(full):
+  sm_full, one_full, _, _ = full
+  lora, qlora = step_memory(**{'lora.rank': 4}), step_memory(**{'lora.rank': 4, 'lora.quantize': 'nf4'})
+  f, lo, q = sm_full.breakdown(1), lora.breakdown(1), qlora.breakdown(1)
+  state = lambda b: b.weights + b.adapters + b.gradients + b.optimizer
+  assert lora.lora and not sm_full.lora
+  assert f.adapters == 0 and 0 < lo.adapters < f.weights / 4
+  assert lo.weights == f.weights and lo.optimizer < f.optimizer / 4
+  assert state(q) < state(lo) < state(f)
+  compiled = lora(1)  # the LoRA step (frozen base, adapters, transform) compiles through the same path
+  assert lo.weights + lo.adapters + lo.optimizer <= compiled.argument < one_full.argument
+
+
+def test_parse_bytes_decimal_and_binary_units():
+  parse = config_lib.parse_bytes
+  assert parse('80GB') == 80 * 10 ** 9 and parse('80GiB') == 80 * 2 ** 30
+  assert parse('512MiB') == 512 * 2 ** 20 and parse('1.5TB') == 1_500_000_000_000
+  assert parse(' 2 gb ') == 2 * 10 ** 9 and parse('100B') == 100 and parse('.5KiB') == 512
+  for bad in ('80', 'GB', '80 G', '80GQ', '-1GB', '0GB', '1e9B', ''):
+    with pytest.raises(ValueError):
+      parse(bad)
+
+
+@pytest.mark.parametrize('key, value, needle', [
+    ('memory_budget', '80 gigs', "estimate.memory_budget='80 gigs': must be '' (the device's memory) or a size"),
+    ('gpu', 'b200', "estimate.gpu='b200': must be '' (the detected device) or one of a100, h100, h200, v4, v5e"),
+    ('mfu', 0.0, 'estimate.mfu=0.0: must be in (0, 1]'),
+    ('mfu', 1.5, 'estimate.mfu=1.5: must be in (0, 1]'),
+    ('tokens', -1.0, 'estimate.tokens=-1.0: must be >= 0'),
+    ('max_rows', 0, 'estimate.max_rows=0: must be > 0'),
+])
+def test_estimate_section_is_validated(key, value, needle):
+  c = base_config()
+  c.estimate[key] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.check_values(c, 8)
+  assert needle in str(e.value)
+
+
+def test_cost_arithmetic_by_hand():
+  # 0.5 x 1 PFLOP/s x 4 devices / 1 GFLOP per token = 2e6 tokens/s; 7.2e9 tokens take 3600 s; 4 x 1 h x $2.5.
+  c = estimate.cost('x', peak=1e15, price=2.5, tokens=7.2e9, flops_token=1e9, mfu=0.5, gpus=4)
+  assert c.tokens_per_s == pytest.approx(2e6) and c.hours == pytest.approx(1.0) and c.dollars == pytest.approx(10.0)
+
+  e = base_config().estimate
+  e.tokens, e.mfu = 2e9, 0.4
+  table = {c.kind: c for c in estimate.cost_table(e, flops_token=6e9, gpus=8)}
+  assert sorted(table) == sorted(e.price_per_hour.keys())
+  # H100: 0.4 x 989e12 x 8 / 6e9 = 527,466.7 tokens/s; 2e9 tokens -> 1.0532 h; x 8 GPUs x $3.00 = $25.28
+  assert table['h100'].tokens_per_s == pytest.approx(527_466.7, rel=1e-6)
+  assert table['h100'].hours == pytest.approx(1.05325, rel=1e-4)
+  assert table['h100'].dollars == pytest.approx(25.278, rel=1e-4)
+
+
+def test_every_priced_kind_has_a_peak_and_device_kinds_map_to_it():
+  for key in base_config().estimate.price_per_hour.keys():
+    assert estimate.KINDS[key][1] in metrics.PEAK_FLOPS, key
+  for kind, key in (('NVIDIA H100 80GB HBM3', 'h100'), ('NVIDIA H200', 'h200'), ('NVIDIA A100-SXM4-80GB', 'a100'),
+                    ('TPU v4', 'v4'), ('TPU v5 lite', 'v5e'), ('TPU v5', 'v5p'), ('TPU v6 lite', 'v6e'),
+                    ('cpu', None), ('NVIDIA L4', None)):
+    assert estimate.detected_kind(kind) == key, kind
+
+
+def test_cli_prints_the_search_breakdown_and_cost_table(full, tmp_path):
+  # max_rows 1: one compile, which the persistent compilation cache holds from the `full` fixture.
+  code, out, err, _, _ = run('jaxtrain.cli', 'estimate', '--config=configs/tiny.py', '--memory-budget=64MiB',
+                             '--tokens=1e8', '--config.estimate.max_rows=1', f'--workdir={tmp_path}/run')
+  assert code == 0, err[-2000:]
+  assert 'largest micro-batch: 1 row per device x 64 tokens (estimate.max_rows: more may fit)' in out
+  assert 'global batch 8 (x 8 data-parallel x 1 accum_steps)' in out
+  for row in ('weights', 'adapters', 'gradients', 'optimizer state', 'activations', 'XLA compiled', 'budget'):
+    assert f'\n  {row} ' in out, row
+  assert '64.0 MiB' in out
+  for kind in base_config().estimate.price_per_hour.keys():
+    assert f'    {kind} ' in out, kind
+  assert '  * this machine ' in out and "XLA:CPU's" in out
+  assert not (tmp_path / 'run').exists()
+
+
+def test_cli_bad_budget_exits_2_in_one_line(tmp_path):
+  code, out, err, _, _ = run('jaxtrain.estimate', '--config=configs/tiny.py', '--memory-budget=80XB',
+                             f'--workdir={tmp_path}/run')
+  lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
+  assert code == 2 and len(lines) == 1, err[-2000:]
+  assert lines[0].startswith("error: config.estimate.memory_budget='80XB': ") and 'GiB' in lines[0]
+  assert 'Traceback' not in err and not out
+
+
+def test_no_device_memory_on_cpu_needs_a_budget():
+  with pytest.raises(config_lib.ConfigError, match='does not report its memory'):
+    estimate.resolve_budget('')
+  assert estimate.resolve_budget('1GiB') == (2 ** 30, 'estimate.memory_budget')
+  assert math.isinf(estimate.Measured(1, 0, 0, 0, 0, oom=True).total)
