@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxtrain import lora as lora_lib
 from jaxtrain.models import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (no sparsity).
@@ -19,16 +21,64 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-  """Model FLOPs per token: matmuls (LM head included, embedding lookup excluded) and attention scores and
-  values over a full row of seq_len (dense attention on packed rows), halved when causal. Training is
-  3x forward (backward = 2x forward)."""
-  d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  per_layer = d * h * (n + 2 * k) + n * h * d + (3 if cfg.mlp == 'swiglu' else 2) * d * f
-  matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
-  attention = 4 * cfg.num_layers * seq_len * n * h * (0.5 if cfg.causal else 1.0)
-  forward = 2 * matmul_params + attention
-  return 3 * forward if training else forward
+@dataclasses.dataclass(frozen=True)
+class LoraFlops:
+  """What a LoRA run trains, as far as FLOPs go: the adapter rank and the '/'-joined paths of the adapted
+  weights (blocks/attn/q, lm_head, ...). Everything else is frozen."""
+
+  rank: int
+  targets: tuple[str, ...]
+
+  @classmethod
+  def of(cls, adapters: Any) -> LoraFlops:
+    """From an adapter tree (arrays or ShapeDtypeStructs), e.g. the `params` of a LoRA state."""
+    paths = lora_lib.adapter_paths(adapters)
+    return cls(lora_lib.rank_of(lora_lib.lookup(adapters, paths[0])), tuple('/'.join(p) for p in paths))
+
+
+def weight_matrices(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+  """{parameter path: (times applied per token, fan_in, fan_out)} of every matmul weight; biases, norms and the
+  embedding lookup are left out (no matmul, or negligible). A tied head multiplies by the embedding."""
+  d, n, k, h, f, layers = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.num_layers
+  out = {'blocks/attn/q': (layers, d, n * h), 'blocks/attn/k': (layers, d, k * h),
+         'blocks/attn/v': (layers, d, k * h), 'blocks/attn/o': (layers, n * h, d)}
+  if cfg.mlp == 'swiglu':  # GELU MLPs have no gate
+    out['blocks/mlp/gate'] = (layers, d, f)
+  out.update({'blocks/mlp/up': (layers, d, f), 'blocks/mlp/down': (layers, f, d)})
+  out['embed' if cfg.tie_embeddings else 'lm_head'] = (1, d, cfg.vocab_size)
+  return out
+
+
+def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
+  """Mean keys a query attends to over a row of seq_len (dense attention on packed rows): seq_len/2 when
+  causal, min(window, position) with a sliding window, twice that (both sides) when bidirectional."""
+  w = min(cfg.sliding_window or seq_len, seq_len)
+  one_side = w - w * w / (2 * seq_len)  # mean of min(w, p) over p in [0, seq_len]: seq_len/2 at w = seq_len
+  return one_side if cfg.causal else 2 * one_side
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, lora: LoraFlops | None = None) -> float:
+  """Model FLOPs per token of a training step (training=True) or an evaluation (forward only).
+
+  Forward: 2 FLOPs per weight of every matmul (LM head included, embedding lookup excluded) plus
+  QK^T and AV over `keys_per_query` keys. Backward, training every weight: 2x forward (input and weight
+  gradients). With `lora` the base is frozen: its matmuls need only the input gradient (1x forward), while
+  the adapters (x@a then @b, both factors trained) and attention take the full 2x. Counted is the work the
+  model needs, not what a particular step executes: XLA also runs the masked half of dense causal attention,
+  rematerialisation repeats the forward and merged-mode LoRA forms the frozen weights' gradient.
+  """
+  weights = adapters = 0.0
+  for path, (times, fan_in, fan_out) in weight_matrices(cfg).items():
+    weights += 2 * times * fan_in * fan_out
+    if lora is not None and path in lora.targets:
+      adapters += 2 * times * lora.rank * (fan_in + fan_out)
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys_per_query(cfg, seq_len)
+  forward = weights + adapters + attention
+  if not training:
+    return forward
+  if lora is None:
+    return 3 * forward
+  return 2 * weights + 3 * (adapters + attention)
 
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:

@@ -64,7 +64,10 @@ def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tok
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its newest complete checkpoint.
 
-  Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles'}.
+  Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles', 'flops'
+  {'train', 'eval'}: model FLOPs spent now by each (metrics.flops_per_token)}. Train records log `mfu` (of
+  what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval records log `eval_flops`
+  (that evaluation) and `eval_tflops_per_s`.
   """
   resolve_init(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -93,16 +96,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start, state = ckpt.restore_latest(built.abstract, data_iter)
     state = built.complete(state) if start else built.create()
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_token = metrics.flops_per_token(mc, config.data.seq_len)
+    # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
+    trains = metrics.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
+    flops_token = metrics.flops_per_token(mc, config.data.seq_len, lora=trains)
+    eval_flops_token = metrics.flops_per_token(mc, config.data.seq_len, False, trains)
+    eval_flops = eval_flops_token * tokens_per_step * config.train.eval_batches  # one evaluation, padding included
     peak, peak_source = metrics.device_peak_flops()
     logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
     logger.write(f'jaxtrain: {built.description}, {jax.device_count()} devices, mesh '
-                 f'{dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} MFLOPs/token, '
+                 f'{dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} MFLOPs/token train, '
+                 f'{eval_flops_token / 1e6:.1f} eval, '
                  f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
     if start:
       logger.write(f'resumed from {ckpt.directory}/{start}')
 
-    summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None}
+    summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None,
+                               'flops': {'train': 0.0, 'eval': 0.0}}
     last_time = time.perf_counter()
     bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
     max_bad = config.train.max_bad_steps
@@ -113,7 +122,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       now = time.perf_counter()
       step_time, last_time = now - last_time, now
       values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
-                    mfu=flops_token * tokens_per_step / step_time / (peak * jax.device_count()))
+                    mfu=flops_token * tokens_per_step / step_time / (peak * jax.device_count()),
+                    train_flops_total=flops_token * tokens_per_step * step)
+      summary['flops']['train'] += flops_token * tokens_per_step
       summary['losses'][step] = values['loss']
       if values['skipped']:
         bad.append((step, provenance))
@@ -124,6 +135,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if step % config.log.every == 0 or step == total or values['skipped']:
         logger.log(step, values)
       logger.advance()
+
+    def run_eval() -> tuple[dict, dict]:
+      """(eval metrics, their cost): the cost is logged but kept out of summary['eval'], which is reproducible."""
+      t = time.perf_counter()
+      values = evaluate(eval_step, state, config, tokenizer, mesh)
+      summary['flops']['eval'] += eval_flops
+      return values, {'eval_flops': eval_flops, 'eval_tflops_per_s': eval_flops / (time.perf_counter() - t) / 1e12}
 
     def save_and_wait(step: int) -> str:
       if step not in ckpt.all_steps():
@@ -162,13 +180,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
           emit(*pending)
           pending = None
-          logger.log(done, evaluate(eval_step, state, config, tokenizer, mesh))
+          values, cost = run_eval()
+          logger.log(done, values | cost)
           last_time = time.perf_counter()
       if pending is not None:
         emit(*pending)
       if not summary['stopped']:
-        summary['eval'] = evaluate(eval_step, state, config, tokenizer, mesh)
-        logger.log(total, summary['eval'])
+        summary['eval'], cost = run_eval()
+        logger.log(total, summary['eval'] | cost)
       ckpt.close()
     saved = ckpt.latest_step()
     summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
