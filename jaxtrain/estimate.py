@@ -312,10 +312,11 @@ def memory_lines(sm: StepMemory, result: Search, config: ml_collections.ConfigDi
   return lines
 
 
-def cost_lines(e: ml_collections.ConfigDict, mc: models.ModelConfig, seq_len: int, tokens_step: int) -> list[str]:
+def cost_lines(e: ml_collections.ConfigDict, mc: models.ModelConfig, seq_len: int, tokens_step: int,
+               lora: metrics.LoraFlops | None = None) -> list[str]:
   """The time/cost table for e.tokens, the selected kind marked with '*', and what the memory figures are."""
   gpus = e.num_gpus or jax.device_count()
-  flops_token = metrics.flops_per_token(mc, seq_len)
+  flops_token = metrics.flops_per_token(mc, seq_len, lora=lora)
   device_kind = jax.devices()[0].device_kind
   local_kind = detected_kind(device_kind)
   local, peak_note = None, 'dense bf16 peaks from metrics.PEAK_FLOPS'
@@ -363,7 +364,8 @@ def report(config: ml_collections.ConfigDict) -> tuple[list[str], Search]:
   lines += memory_lines(sm, result, config)
   if e.tokens > 0:
     tokens_step = sm.global_batch(result.rows) * sm.seq_len if result.rows else 0
-    lines += cost_lines(e, mc, sm.seq_len, tokens_step)
+    lines += cost_lines(e, mc, sm.seq_len, tokens_step,
+                        metrics.LoraFlops.of(sm.state['params']) if sm.lora else None)
   return lines, result
 
 
