@@ -111,6 +111,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
         'loss_tokens': sums['tokens'],
         'skipped': 1.0 - finite.astype(jnp.float32),
     }
+    # Further sums a loss reports (e.g. masked-token cross-entropy) are logged per loss token too.
+    for k, v in sums.items():
+      if k.endswith('_sum') and k not in ('loss_sum', 'z_loss_sum'):
+        metrics[k[:-len('_sum')]] = v / tokens
     if schedule is not None:
       metrics['lr'] = schedule(state['step'])
     return new_state, metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import check_vocab, resolve_init
 from jaxtrain.state import Built, build, checkpointed, init_state, state_factory
 
-__all__ = ['run', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state', 'NonFiniteError']
+__all__ = ['run', 'fit', 'Job', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state', 'NonFiniteError']
 
 
 def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
@@ -29,12 +30,12 @@ def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
 
 
 def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule: Any,
-              mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """The run's jitted (train_step, eval_step): state and batch shardings fixed, the state donated, metrics
-  replicated, so the step compiles once."""
+              mesh: jax.sharding.Mesh, loss_fn: steps.LossFn | None = None) -> tuple[Any, Any]:
+  """The run's jitted (train_step, eval_step) for `loss_fn` (default: the decoder's next-token loss): state
+  and batch shardings fixed, the state donated, metrics replicated, so the step compiles once."""
   batch_sh = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
-  loss_fn = make_loss_fn(built.graphdef, config.train.z_loss)
+  loss_fn = loss_fn or make_loss_fn(built.graphdef, config.train.z_loss)
   train_step = jax.jit(
       steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
                             param_transform=built.transform),
@@ -61,141 +62,175 @@ def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tok
   return {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50.0)), 'eval_tokens': tokens}
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One training loop's worth of work: the state, its jitted steps, how long and on which data order.
+
+  `train.run` builds one for the config; StackWise builds one per stage. `keep_keys` are provenance keys
+  (doc_ids, doc_chunks) that the step needs as inputs, e.g. to draw masks keyed by sample id; the rest of the
+  provenance stays on the host. `flops_per_token` / `eval_flops_per_token` count what the step computes.
+  """
+
+  built: Built
+  train_step: Any
+  eval_step: Any
+  steps: int
+  seed: int
+  flops_per_token: float
+  eval_flops_per_token: float
+  keep_keys: tuple[str, ...] = ()
+  label: str = ''
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir`, resuming from its newest complete checkpoint.
+  """Trains per `config` in `workdir`, resuming from its newest complete checkpoint (see `fit`)."""
+  resolve_init(config)
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = data.load_tokenizer(config.data)
+  check_vocab(config, tokenizer.vocab_size)
+  mc = models.model_config(config.model, tokenizer.vocab_size)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  write_config(config, workdir)
+  with jax.set_mesh(mesh):
+    built = build(config, mc, tx, mesh)
+    train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
+    # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
+    trains = metrics.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
+    job = Job(built, train_step, eval_step, config.train.steps, config.train.seed,
+              metrics.flops_per_token(mc, config.data.seq_len, lora=trains),
+              metrics.flops_per_token(mc, config.data.seq_len, False, trains))
+    return fit(config, job, workdir, mesh, tokenizer)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """WORKDIR/config.json (process 0), so a run directory says how it was made."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sharding.Mesh,
+        tokenizer: data.Tokenizer) -> dict[str, Any]:
+  """The loop: resume from WORKDIR/checkpoints if possible, step, log, evaluate, save; call under the mesh.
 
   Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles', 'flops'
   {'train', 'eval'}: model FLOPs spent now by each (metrics.flops_per_token)}. Train records log `mfu` (of
   what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval records log `eval_flops`
   (that evaluation) and `eval_tflops_per_s`.
   """
-  resolve_init(config)
-  mesh = sharding.make_mesh(config.mesh)
-  tokenizer = data.load_tokenizer(config.data)
-  check_vocab(config, tokenizer.vocab_size)
-  mc = models.model_config(config.model, tokenizer.vocab_size)
-  total = config.train.steps
-  tx, schedule = optim.make_optimizer(config.optim, total)
+  built, train_step, eval_step, total = job.built, job.train_step, job.eval_step, job.steps
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if primary:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  train_data = data.make_dataset(config.data, tokenizer, split='train', seed=job.seed,
+                                 batch_size=config.data.batch_size // jax.process_count(),
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(train_data)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
+                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                      shared_data_state=config.data.process_split == 'rows')
+  start, state = ckpt.restore_latest(built.abstract, data_iter)
+  state = built.complete(state) if start else built.create()
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_token = job.flops_per_token
+  eval_flops = job.eval_flops_per_token * tokens_per_step * config.train.eval_batches  # padding included
+  peak, peak_source = metrics.device_peak_flops()
+  logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
+  logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {built.description}, {jax.device_count()} '
+               f'devices, mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} '
+               f'MFLOPs/token train, {job.eval_flops_per_token / 1e6:.1f} eval, '
+               f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
+  if start:
+    logger.write(f'resumed from {ckpt.directory}/{start}')
 
-  with jax.set_mesh(mesh):
-    built = build(config, mc, tx, mesh)
-    train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
+  summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None,
+                             'flops': {'train': 0.0, 'eval': 0.0}}
+  last_time = time.perf_counter()
+  bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
+  max_bad = config.train.max_bad_steps
 
-    train_data = data.make_dataset(config.data, tokenizer, split='train', seed=config.train.seed,
-                                   batch_size=config.data.batch_size // jax.process_count(),
-                                   process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = iter(train_data)
-    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
-                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                        shared_data_state=config.data.process_split == 'rows')
-    start, state = ckpt.restore_latest(built.abstract, data_iter)
-    state = built.complete(state) if start else built.create()
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
-    trains = metrics.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
-    flops_token = metrics.flops_per_token(mc, config.data.seq_len, lora=trains)
-    eval_flops_token = metrics.flops_per_token(mc, config.data.seq_len, False, trains)
-    eval_flops = eval_flops_token * tokens_per_step * config.train.eval_batches  # one evaluation, padding included
-    peak, peak_source = metrics.device_peak_flops()
-    logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
-    logger.write(f'jaxtrain: {built.description}, {jax.device_count()} devices, mesh '
-                 f'{dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} MFLOPs/token train, '
-                 f'{eval_flops_token / 1e6:.1f} eval, '
-                 f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
-    if start:
-      logger.write(f'resumed from {ckpt.directory}/{start}')
+  def emit(step: int, device_metrics: dict, data_wait: float, provenance: dict) -> None:
+    nonlocal last_time
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    step_time, last_time = now - last_time, now
+    values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
+                  mfu=flops_token * tokens_per_step / step_time / (peak * jax.device_count()),
+                  train_flops_total=flops_token * tokens_per_step * step)
+    summary['flops']['train'] += flops_token * tokens_per_step
+    summary['losses'][step] = values['loss']
+    if values['skipped']:
+      bad.append((step, provenance))
+      logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
+                   'update skipped')
+    else:
+      bad.clear()
+    if step % config.log.every == 0 or step == total or values['skipped']:
+      logger.log(step, values)
+    logger.advance()
 
-    summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None,
-                               'flops': {'train': 0.0, 'eval': 0.0}}
-    last_time = time.perf_counter()
-    bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
-    max_bad = config.train.max_bad_steps
+  def run_eval() -> tuple[dict, dict]:
+    """(eval metrics, their cost): the cost is logged but kept out of summary['eval'], which is reproducible."""
+    t = time.perf_counter()
+    values = evaluate(eval_step, state, config, tokenizer, mesh)
+    summary['flops']['eval'] += eval_flops
+    return values, {'eval_flops': eval_flops, 'eval_tflops_per_s': eval_flops / (time.perf_counter() - t) / 1e12}
 
-    def emit(step: int, device_metrics: dict, data_wait: float, provenance: dict) -> None:
-      nonlocal last_time
-      values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      now = time.perf_counter()
-      step_time, last_time = now - last_time, now
-      values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
-                    mfu=flops_token * tokens_per_step / step_time / (peak * jax.device_count()),
-                    train_flops_total=flops_token * tokens_per_step * step)
-      summary['flops']['train'] += flops_token * tokens_per_step
-      summary['losses'][step] = values['loss']
-      if values['skipped']:
-        bad.append((step, provenance))
-        logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
-                     'update skipped')
-      else:
-        bad.clear()
-      if step % config.log.every == 0 or step == total or values['skipped']:
-        logger.log(step, values)
-      logger.advance()
+  def save_and_wait(step: int) -> str:
+    if step not in ckpt.all_steps():
+      ckpt.save(step, checkpointed(state), data_iter)
+    ckpt.wait()
+    return f'{ckpt.directory}/{step}'
 
-    def run_eval() -> tuple[dict, dict]:
-      """(eval metrics, their cost): the cost is logged but kept out of summary['eval'], which is reproducible."""
-      t = time.perf_counter()
-      values = evaluate(eval_step, state, config, tokenizer, mesh)
-      summary['flops']['eval'] += eval_flops
-      return values, {'eval_flops': eval_flops, 'eval_tflops_per_s': eval_flops / (time.perf_counter() - t) / 1e12}
-
-    def save_and_wait(step: int) -> str:
-      if step not in ckpt.all_steps():
-        ckpt.save(step, checkpointed(state), data_iter)
-      ckpt.wait()
-      return f'{ckpt.directory}/{step}'
-
-    pending = None
-    with stopping.StopRequests(workdir) as stop:
-      for step in range(start, total):
-        t0 = time.perf_counter()
-        host_batch = next(data_iter)
-        # Provenance (which documents fill each row) stays on the host; the step sees model inputs only.
-        provenance = {k: host_batch.pop(k) for k in list(host_batch) if k.startswith('doc_')}
-        data_wait = time.perf_counter() - t0
-        state, step_metrics = train_step(state, sharding.to_global(host_batch, mesh))
-        if pending is not None:  # fetch the previous step's metrics while this one runs
-          emit(*pending)
-        pending = (step + 1, step_metrics, data_wait, provenance)
-        if bad and len(bad) < max_bad:  # inside a streak, look at each step at once: the state stays known
-          emit(*pending)
-          pending = None
-        done = step + 1
-        if max_bad and len(bad) >= max_bad:
-          if pending is not None:
-            emit(*pending)
-          raise NonFiniteError(_nonfinite_message(bad, save_and_wait(done), config, workdir))
-        reason = stop.reason()
-        if reason:
-          if pending is not None:
-            emit(*pending)
-          summary['stopped'] = (reason, save_and_wait(done))
-          break
-        if ckpt.should_save(done) or done == total:
-          ckpt.save(done, checkpointed(state), data_iter)
-        if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-          emit(*pending)
-          pending = None
-          values, cost = run_eval()
-          logger.log(done, values | cost)
-          last_time = time.perf_counter()
-      if pending is not None:
+  pending = None
+  with stopping.StopRequests(workdir) as stop:
+    for step in range(start, total):
+      t0 = time.perf_counter()
+      host_batch = next(data_iter)
+      # Provenance (which documents fill each row) stays on the host unless the step asks for it.
+      provenance = {k: host_batch[k] if k in job.keep_keys else host_batch.pop(k)
+                    for k in list(host_batch) if k.startswith('doc_')}
+      data_wait = time.perf_counter() - t0
+      state, step_metrics = train_step(state, sharding.to_global(host_batch, mesh))
+      if pending is not None:  # fetch the previous step's metrics while this one runs
         emit(*pending)
-      if not summary['stopped']:
-        summary['eval'], cost = run_eval()
-        logger.log(total, summary['eval'] | cost)
-      ckpt.close()
-    saved = ckpt.latest_step()
-    summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
-    logger.close()
+      pending = (step + 1, step_metrics, data_wait, provenance)
+      if bad and len(bad) < max_bad:  # inside a streak, look at each step at once: the state stays known
+        emit(*pending)
+        pending = None
+      done = step + 1
+      if max_bad and len(bad) >= max_bad:
+        if pending is not None:
+          emit(*pending)
+        raise NonFiniteError(_nonfinite_message(bad, save_and_wait(done), config, workdir))
+      reason = stop.reason()
+      if reason:
+        if pending is not None:
+          emit(*pending)
+        summary['stopped'] = (reason, save_and_wait(done))
+        break
+      if ckpt.should_save(done) or done == total:
+        ckpt.save(done, checkpointed(state), data_iter)
+      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+        emit(*pending)
+        pending = None
+        values, cost = run_eval()
+        logger.log(done, values | cost)
+        last_time = time.perf_counter()
+    if pending is not None:
+      emit(*pending)
+    if not summary['stopped']:
+      summary['eval'], cost = run_eval()
+      logger.log(total, summary['eval'] | cost)
+    ckpt.close()
+  saved = ckpt.latest_step()
+  summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
+  summary['state'] = state
+  logger.close()
   if primary:
     if config.log.plot:
       metrics.plot_losses(workdir)
-    print(_summary_line(summary, workdir, f'{ckpt.directory}/{saved}', total), flush=True)
+    print(_summary_line(summary, workdir, f'{ckpt.directory}/{saved}', total, job.label), flush=True)
   return summary
 
 
@@ -221,7 +256,12 @@ def _nonfinite_message(bad: list[tuple[int, dict]], checkpoint: str, config: ml_
           f'samples of the bad steps are in {workdir}/nonfinite_steps.json.')
 
 
-def _summary_line(summary: dict[str, Any], workdir: str, checkpoint: str, total: int) -> str:
+def _summary_line(summary: dict[str, Any], workdir: str, checkpoint: str, total: int, label: str = '') -> str:
+  prefix = f'{label}: ' if label else ''
+  return prefix + _summary_text(summary, workdir, checkpoint, total)
+
+
+def _summary_text(summary: dict[str, Any], workdir: str, checkpoint: str, total: int) -> str:
   losses, ev = summary['losses'], summary['eval']
   if summary['stopped']:
     reason, where = summary['stopped']
