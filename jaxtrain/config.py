@@ -25,12 +25,22 @@ CHOICES = {
     'model.positions': ('rope', 'learned'),
     'model.mlp': ('swiglu', 'gelu', 'gelu_tanh'),
     'model.rope_scaling': ('none', 'linear', 'llama3'),
+    'model.attention': ('gqa', 'mla'),
     'optim.schedule': ('constant', 'linear', 'cosine', 'wsd'),
     'optim.decay_shape': ('linear', 'cosine', 'sqrt'),
     'log.wandb': ('disabled', 'offline', 'online'),
     'data.process_split': ('documents', 'rows'),
     'lora.mode': ('auto', 'merged', 'factored'),
     'lora.quantize': ('none', 'nf4', 'int8'),
+    'objective.kind': ('clm', 'mlm', 'diffusion'),
+    'objective.time': ('input', 'depth'),
+    'objective.time_embedding': ('none', 'sinusoidal', 'learned'),
+    'stackwise.direction': ('append', 'prepend', 'joint'),
+    'stackwise.trunk': ('frozen', 'lora', 'qlora'),
+    'stackwise.quantize': ('none', 'nf4', 'int8'),
+    'stackwise.rank_schedule': ('constant', 'increasing', 'list'),
+    'stackwise.new_stack_init': ('identity', 'random', 'copy'),
+    'sample.schedule': ('linear', 'cosine'),
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
             'model.rope_theta', 'model.norm_eps', 'model.rope_factor', 'model.rope_low_freq_factor',
@@ -39,6 +49,8 @@ POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_k
             'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every',
             'lora.alpha', 'lora.quant_block')
 NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'model.max_positions', 'model.sliding_window',
+                'model.residual_gain', 'model.mla_q_rank', 'model.mla_kv_rank', 'model.mla_nope_dim',
+                'model.mla_rope_dim', 'model.mla_v_dim',
                 'data.max_files', 'data.prefetch', 'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
                 'train.eval_every', 'train.max_bad_steps', 'checkpoint.every', 'distributed.num_processes',
@@ -122,6 +134,11 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   if m.positions == 'learned' and m.max_positions < cfg.data.seq_len:
     raise ConfigError('model.max_positions', m.max_positions,
                       f"must be >= data.seq_len={cfg.data.seq_len} with model.positions='learned'")
+  if m.attention == 'mla':
+    from jaxtrain import models  # MLA's own rules, on the ModelConfig this section builds
+    problem = models.mla.config_error(models.model_config(m, 1))
+    if problem:
+      raise ConfigError(f'model.{problem[0]}', problem[1], problem[2])
   if m.rope_scaling == 'llama3' and m.rope_high_freq_factor <= m.rope_low_freq_factor:
     raise ConfigError('model.rope_high_freq_factor', m.rope_high_freq_factor,
                       f'must be > model.rope_low_freq_factor={m.rope_low_freq_factor} for llama3 rope scaling')
@@ -140,6 +157,29 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError('optim.warmup_steps', cfg.optim.warmup_steps, f'must be <= train.steps={cfg.train.steps}')
   check_lora(cfg.lora, bool(cfg.init.lora_from))
   check_estimate(cfg.estimate)
+  check_objective(cfg)
+
+
+def check_objective(cfg: ml_collections.ConfigDict) -> None:
+  """Objective ranges; masked objectives need a StackWise rack; the rack's stages must be possible."""
+  o = cfg.objective
+  if not 0 < o.mlm_ratio < 1:
+    raise ConfigError('objective.mlm_ratio', o.mlm_ratio, 'must be in (0, 1)')
+  if not 0 < o.t_min < 1:
+    raise ConfigError('objective.t_min', o.t_min, 'must be in (0, 1)')
+  w = cfg.stackwise
+  if w.num_stacks < 0:
+    raise ConfigError('stackwise.num_stacks', w.num_stacks, 'must be >= 0 (0: not a StackWise run)')
+  if not w.num_stacks:
+    if o.kind != 'clm':
+      raise ConfigError('objective.kind', o.kind, 'masked objectives train StackWise racks: set stackwise.num_stacks '
+                        '> 0 (e.g. configs/stackwise.py), or use clm')
+    return
+  if cfg.init.from_hf or cfg.init.lora_from or cfg.lora.rank:
+    raise ConfigError('stackwise.num_stacks', w.num_stacks, 'a StackWise rack starts from a random init and takes '
+                      'its adapters from the stackwise section: leave init.from_hf, init.lora_from and lora.rank unset')
+  from jaxtrain import stackwise  # the stage plan checks directions, ranks, schedules and step counts
+  stackwise.plan(cfg)  # raises StackwiseError, a ConfigError
 
 
 def check_lora(c: ml_collections.ConfigDict, from_adapter: bool) -> None:

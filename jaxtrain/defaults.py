@@ -45,6 +45,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_high_freq_factor = 4.0  # llama3 only.
   m.rope_original_max_positions = 8192  # llama3 only: the context the model was pretrained on.
   m.sliding_window = 0  # Mistral-style: a token attends to the last this many tokens (itself included); 0: off.
+  m.residual_gain = 0.0  # > 0: learnable per-block gains on the attention and MLP branches, starting here; 0: off.
+  m.attention = 'gqa'  # gqa (MHA/GQA/MQA) | mla (DeepSeek-V2 multi-head latent attention; the mla_* keys)
+  m.mla_q_rank = 0  # query latent width; 0: queries projected directly.
+  m.mla_kv_rank = 128  # key/value latent width, what decoding caches; 0: no compression (per-head k and v).
+  m.mla_nope_dim = 64  # per-head query/key width without positions.
+  m.mla_rope_dim = 32  # per-head query/key width with rotary positions (one key shared by the heads); even.
+  m.mla_v_dim = 0  # per-head value width; 0: head_dim.
 
   # Where the starting weights come from (default: a fresh random init).
   c.init = i = ml_collections.ConfigDict()
@@ -91,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.b2 = 0.95
   o.eps = 1e-8
   o.weight_decay = 0.1
-  o.no_decay = r'(norm|bias|embed)'  # regex over parameter paths that get no weight decay.
+  o.no_decay = r'(norm|bias|embed|gain)'  # regex over parameter paths that get no weight decay.
   o.clip_norm = 1.0  # global-norm clipping; 0 disables.
 
   c.train = t = ml_collections.ConfigDict()
@@ -114,6 +121,42 @@ def base_config() -> ml_collections.ConfigDict:
   g.wandb_project = 'jaxtrain'
   g.progress = True
   g.plot = True
+
+  # What the model learns. The plain decoder job trains clm; StackWise racks take any of the three.
+  c.objective = b = ml_collections.ConfigDict()
+  b.kind = 'clm'  # clm (causal next token) | mlm (fixed-ratio masked LM) | diffusion (masked diffusion, MDLM/LLaDA)
+  b.mlm_ratio = 0.15
+  b.time = 'input'  # diffusion: input (t ~ U(t_min, 1) per document, embedded) | depth (stack k at depth_schedule[k])
+  b.time_embedding = 'sinusoidal'  # time=input: none | sinusoidal | learned
+  b.depth_schedule = ()  # time=depth: one mask ratio per stack, heaviest first; (): 1.0 ... 0.15 (sqrt-spaced)
+  b.t_min = 1e-3  # smallest diffusion time (keeps the 1/t weight finite)
+
+  # StackWise progressive training (jaxtrain.stackwise): a rack of num_stacks stacks trained stage by stage.
+  c.stackwise = w = ml_collections.ConfigDict()
+  w.num_stacks = 0  # 0: not a StackWise run. model.num_layers is the rack depth (a multiple of this).
+  w.direction = 'append'  # append (new stacks on top) | prepend (frozen suffix + head, new stacks in front) | joint
+  w.stages = 0  # 0: one per stack; fewer leaves the front (prepend) or top (append) stacks untrained.
+  w.stage_steps = ()  # steps per stage; (): train.steps split evenly.
+  w.trunk = 'frozen'  # frozen | lora | qlora: what the already-trained stacks get during a stage.
+  w.quantize = 'nf4'  # qlora trunk storage: nf4 | int8 (block/double quant from the lora section); none: no qlora.
+  w.trunk_rank = 4  # LoRA rank on trunk stacks (lora/qlora trunks).
+  w.stack_rank = 0  # > 0: the new stack trains through LoRA of this rank over its initial weights (dual LoRA).
+  w.rank_schedule = 'constant'  # constant | increasing (rank * (1 + stack index)) | list (trunk_ranks, stack_ranks)
+  w.trunk_ranks = ()
+  w.stack_ranks = ()
+  w.alpha_over_rank = 2.0  # adapter alpha = this * rank, so every adapter has the same scale.
+  w.new_stack_init = 'identity'  # identity (zeroed output projections) | random | copy (the neighbouring stack)
+  w.consistency = 0.0  # prepend: weight of the MSE between a new stack's output and its suffix's expected input.
+
+  # Samples printed at the end of a StackWise run (and by `jaxtrain sample`).
+  c.sample = a = ml_collections.ConfigDict()
+  a.prompts = ('def ', 'import ', 'class ')
+  a.max_tokens = 32  # tokens generated after each prompt
+  a.steps = 16  # diffusion: unmasking steps
+  a.schedule = 'cosine'  # diffusion: linear | cosine (share of masks left after each step)
+  a.temperature = 0.0  # 0: greedy
+  a.top_k = 0
+  a.top_p = 1.0
 
   # Multi-process runs; the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment
   # variables fill in whatever is left empty here.

@@ -398,6 +398,9 @@ def export_target(mc: ModelConfig) -> Target:
     if not ok:
       raise HfError(f'this model cannot be written as {kind}: {what}')
 
+  need(mc.attention == 'gqa' and not mc.residual_gain, f'attention={mc.attention!r}, residual_gain={mc.residual_gain}; '
+       "expected attention='gqa' and residual_gain=0 (no transformers class has MLA or residual gains)", 'Hugging Face')
+
   if mc.positions == 'learned' or mc.norm == 'layernorm' or mc.mlp != 'swiglu':
     kind = 'GPT-2 (the only exported family with learned positions, LayerNorm or a GELU MLP)'
     need(mc.positions == 'learned', f"positions={mc.positions!r}, expected 'learned'", kind)

@@ -31,7 +31,9 @@ class LoraError(ValueError):
   """A LoRA setting that cannot apply to this model (targets, rank, mode); the message names it."""
 
 # Number of leading input dims of each projection weight that LoRA can adapt (after the layers axis).
-INPUT_DIMS = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm_head': 1}
+INPUT_DIMS = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm_head': 1,
+              # multi-head latent attention (jaxtrain.models.mla)
+              'q_down': 1, 'q_up': 1, 'kv_down': 1, 'k_up': 1, 'v_up': 1, 'k_rope': 1}
 STACKED = 'blocks'  # parameters under this top-level key carry a leading layers axis.
 
 

@@ -110,15 +110,19 @@ def main(argv: list[str]) -> None:
   config, workdir = setup(argv)
   # Imported here so that `--help` and flag errors answer without initialising JAX.
   import jax
-  from jaxtrain import check, checkpoint, config as config_lib, data, hf, lora, peft_io, train
+  from jaxtrain import check, checkpoint, config as config_lib, data, hf, lora, peft_io, stack_checkpoint, train
 
   try:
     config_lib.validate(config, workdir, jax.device_count())
     if _PREFLIGHT.value:
       check.preflight(config)
-    train.run(config, workdir)
+    if config.stackwise.num_stacks:
+      from jaxtrain import stackwise_run  # the StackWise job: a rack trained stage by stage
+      stackwise_run.run(config, workdir)
+    else:
+      train.run(config, workdir)
   except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.HfError, lora.LoraError,
-          peft_io.PeftError) as e:
+          peft_io.PeftError, stack_checkpoint.StackCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except train.NonFiniteError as e:

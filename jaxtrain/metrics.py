@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtrain import lora as lora_lib
-from jaxtrain.models import ModelConfig
+from jaxtrain.models import ModelConfig, mla
 
 # Dense bf16 peak FLOP/s per chip (no sparsity).
 PEAK_FLOPS = {
@@ -40,12 +40,40 @@ def weight_matrices(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
   """{parameter path: (times applied per token, fan_in, fan_out)} of every matmul weight; biases, norms and the
   embedding lookup are left out (no matmul, or negligible). A tied head multiplies by the embedding."""
   d, n, k, h, f, layers = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.num_layers
-  out = {'blocks/attn/q': (layers, d, n * h), 'blocks/attn/k': (layers, d, k * h),
-         'blocks/attn/v': (layers, d, k * h), 'blocks/attn/o': (layers, n * h, d)}
+  if cfg.attention == 'mla':
+    out = _mla_matrices(cfg)
+  else:
+    out = {'blocks/attn/q': (layers, d, n * h), 'blocks/attn/k': (layers, d, k * h),
+           'blocks/attn/v': (layers, d, k * h), 'blocks/attn/o': (layers, n * h, d)}
   if cfg.mlp == 'swiglu':  # GELU MLPs have no gate
     out['blocks/mlp/gate'] = (layers, d, f)
   out.update({'blocks/mlp/up': (layers, d, f), 'blocks/mlp/down': (layers, f, d)})
   out['embed' if cfg.tie_embeddings else 'lm_head'] = (1, d, cfg.vocab_size)
+  return out
+
+
+def _mla_matrices(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+  """The projections `mla.MLA` creates for `cfg` (zero-width parts have none)."""
+  d, n, layers = cfg.d_model, cfg.num_heads, cfg.num_layers
+  qk, v = mla.head_dims(cfg)
+  nope, q_rank, kv_rank = cfg.mla_nope_dim, cfg.mla_q_rank, cfg.mla_kv_rank
+  out = {}
+  if q_rank:
+    out.update({'blocks/attn/q_down': (layers, d, q_rank), 'blocks/attn/q_up': (layers, q_rank, n * qk)})
+  else:
+    out['blocks/attn/q'] = (layers, d, n * qk)
+  if kv_rank:
+    out['blocks/attn/kv_down'] = (layers, d, kv_rank)
+    if nope:
+      out['blocks/attn/k_up'] = (layers, kv_rank, n * nope)
+    out['blocks/attn/v_up'] = (layers, kv_rank, n * v)
+  else:
+    if nope:
+      out['blocks/attn/k'] = (layers, d, n * nope)
+    out['blocks/attn/v'] = (layers, d, n * v)
+  if cfg.mla_rope_dim:
+    out['blocks/attn/k_rope'] = (layers, d, cfg.mla_rope_dim)
+  out['blocks/attn/o'] = (layers, n * v, d)
   return out
 
 
@@ -61,7 +89,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, lora:
   """Model FLOPs per token of a training step (training=True) or an evaluation (forward only).
 
   Forward: 2 FLOPs per weight of every matmul (LM head included, embedding lookup excluded) plus
-  QK^T and AV over `keys_per_query` keys. Backward, training every weight: 2x forward (input and weight
+  QK^T and AV over `keys_per_query` keys (per head: the query/key width for QK^T, the value width for AV,
+  which differ under MLA). Backward, training every weight: 2x forward (input and weight
   gradients). With `lora` the base is frozen: its matmuls need only the input gradient (1x forward), while
   the adapters (x@a then @b, both factors trained) and attention take the full 2x. Counted is the work the
   model needs, not what a particular step executes: XLA also runs the masked half of dense causal attention,
@@ -72,7 +101,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, lora:
     weights += 2 * times * fan_in * fan_out
     if lora is not None and path in lora.targets:
       adapters += 2 * times * lora.rank * (fan_in + fan_out)
-  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * keys_per_query(cfg, seq_len)
+  qk, v = mla.head_dims(cfg)
+  attention = 2 * cfg.num_layers * cfg.num_heads * (qk + v) * keys_per_query(cfg, seq_len)
   forward = weights + adapters + attention
   if not training:
     return forward

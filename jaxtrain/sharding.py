@@ -31,6 +31,7 @@ RULES: dict[str, Any] = {
     'heads': 'tensor',
     'kv_heads': 'tensor',
     'head_dim': None,
+    'latent': None,  # MLA's compressed query / key-value width: small, replicated
     'layers': None,
     'norm': None,
     'positions': None,  # rows of a learned position table (GPT-2): small, replicated

@@ -46,6 +46,20 @@ def test_lora_flops_by_hand():
   assert metrics.LoraFlops.of(adapters_tree) == metrics.LoraFlops(4, ('blocks/attn/q',))
 
 
+def test_mla_flops_by_hand():
+  """MLA: every projection it has (latents, up-projections, shared rope key) and QK^T over nope + rope dims,
+  AV over v_dim; a rank of 0 swaps the two projections through a latent for one direct one."""
+  mla = dict(attention='mla', mla_q_rank=16, mla_kv_rank=12, mla_nope_dim=8, mla_rope_dim=4, mla_v_dim=6)
+  per_layer = (32 * 16 + 16 * 4 * 12  # q_down, q_up (4 heads of 8 + 4)
+               + 32 * 12 + 12 * 4 * 8 + 12 * 4 * 6  # kv_down, k_up, v_up
+               + 32 * 4 + 4 * 6 * 32 + 3 * 32 * 64)  # k_rope, o, MLP
+  attention = 2 * 2 * 4 * (12 + 6) * 8  # layers, heads, QK^T over 12 dims + AV over 6, 8 keys (causal half of 16)
+  assert metrics.flops_per_token(tiny(**mla), 16, training=False) == 2 * (2 * per_layer + 32 * 64) + attention
+  direct = dict(mla, mla_q_rank=0, mla_kv_rank=0)
+  per_layer = 32 * 4 * 12 + 32 * 4 * 8 + 32 * 4 * 6 + 32 * 4 + 4 * 6 * 32 + 3 * 32 * 64  # q, k, v, k_rope, o, MLP
+  assert metrics.flops_per_token(tiny(**direct), 16, training=False) == 2 * (2 * per_layer + 32 * 64) + attention
+
+
 def test_plot_uses_last_record_per_step(tmp_path):
   rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0}, {'step': 2, 'loss': 4.0}, {'step': 2, 'eval_loss': 4.5}]
   with open(tmp_path / 'metrics.jsonl', 'w') as f:
@@ -109,6 +123,23 @@ def test_flops_per_token_matches_xla_cost_analysis(causal, kv, training, lora_ra
   xla = _xla_flops(cfg, batch, seq, training, lora_rank)
   model = metrics.flops_per_token(cfg, seq, training, spec) * batch * seq
   executed = metrics.flops_per_token(dataclasses.replace(cfg, causal=False), seq, training, spec) * batch * seq
+  print(f'ours / XLA = {model / xla:.3f} (executed {executed / xla:.3f})')
+  assert abs(xla / model - 1) <= 0.10, (xla, model)
+  assert abs(xla / executed - 1) <= 0.03, (xla, executed)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_mla_flops_per_token_match_xla_cost_analysis(training):
+  """The same cross-check for multi-head latent attention with both compressions, value heads narrower than
+  query/key heads (64 + 32 vs 48: the einsum attention path), causal as in training."""
+  import dataclasses
+  cfg = dataclasses.replace(tiny(), vocab_size=2048, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64,
+                            mlp_dim=1024, scan_layers=False, attention='mla', mla_q_rank=128, mla_kv_rank=96,
+                            mla_nope_dim=64, mla_rope_dim=32, mla_v_dim=48)
+  batch, seq = 4, 256
+  xla = _xla_flops(cfg, batch, seq, training)
+  model = metrics.flops_per_token(cfg, seq, training) * batch * seq
+  executed = metrics.flops_per_token(dataclasses.replace(cfg, causal=False), seq, training) * batch * seq
   print(f'ours / XLA = {model / xla:.3f} (executed {executed / xla:.3f})')
   assert abs(xla / model - 1) <= 0.10, (xla, model)
   assert abs(xla / executed - 1) <= 0.03, (xla, executed)

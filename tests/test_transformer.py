@@ -155,3 +155,64 @@ def test_blocked_attention_keeps_document_and_causal_masks():
 def test_attention_block_auto_is_blocked_on_cpu():
   from jaxtrain.defaults import base_config
   assert models.model_config(base_config().model, 100).attention_block == 128  # tests run on CPU
+
+
+TINY_PATHS = {
+    "['blocks']['attn']['k']": (2, 32, 2, 8), "['blocks']['attn']['o']": (2, 4, 8, 32),
+    "['blocks']['attn']['q']": (2, 32, 4, 8), "['blocks']['attn']['v']": (2, 32, 2, 8),
+    "['blocks']['attn_norm']['scale']": (2, 32), "['blocks']['mlp']['down']": (2, 64, 32),
+    "['blocks']['mlp']['gate']": (2, 32, 64), "['blocks']['mlp']['up']": (2, 32, 64),
+    "['blocks']['mlp_norm']['scale']": (2, 32), "['embed']": (64, 32), "['final_norm']['scale']": (32,),
+}
+
+
+def _paths(tree) -> dict:
+  return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_residual_gain_off_keeps_the_parameter_tree_and_on_adds_two_scalars_per_block(base):
+  from jaxtrain import sharding
+  params, _ = base
+  assert _paths(params) == TINY_PATHS
+  cfg = tiny(residual_gain=0.5)
+  _, specs, shapes = models.describe(cfg)
+  assert _paths(shapes) == {**TINY_PATHS, "['blocks']['attn_gain']": (2,), "['blocks']['mlp_gain']": (2,)}
+  assert tuple(specs['blocks']['attn_gain']) == ('layers',) == tuple(specs['blocks']['mlp_gain'])
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  assert sharding.param_shardings(specs, shapes, mesh)['blocks']['mlp_gain'].spec == jax.sharding.PartitionSpec(None)
+  gained = models.init_params(cfg, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(gained['blocks'].pop('attn_gain'), [0.5, 0.5])
+  np.testing.assert_array_equal(gained['blocks'].pop('mlp_gain'), [0.5, 0.5])
+  for a, b in zip(jax.tree.leaves(gained), jax.tree.leaves(params), strict=True):  # the gains draw nothing
+    np.testing.assert_array_equal(a, b)
+
+
+def test_residual_gain_scales_its_branch():
+  """block(x) - x is gain times the branch: linear in each gain, and nothing at all with gain 0."""
+  from flax import nnx
+
+  from jaxtrain.models.transformer import Block
+  cfg = tiny(residual_gain=1.0)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), nnx.to_pure_dict(state))
+  batch = packed_batch([[5, 7]], 12)
+  x = jnp.asarray(rng.standard_normal((1, 12, 32)), jnp.float32)
+  call = jax.jit(lambda p: nnx.merge(graphdef, p)(x, batch['segment_ids'], batch['positions']) - x)
+  for gain, other in (('attn_gain', 'mlp_gain'), ('mlp_gain', 'attn_gain')):
+    branch = {g: call({**params, gain: jnp.float32(g), other: jnp.float32(0)}) for g in (0.0, 1.0, 2.5)}
+    np.testing.assert_array_equal(branch[0.0], 0)
+    assert np.abs(branch[1.0]).max() > 1e-2
+    np.testing.assert_allclose(branch[2.5], 2.5 * branch[1.0], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_gains_reduce_the_model_to_embedding_and_head():
+  cfg = tiny(residual_gain=1.0)
+  graphdef, _, _ = models.describe(cfg)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  params['blocks']['attn_gain'] = params['blocks']['mlp_gain'] = jnp.zeros(2)
+  batch = packed_batch([[16]], 16)
+  x = np.asarray(params['embed'])[batch['tokens']]
+  x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * np.asarray(params['final_norm']['scale'])
+  logits = jax.jit(lambda p, b: models.apply(graphdef, p, b))(params, batch)
+  np.testing.assert_allclose(logits, x @ np.asarray(params['embed']).T, atol=1e-5)

@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.models import mla, transformer
 from jaxtrain.models.transformer import ModelConfig, Transformer
 
-__all__ = ['ModelConfig', 'Transformer', 'model_config', 'describe', 'init_params', 'apply', 'count_params']
+__all__ = ['ModelConfig', 'Transformer', 'model_config', 'describe', 'init_params', 'apply', 'count_params',
+           'init_cache', 'decode', 'mla']
 
 
 def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
@@ -35,7 +38,10 @@ def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
       max_positions=model.max_positions, mlp=model.mlp, mlp_bias=model.mlp_bias, attn_out_bias=model.attn_out_bias,
       rope_scaling=model.rope_scaling, rope_factor=model.rope_factor, rope_low_freq_factor=model.rope_low_freq_factor,
       rope_high_freq_factor=model.rope_high_freq_factor,
-      rope_original_max_positions=model.rope_original_max_positions, sliding_window=model.sliding_window)
+      rope_original_max_positions=model.rope_original_max_positions, sliding_window=model.sliding_window,
+      residual_gain=model.residual_gain, attention=model.attention, mla_q_rank=model.mla_q_rank,
+      mla_kv_rank=model.mla_kv_rank, mla_nope_dim=model.mla_nope_dim, mla_rope_dim=model.mla_rope_dim,
+      mla_v_dim=model.mla_v_dim)
 
 
 def describe(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
@@ -57,6 +63,20 @@ def apply(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> 
   """Logits (B,T,V) float32 for a batch with tokens, segment_ids and positions."""
   model = nnx.merge(graphdef, params)
   return model(batch['tokens'], batch['segment_ids'], batch['positions'])
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+  """Zeroed KV cache for `decode`: {name: (layers, batch, max_len, ...)} in `dtype` (default: compute dtype)."""
+  return transformer.init_cache(cfg, cfg.num_layers, batch, max_len,
+                                jnp.dtype(cfg.compute_dtype) if dtype is None else dtype)
+
+
+def decode(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions: jax.Array, cache: dict,
+           index: jax.Array) -> tuple[jax.Array, dict]:
+  """(float32 logits (B,t,V), updated cache) for t new tokens (B,t) at `positions`, written at cache rows
+  [index, index+t): prefill a prompt at index 0, then one token per call; jit it once, index traced."""
+  model = nnx.merge(graphdef, params)
+  return model.decode(tokens, positions, cache, jnp.asarray(index, jnp.int32))
 
 
 def count_params(params: Any) -> int:

@@ -5,10 +5,14 @@ attention (optional q/k/v bias, q/k RMSNorm, sliding window), SwiGLU MLP, tied o
 LayerNorm with bias, learned absolute positions, biased projections, GELU (tanh) MLP. `jaxtrain.hf` maps
 Hugging Face checkpoints of these families onto this one parameter tree and back.
 
+Attention is grouped-query (`Attention`) or DeepSeek-V2's multi-head latent attention (`mla.MLA`), each with
+a KV-cache `decode` for autoregressive sampling (`init_cache`, `decode_blocks`, `Transformer.decode`).
+With `residual_gain` > 0 each block scales its two residual branches by learnable scalars.
+
 Shapes use B batch, T sequence, D d_model, N query heads, K kv heads, H head_dim, F mlp_dim, V vocab,
-L layers. Parameters name logical axes only (`out_sharding` metadata); `jaxtrain.sharding` maps them to mesh
-axes. Block parameters are stacked along a leading `layers` axis so the forward pass can `lax.scan` over
-them (compile time flat in depth) or unroll them, from the same parameter tree.
+L layers, S cache rows. Parameters name logical axes only (`out_sharding` metadata); `jaxtrain.sharding` maps
+them to mesh axes. Block parameters are stacked along a leading `layers` axis so the forward pass can
+`lax.scan` over them (compile time flat in depth) or unroll them, from the same parameter tree.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0  # llama3 only
   rope_original_max_positions: int = 8192  # llama3 only
   sliding_window: int = 0  # a query sees only the last this many tokens (itself included); 0: off
+  residual_gain: float = 0.0  # > 0: learnable per-block scalars on the attention and MLP branches, from this
+  attention: str = 'gqa'  # gqa | mla (multi-head latent attention, jaxtrain.models.mla)
+  mla_q_rank: int = 0  # query latent width; 0: queries projected directly from x
+  mla_kv_rank: int = 0  # key/value latent width (what decoding caches); 0: no compression
+  mla_nope_dim: int = 0  # per-head query/key width without rotary positions
+  mla_rope_dim: int = 0  # per-head query width (and shared key width) with rotary positions
+  mla_v_dim: int = 0  # per-head value width; 0: head_dim
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
@@ -126,12 +137,12 @@ def make_norm(dim: int, cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm
   return LayerNorm(dim, cfg, rngs) if cfg.norm == 'layernorm' else RMSNorm(dim, cfg, rngs)
 
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray | None:
-  """Scaled inverse frequencies (H/2,) for `cfg.rope_scaling` (float64 math, as transformers' rope init);
-  None for unscaled RoPE, which `rope` computes from theta itself."""
+def rope_frequencies(cfg: ModelConfig, dim: int | None = None) -> np.ndarray | None:
+  """Scaled inverse frequencies (dim/2,) for `cfg.rope_scaling` (float64 math, as transformers' rope init);
+  None for unscaled RoPE, which `rope` computes from theta itself. `dim` defaults to head_dim."""
   if cfg.rope_scaling == 'none':
     return None
-  half = cfg.head_dim // 2
+  half = (cfg.head_dim if dim is None else dim) // 2
   inv = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half)
   if cfg.rope_scaling == 'linear':
     return inv / cfg.rope_factor
@@ -182,6 +193,20 @@ def attention_mask(segment_ids: Array, causal: bool, key_segment_ids: Array | No
   return mask[:, None]
 
 
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """`jax.nn.dot_product_attention` scaled by 1/sqrt(q's head dim), also when v's head dim differs from k's
+  (MLA), which jax's function refuses: then plain einsums with a float32 softmax, masked the same way."""
+  if k.shape[-1] == v.shape[-1]:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  qg = q.reshape(b, t, k.shape[2], groups, h)
+  scores = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+  scores = jnp.where(mask[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)  # as jax's masking
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, v.shape[-1])
+
+
 def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, block: int,
               window: int = 0) -> Array:
   """Masked attention through `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU).
@@ -193,14 +218,34 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, bl
   """
   t = q.shape[1]
   if not causal or block <= 0 or block >= t:
-    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, causal, window=window))
+    return dot_product_attention(q, k, v, attention_mask(segment_ids, causal, window=window))
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
     first = max(0, start - window + 1) if window else 0
     mask = attention_mask(segment_ids[:, start:end], causal, segment_ids[:, first:end], start, window, first)
-    outs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask=mask))
+    outs.append(dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask))
   return jnp.concatenate(outs, axis=1)
+
+
+def write_cache(cache: dict[str, Array], new: dict[str, Array], index: Array) -> dict[str, Array]:
+  """`cache` (one layer: each entry (B,S,...)) with the entries of t new tokens (B,t,...) written at rows
+  [index, index+t)."""
+  return {name: jax.lax.dynamic_update_slice(c, new[name].astype(c.dtype), (0, index) + (0,) * (c.ndim - 2))
+          for name, c in cache.items()}
+
+
+def cached_attention(q: Array, k: Array, v: Array, index: Array, cfg: ModelConfig) -> Array:
+  """Attention of t queries at cache rows [index, index+t) over the whole cache k (B,S,K,Hk), v (B,S,K,Hv).
+
+  The mask is `attention_mask`'s: rows not written yet are padding (segment 0) to the queries (segment 1),
+  and causality and the sliding window compare cache rows, so rows must hold the tokens in order.
+  """
+  b, t = q.shape[:2]
+  written = (jnp.arange(k.shape[1]) < index + t).astype(jnp.int32)
+  mask = attention_mask(jnp.ones((b, t), jnp.int32), cfg.causal, jnp.broadcast_to(written, (b, k.shape[1])),
+                        query_offset=index, window=cfg.sliding_window)
+  return dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
 
 
 class Attention(nnx.Module):
@@ -224,7 +269,12 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg, rngs)
       self.k_norm = RMSNorm(h, cfg, rngs)
 
-  def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+  @staticmethod
+  def cache_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per-token shapes of what decoding caches: the rotated keys and the values."""
+    return {'k': (cfg.num_kv_heads, cfg.head_dim), 'v': (cfg.num_kv_heads, cfg.head_dim)}
+
+  def _qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
     cfg, dt = self.cfg, x.dtype
     q = project('btd,dnh->btnh', x, self.q.get_value())
     k = project('btd,dkh->btkh', x, self.k.get_value())
@@ -236,12 +286,37 @@ class Attention(nnx.Module):
     if cfg.positions == 'rope':
       freqs = rope_frequencies(cfg)
       q, k = rope(q, positions, cfg.rope_theta, freqs), rope(k, positions, cfg.rope_theta, freqs)
+    return q, k, v
+
+  def _out(self, out: Array) -> Array:
+    out = project('btnh,nhd->btd', out, self.o.get_value())
+    if self.cfg.attn_out_bias:
+      out = out + self.o_bias[...].astype(out.dtype)
+    return out
+
+  def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+    cfg = self.cfg
+    q, k, v = self._qkv(x, positions)
     # dot_product_attention handles K < N (GQA) itself.
     out = attention(q, k, v, segment_ids, cfg.causal, cfg.attention_block, cfg.sliding_window)  # (B,T,N,H)
-    out = project('btnh,nhd->btd', out, self.o.get_value())
-    if cfg.attn_out_bias:
-      out = out + self.o_bias[...].astype(dt)
-    return out
+    return self._out(out)
+
+  def decode(self, x: Array, positions: Array, cache: dict[str, Array], index: Array
+             ) -> tuple[Array, dict[str, Array]]:
+    """x (B,t,D) of new tokens at cache rows [index, index+t) -> (output (B,t,D), updated cache)."""
+    q, k, v = self._qkv(x, positions)
+    cache = write_cache(cache, {'k': k, 'v': v}, index)
+    return self._out(cached_attention(q, cache['k'], cache['v'], index, self.cfg)), cache
+
+
+def attention_class(cfg: ModelConfig) -> type[nnx.Module]:
+  """`Attention` or `mla.MLA`, as `cfg.attention` says."""
+  if cfg.attention == 'mla':
+    from jaxtrain.models import mla  # imported here: mla builds on this module's helpers
+    return mla.MLA
+  if cfg.attention != 'gqa':
+    raise ValueError(f"ModelConfig.attention={cfg.attention!r}: must be 'gqa' or 'mla'")
+  return Attention
 
 
 class Mlp(nnx.Module):
@@ -274,25 +349,100 @@ class Mlp(nnx.Module):
     return out + self.down_bias[...].astype(x.dtype) if cfg.mlp_bias else out
 
 
+class Gain(nnx.Param):
+  """A learnable scalar (residual gain) that names its stacking axis itself: `nnx.vmap` extends only a
+  non-empty out_sharding, so a stacked scalar's () would otherwise describe an (L,) array."""
+
+  def add_axis(self, axis_index: int, axis_name: str | None) -> None:
+    if not self.get_metadata().get('out_sharding'):
+      self.set_metadata(out_sharding=(axis_name,))
+    super().add_axis(axis_index, axis_name)
+
+
 class Block(nnx.Module):
-  """Pre-norm transformer block."""
+  """Pre-norm transformer block; with `residual_gain` > 0 each branch is scaled by a learnable scalar."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.attn_norm = make_norm(cfg.d_model, cfg, rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = attention_class(cfg)(cfg, rngs)
     self.mlp_norm = make_norm(cfg.d_model, cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
+    if cfg.residual_gain > 0:  # off adds nothing, so the parameter tree stays that of a plain block
+      gain = jnp.full((), cfg.residual_gain, jnp.dtype(cfg.param_dtype))
+      self.attn_gain = Gain(gain, out_sharding=(), eager_sharding=False)
+      self.mlp_gain = Gain(gain, out_sharding=(), eager_sharding=False)
+
+  def _add(self, x: Array, branch: Array, gain: str) -> Array:
+    if hasattr(self, gain):
+      branch = getattr(self, gain)[...].astype(branch.dtype) * branch
+    return x + branch
+
+  def _mlp(self, x: Array) -> Array:
+    x = self._add(x, self.mlp(self.mlp_norm(x)), 'mlp_gain')
+    return sharding.constrain(x, ('batch', 'seq', 'act_embed'))
 
   def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
-    x = x + self.attn(self.attn_norm(x), segment_ids, positions)
-    x = x + self.mlp(self.mlp_norm(x))
-    return sharding.constrain(x, ('batch', 'seq', 'act_embed'))
+    return self._mlp(self._add(x, self.attn(self.attn_norm(x), segment_ids, positions), 'attn_gain'))
+
+  def decode(self, x: Array, positions: Array, cache: dict[str, Array], index: Array
+             ) -> tuple[Array, dict[str, Array]]:
+    """The block on new tokens x (B,t,D) at cache rows [index, index+t) of this layer's cache."""
+    out, cache = self.attn.decode(self.attn_norm(x), positions, cache, index)
+    return self._mlp(self._add(x, out, 'attn_gain')), cache
+
+
+def init_cache(cfg: ModelConfig, num_layers: int, batch: int, max_len: int, dtype: Any = jnp.float32
+               ) -> dict[str, Array]:
+  """Zeroed KV cache for `num_layers` stacked blocks: {name: (L,B,max_len,...)}; GQA caches k and v,
+  MLA its latent and shared rotary key (`cache_shapes` of the attention class)."""
+  shapes = attention_class(cfg).cache_shapes(cfg)
+  return {name: jnp.zeros((num_layers, batch, max_len, *shape), dtype) for name, shape in shapes.items()}
 
 
 _REMAT_POLICIES: dict[str, Any] = {
     'full': None,  # save nothing: recompute the whole block in the backward pass.
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def _num_layers(stacked: Any) -> int:
+  return jax.tree.leaves(stacked)[0].shape[0]
+
+
+def run_blocks(blocks: Block, x: Array, segment_ids: Array, positions: Array, cfg: ModelConfig) -> Array:
+  """x (B,T,D) through stacked blocks (the `nnx.vmap`-built module, parameters with a leading layers axis),
+  scanned or unrolled per `cfg.scan_layers`, each block rematerialised per `cfg.remat`."""
+  graphdef, stacked = nnx.split(blocks)
+
+  def layer(x: Array, params: Any) -> tuple[Array, None]:
+    return nnx.merge(graphdef, params)(x, segment_ids, positions), None
+
+  if cfg.remat != 'none':
+    layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+  if cfg.scan_layers:
+    x, _ = jax.lax.scan(layer, x, stacked)
+  else:
+    for i in range(_num_layers(stacked)):
+      x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
+  return x
+
+
+def decode_blocks(blocks: Block, x: Array, positions: Array, cache: dict[str, Array], index: Array,
+                  cfg: ModelConfig) -> tuple[Array, dict[str, Array]]:
+  """New tokens x (B,t,D) at cache rows [index, index+t) through stacked blocks, each with its slice of
+  `cache` (leading layers axis, from `init_cache`); returns the output and the updated cache."""
+  graphdef, stacked = nnx.split(blocks)
+
+  def layer(x: Array, params_cache: Any) -> tuple[Array, dict[str, Array]]:
+    params, layer_cache = params_cache
+    return nnx.merge(graphdef, params).decode(x, positions, layer_cache, index)
+
+  if cfg.scan_layers:
+    return jax.lax.scan(layer, x, (stacked, cache))
+  for i in range(_num_layers(stacked)):
+    x, layer_cache = layer(x, jax.tree.map(lambda p, i=i: p[i], (stacked, cache)))
+    cache = jax.tree.map(lambda c, new, i=i: c.at[i].set(new), cache, layer_cache)
+  return x, cache
 
 
 class Transformer(nnx.Module):
@@ -314,7 +464,7 @@ class Transformer(nnx.Module):
     if cfg.positions == 'learned':  # drawn last so the other parameters match a rope model of the same seed
       self.pos_embed = _param(rngs, (cfg.max_positions, cfg.d_model), ('positions', 'embed'), cfg)
 
-  def __call__(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
+  def _embed(self, tokens: Array, positions: Array) -> Array:
     cfg = self.cfg
     dt = jnp.dtype(cfg.compute_dtype)
     # Gather the (fsdp/tensor-sharded) table whole before the lookup: a gather from a sharded table with a
@@ -323,22 +473,26 @@ class Transformer(nnx.Module):
     x = table[tokens]  # (B,T,D)
     if cfg.positions == 'learned':
       x = x + sharding.constrain(self.pos_embed[...].astype(dt), (None, None))[positions]
-    x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
-    graphdef, stacked = nnx.split(self.blocks)
+    return sharding.constrain(x, ('batch', 'seq', 'act_embed'))
 
-    def layer(x: Array, params: Any) -> tuple[Array, None]:
-      return nnx.merge(graphdef, params)(x, segment_ids, positions), None
-
-    if cfg.remat != 'none':
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-    if cfg.scan_layers:
-      x, _ = jax.lax.scan(layer, x, stacked)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked))
+  def _logits(self, x: Array) -> Array:
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum('btd,vd->btv', x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum('btd,vd->btv', x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
     else:
       logits = project('btd,dv->btv', x, self.lm_head.get_value(), jnp.float32)
     return sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
+
+  def __call__(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
+    x = run_blocks(self.blocks, self._embed(tokens, positions), segment_ids, positions, self.cfg)
+    return self._logits(x)
+
+  def decode(self, tokens: Array, positions: Array, cache: dict[str, Array], index: Array
+             ) -> tuple[Array, dict[str, Array]]:
+    """Float32 logits (B,t,V) of t new tokens written at cache rows [index, index+t), and the new cache.
+
+    Prefill with the prompt (t = its length, index 0), then step one token at a time; `index` may be traced,
+    so one compiled step serves every position.
+    """
+    x, cache = decode_blocks(self.blocks, self._embed(tokens, positions), positions, cache, index, self.cfg)
+    return self._logits(x), cache

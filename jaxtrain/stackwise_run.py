@@ -1,0 +1,195 @@
+"""The StackWise job: `python -m jaxtrain.main --config=configs/stackwise.py` (see `jaxtrain.stackwise`).
+
+Runs the planned stages one after another, each through `train.fit` in WORKDIR/stages/<k>/ (so a stage
+resumes mid-way like any run), merges what the stage trained into the rack, saves the rack per stack in
+WORKDIR/rack/ (only stacks whose contents changed are written), then prints a per-stage summary, the
+evaluation of the final rack and a few samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxtrain import data, objectives, optim, sampling, sharding, stackwise, train
+from jaxtrain.config import check_vocab
+from jaxtrain.models import rack
+from jaxtrain.stack_checkpoint import StackCheckpointer
+
+KEEP_KEYS = ('doc_ids', 'doc_chunks')  # masks are keyed by sample id
+
+
+def parts_of(host_rack: dict, stacks: list[int]) -> dict[str, Any]:
+  """The rack as named parts for the per-stack checkpoint: 'shared.<name>' for each shared parameter group
+  (a frozen embedding is then not rewritten with a trained head) and 'stack<i>' for the trained stacks."""
+  parts = {f'shared.{k}': v for k, v in host_rack['shared'].items()}
+  parts.update({f'stack{i}': host_rack['stacks'][str(i)] for i in stacks})
+  return parts
+
+
+def restore_rack(store: StackCheckpointer, stage: int, rd: rack.RackDef, host_rack: dict) -> tuple[dict, list[int]]:
+  """The rack saved after `stage` (stacks not yet trained keep their initial values) and its trained stacks."""
+  names = list(store.manifest(stage)['parts'])
+  abstract = {n: (rd.shared_shapes[n[len('shared.'):]] if n.startswith('shared.') else rd.stack_shapes)
+              for n in names}
+  parts = stackwise.host(store.restore(stage, abstract))
+  out = {'shared': {n[len('shared.'):]: v for n, v in parts.items() if n.startswith('shared.')},
+         'stacks': dict(host_rack['stacks'])}
+  trained = sorted(int(n[len('stack'):]) for n in names if n.startswith('stack'))
+  for i in trained:
+    out['stacks'][str(i)] = parts[f'stack{i}']
+  return out, trained
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the rack stage by stage in `workdir`, resuming after the last saved stage (and inside the
+  current stage from its own checkpoints). Returns {'stages': [per-stage records], 'eval', 'samples'}."""
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = data.load_tokenizer(config.data)
+  check_vocab(config, tokenizer.vocab_size)
+  rd, obj = stackwise.rack_setup(config, tokenizer.vocab_size)
+  stages = stackwise.plan(config)
+  schedule = stackwise.depth_schedule(config)
+  train.write_config(config, workdir)
+  primary = jax.process_index() == 0
+  store = StackCheckpointer(os.path.join(workdir, 'rack'))
+  host_rack = stackwise.initial_rack(rd, config.train.seed)
+  trained: list[int] = []
+  last = store.latest()
+  if last is not None:
+    host_rack, trained = restore_rack(store, last, rd, host_rack)
+  records: list[dict] = []
+  for stage in stages:
+    if last is not None and stage.index <= last:
+      meta = store.manifest(stage.index).get('meta') or {}
+      records.append(dict(meta, resumed=True))
+      continue
+    if stage.index > 0:
+      new = str(stage.new[0])
+      if config.stackwise.new_stack_init == 'copy':
+        neighbour = stage.new[0] + (-1 if config.stackwise.direction == 'append' else 1)
+        host_rack['stacks'][new] = host_rack['stacks'][str(neighbour)]
+      elif config.stackwise.new_stack_init == 'identity':
+        host_rack['stacks'][new] = stackwise.identity_init(host_rack['stacks'][new])
+    start = time.perf_counter()
+    tx, lr_schedule = optim.make_optimizer(config.optim, stage.steps)
+    with jax.set_mesh(mesh):
+      built = stackwise.build_stage(config, rd, stage, host_rack, tx, mesh)
+      loss_fn = stackwise.make_loss_fn(config, rd, obj, stage, schedule)
+      train_step, eval_step = train.jit_steps(config, built, tx, lr_schedule, mesh, loss_fn)
+      train_flops, eval_flops = stage_flops(config, rd, stage)
+      job = train.Job(built, train_step, eval_step, stage.steps, config.train.seed + stage.index, train_flops,
+                      eval_flops, KEEP_KEYS, stage.name)
+      summary = train.fit(config, job, os.path.join(workdir, 'stages', str(stage.index)), mesh, tokenizer)
+      if summary['stopped']:
+        reason, where = summary['stopped']
+        if primary:
+          print(f'stopped by {reason} in {stage.name}: checkpoint {where}; run the same command to resume',
+                flush=True)
+        return {'stages': records, 'eval': None, 'samples': [], 'stopped': summary['stopped']}
+      state = summary['state']
+      host_rack, changed = stackwise.merge_stage(config, stage, host_rack, state['params'])
+    trained = sorted(set(trained) | set(stage.order))
+    losses = summary['losses']
+    record = {'stage': stage.index, 'stacks': list(stage.order), 'new': list(stage.new), 'steps': stage.steps,
+              'ratio': stage.ratio, 'trained_params': rack.count(built.abstract['params']),
+              'loss_first': losses[min(losses)] if losses else None,
+              'loss_last': losses[max(losses)] if losses else None,
+              'eval_loss': summary['eval']['eval_loss'], 'seconds': round(time.perf_counter() - start, 1),
+              'changed': changed}
+    report = store.save(stage.index, parts_of(host_rack, trained), meta=record)
+    record['bytes_written'] = report.bytes_written
+    record['parts_written'] = list(report.written)
+    records.append(record)
+    del state, summary  # the stage's device arrays go before the next stage builds its own
+  result = {'stages': records, 'eval': records[-1]['eval_loss'] if records else None, 'stopped': None}
+  result['samples'] = samples(config, rd, obj, stages[-1], host_rack, tokenizer, schedule) if primary else []
+  if primary:
+    print(stage_table(records, obj), flush=True)
+    for prompt, text in result['samples']:
+      print(f'sample {prompt!r} -> {text!r}', flush=True)
+    final = stages[-1]
+    what = 'ELBO bound' if obj.kind == 'diffusion' else 'loss'
+    print(f'stackwise: {len(stages)} stages, rack stacks {list(final.order)}; final eval {what} '
+          f'{result["eval"]:.4f} nats/token (ppl {"<= " if obj.kind == "diffusion" else ""}'
+          f'{math.exp(min(result["eval"], 50)):.2f}); rack saved in {store.directory}/stage_{final.index}.json',
+          flush=True)
+  return result
+
+
+def stage_flops(config: ml_collections.ConfigDict, rd: rack.RackDef, stage: stackwise.Stage) -> tuple[float, float]:
+  keys = tuple(rd.shared_shapes)
+  trains = stackwise.trained_shared(config, stage, keys)
+  head_trains = any(k in trains for k in ('lm_head', 'final_norm')) or (
+      config.model.tie_embeddings and 'embed' in trains)
+  input_trains = 'embed' in trains and not stackwise.stops_after_prefix(config, stage) or stage.trunk_ranks
+  first = -1 if input_trains else stage.order.index(stage.new[0])
+  return stackwise.stage_flops(rd.rc.block, config.data.seq_len, stage, head_trains, first)
+
+
+def stage_table(records: list[dict], obj: objectives.Objective) -> str:
+  """A fixed-width per-stage summary."""
+  what = {'diffusion': 'ELBO', 'mlm': 'masked CE', 'clm': 'CE'}[obj.kind]
+  lines = [f'{"stage":>5} {"stacks":<14} {"new":<6} {"ratio":>5} {"trained":>9} {"steps":>5} '
+           f'{"loss first->last (" + what + ")":>26} {"eval":>7} {"sec":>6} {"written":>9}']
+  for r in records:
+    ratio = '-' if r.get('ratio') is None else f'{r["ratio"]:.2f}'
+    written = f'{r.get("bytes_written", 0) / 2**20:.1f}MiB' if 'bytes_written' in r else '(saved)'
+    first, last = r.get('loss_first'), r.get('loss_last')
+    losses = f'{first:.3f} -> {last:.3f}' if first is not None else '-'
+    lines.append(f'{r["stage"]:>5} {str(r["stacks"]):<14} {str(r["new"]):<6} {ratio:>5} '
+                 f'{r["trained_params"] / 1e6:>8.3f}M {r["steps"]:>5} {losses:>26} {r["eval_loss"]:>7.3f} '
+                 f'{r["seconds"]:>6.1f} {written:>9}')
+  return '\n'.join(lines)
+
+
+def samples(config: ml_collections.ConfigDict, rd: rack.RackDef, obj: objectives.Objective,
+            stage: stackwise.Stage, host_rack: dict, tokenizer: data.Tokenizer,
+            schedule: tuple[float, ...] | None) -> list[tuple[str, str]]:
+  """(prompt, continuation) for each `sample.prompts`: iterative unmasking (diffusion, MLM), one pass through
+  the depth (time-as-depth), or autoregressive decoding with a KV cache (CLM). Parameters are arguments of
+  the jitted samplers, not constants baked into them."""
+  s = config.sample
+  order = stage.order
+  params = jax.tree.map(jnp.asarray, {'shared': host_rack['shared'],
+                                      'stacks': {str(i): host_rack['stacks'][str(i)] for i in order}})
+  options = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+  @jax.jit
+  def causal(params: dict, prompt: jax.Array, rng: jax.Array) -> jax.Array:
+    cache = rack.init_cache(rd, order, prompt.shape[0], prompt.shape[1] + s.max_tokens)
+
+    def decode_fn(tokens, positions, cache, index):
+      return rack.decode(rd, params, order, tokens, positions, cache, index)
+    return sampling.generate(decode_fn, cache, prompt, s.max_tokens, rng, **options)
+
+  @jax.jit
+  def masked(params: dict, start: jax.Array, rng: jax.Array) -> jax.Array:
+    seg = jnp.ones(start.shape, jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(start.shape[1], dtype=jnp.int32), start.shape)
+
+    def logits_fn(tokens, t):
+      tt = jnp.broadcast_to(jnp.reshape(t, (-1, 1)), tokens.shape).astype(jnp.float32) if obj.time_input else None
+      return rack.forward(rd, params, {'segment_ids': seg, 'positions': pos}, order, tt, tokens)
+    if schedule is not None:  # time-as-depth: one pass through the depth runs the reverse process
+      return sampling.single_pass(logits_fn, start, obj.mask_id, rng, temperature=s.temperature)
+    return sampling.unmask(logits_fn, start, obj.mask_id, s.steps, rng, schedule=s.schedule,
+                           temperature=s.temperature)
+
+  out = []
+  for k, prompt in enumerate(s.prompts):
+    ids = tokenizer.encode(prompt)[:max(config.data.seq_len - s.max_tokens, 1)]
+    rng = jax.random.PRNGKey(config.train.seed + k)
+    if obj.kind == 'clm':
+      tokens = causal(params, jnp.asarray([ids], jnp.int32), rng)
+    else:
+      tokens = masked(params, jnp.asarray([ids + [obj.mask_id] * s.max_tokens], jnp.int32), rng)
+    out.append((prompt, tokenizer.decode(np.asarray(tokens)[0, len(ids):])))
+  return out
