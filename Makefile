@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/llama.py
+CONFIG ?= configs/stackwise.py
 ARGS ?=
 
 .PHONY: run test lint bench clean
@@ -22,7 +22,7 @@ run: $(VENV)/.installed
 	$(PY) -m jaxtrain.main --config=$(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check jaxtrain tests configs benchmarks

@@ -268,6 +268,22 @@ def report(config: ml_collections.ConfigDict) -> list[str]:
             f'  total           {_gib(mem.total)}',
             f'FLOPs (training, metrics.flops_per_token): {_flops(flops)} per token, '
             f'{_flops(flops * tokens_step)} per step of {tokens_step:,d} tokens']
+  if config.stackwise.num_stacks:
+    lines += stackwise_lines(config, tokenizer.vocab_size)
+  return lines
+
+
+def stackwise_lines(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> list[str]:
+  """The stage plan of a StackWise config: the model above is the rack trained end to end; each stage trains
+  only its new stack (plus shared parameters / adapters), so its memory is far below that figure."""
+  from jaxtrain import stackwise  # only StackWise configs pay for it
+  rd, obj = stackwise.rack_setup(config, tokenizer_vocab)
+  lines = [f'stackwise: {config.stackwise.num_stacks} stacks of {rd.rc.blocks_per_stack} block(s), objective '
+           f'{obj.kind}, direction {config.stackwise.direction}, trunk {config.stackwise.trunk}; the figures above '
+           'are for training the whole rack at once']
+  for st in stackwise.plan(config):
+    ratio = f', mask ratio {st.ratio:g}' if st.ratio is not None else ''
+    lines.append(f'  stage {st.index}: stacks {list(st.order)}, new {list(st.new)}, {st.steps} steps{ratio}')
   return lines
 
 

@@ -53,7 +53,8 @@ NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'model.m
                 'model.mla_rope_dim', 'model.mla_v_dim',
                 'data.max_files', 'data.prefetch', 'data.shuffle_window',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
-                'train.eval_every', 'train.max_bad_steps', 'checkpoint.every', 'distributed.num_processes',
+                'train.eval_every', 'train.max_bad_steps', 'log.peak_flops', 'checkpoint.every',
+                'distributed.num_processes',
                 'lora.rank')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2', 'lora.dropout')  # [0, 1)
 UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction')  # [0, 1]

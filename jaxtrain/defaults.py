@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   g.wandb_project = 'jaxtrain'
   g.progress = True
   g.plot = True
+  g.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: the table for known accelerators, else a CPU matmul probe.
 
   # What the model learns. The plain decoder job trains clm; StackWise racks take any of the three.
   c.objective = b = ml_collections.ConfigDict()

@@ -87,6 +87,10 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
   """Exports checkpoint `step` (default: newest) of `workdir` to `out`; returns a one-line summary.
   Raises ExportError (and hf.HfError) for user mistakes."""
   config = load_run_config(workdir)
+  if config.stackwise.num_stacks:
+    raise ExportError(f'--workdir={workdir} is a StackWise run (saved per stack in {workdir}/rack); exporting '
+                      'racks is not supported yet: the per-stack checkpoint there restores with '
+                      'jaxtrain.stack_checkpoint.StackCheckpointer')
   steps = checkpoint_steps(workdir)
   if not steps:
     raise ExportError(f'--workdir={workdir} holds no complete checkpoint in {workdir}/checkpoints; train first')

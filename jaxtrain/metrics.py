@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -124,8 +125,16 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def device_peak_flops() -> tuple[float, str]:
-  """(peak FLOP/s per device, where it came from): the table for known accelerators, else a matmul probe."""
+def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s per device, where it came from): `override` when > 0 (config.log.peak_flops), the table for
+  known accelerators, else a matmul probe (run once per process: later runs and stages reuse it)."""
+  if override > 0:
+    return override, 'config.log.peak_flops'
+  return _detected_peak()
+
+
+@functools.cache
+def _detected_peak() -> tuple[float, str]:
   kind = jax.devices()[0].device_kind
   for name, peak in PEAK_FLOPS.items():
     if name.lower() in kind.lower():

@@ -169,13 +169,15 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
 def trained_shared(config: ml_collections.ConfigDict, stage: Stage, shared_keys: Sequence[str]) -> tuple[str, ...]:
   """Which shared parameters the stage trains: all in the first stage (and joint); then the head side when
   appending onto a frozen trunk, everything when a LoRA trunk passes gradients to the input, and the
-  input side (never the anchor head) when prepending."""
+  input side (never the anchor head) when prepending. A tied embedding is both input and head: once a
+  frozen trunk depends on it, it stays frozen (training it as the head would change the trunk's input),
+  which is why the StackWise configs untie the head."""
   w = config.stackwise
   tied = config.model.tie_embeddings
   if w.direction == 'joint' or stage.index == 0:
     keys = set(shared_keys)
   elif w.direction == 'append':
-    keys = set(shared_keys) if w.trunk != 'frozen' else set(OUTPUT_SIDE) | ({'embed'} if tied else set())
+    keys = set(shared_keys) if w.trunk != 'frozen' else set(OUTPUT_SIDE)
   else:
     keys = set(INPUT_SIDE) | (set() if tied else {'embed'})
   return tuple(k for k in shared_keys if k in keys)
@@ -452,6 +454,14 @@ def host(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def initial_rack(rd: rack.RackDef, seed: int) -> dict:
-  """The freshly initialised rack as host arrays."""
-  return host(jax.jit(rack.init_params, static_argnums=0)(rd.rc, jax.random.PRNGKey(seed)))
+def initial_rack(rd: rack.RackDef, seed: int, tokenizer_vocab: int | None = None) -> dict:
+  """The freshly initialised rack as host arrays. With `tokenizer_vocab`, the rows past the tokenizer's ids
+  (MASK and the padding up to a multiple of 128) start as the mean token embedding (`rack.resize_vocab`)."""
+  params = host(jax.jit(rack.init_params, static_argnums=0)(rd.rc, jax.random.PRNGKey(seed)))
+  vocab = rd.rc.block.vocab_size
+  if tokenizer_vocab is not None and tokenizer_vocab < vocab:
+    shared = dict(params['shared'], embed=params['shared']['embed'][:tokenizer_vocab])
+    if 'lm_head' in shared:
+      shared['lm_head'] = shared['lm_head'][:, :tokenizer_vocab]
+    params['shared'] = host(rack.resize_vocab(shared, vocab))
+  return params

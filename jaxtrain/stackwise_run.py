@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train.write_config(config, workdir)
   primary = jax.process_index() == 0
   store = StackCheckpointer(os.path.join(workdir, 'rack'))
-  host_rack = stackwise.initial_rack(rd, config.train.seed)
+  host_rack = stackwise.initial_rack(rd, config.train.seed, tokenizer.vocab_size)
   trained: list[int] = []
   last = store.latest()
   if last is not None:
@@ -102,7 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               'ratio': stage.ratio, 'trained_params': rack.count(built.abstract['params']),
               'loss_first': losses[min(losses)] if losses else None,
               'loss_last': losses[max(losses)] if losses else None,
-              'eval_loss': summary['eval']['eval_loss'], 'seconds': round(time.perf_counter() - start, 1),
+              'eval_loss': summary['eval']['eval_loss'], 'eval_masked_ce': masked_ce(summary['eval']),
+              'seconds': round(time.perf_counter() - start, 1),
               'changed': changed}
     report = store.save(stage.index, parts_of(host_rack, trained), meta=record)
     record['bytes_written'] = report.bytes_written
@@ -134,11 +135,19 @@ def stage_flops(config: ml_collections.ConfigDict, rd: rack.RackDef, stage: stac
   return stackwise.stage_flops(rd.rc.block, config.data.seq_len, stage, head_trains, first)
 
 
+def masked_ce(ev: dict) -> float | None:
+  """Mean cross-entropy over the masked tokens of an evaluation (masked objectives): unweighted, so it varies
+  far less between evaluations than the 1/t-weighted ELBO, which a few lightly masked samples dominate."""
+  if 'eval_masked' not in ev or not ev['eval_masked']:
+    return None
+  return ev['eval_masked_ce'] / ev['eval_masked']
+
+
 def stage_table(records: list[dict], obj: objectives.Objective) -> str:
   """A fixed-width per-stage summary."""
   what = {'diffusion': 'ELBO', 'mlm': 'masked CE', 'clm': 'CE'}[obj.kind]
   lines = [f'{"stage":>5} {"stacks":<14} {"new":<6} {"ratio":>5} {"trained":>9} {"steps":>5} '
-           f'{"loss first->last (" + what + ")":>26} {"eval":>7} {"sec":>6} {"written":>9}']
+           f'{"loss first->last (" + what + ")":>26} {"eval":>7} {"eval mCE":>8} {"sec":>6} {"written":>9}']
   for r in records:
     ratio = '-' if r.get('ratio') is None else f'{r["ratio"]:.2f}'
     written = f'{r.get("bytes_written", 0) / 2**20:.1f}MiB' if 'bytes_written' in r else '(saved)'
@@ -146,6 +155,7 @@ def stage_table(records: list[dict], obj: objectives.Objective) -> str:
     losses = f'{first:.3f} -> {last:.3f}' if first is not None else '-'
     lines.append(f'{r["stage"]:>5} {str(r["stacks"]):<14} {str(r["new"]):<6} {ratio:>5} '
                  f'{r["trained_params"] / 1e6:>8.3f}M {r["steps"]:>5} {losses:>26} {r["eval_loss"]:>7.3f} '
+                 f'{_maybe(r.get("eval_masked_ce")):>8} '
                  f'{r["seconds"]:>6.1f} {written:>9}')
   return '\n'.join(lines)
 
@@ -193,3 +203,7 @@ def samples(config: ml_collections.ConfigDict, rd: rack.RackDef, obj: objectives
       tokens = masked(params, jnp.asarray([ids + [obj.mask_id] * s.max_tokens], jnp.int32), rng)
     out.append((prompt, tokenizer.decode(np.asarray(tokens)[0, len(ids):])))
   return out
+
+
+def _maybe(x: float | None) -> str:
+  return '-' if x is None else f'{x:.3f}'

@@ -48,18 +48,22 @@ def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule
 def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss and perplexity over the first `train.eval_batches` batches of the held-out split (same packing
-  as training; the same batches every time)."""
+  as training; the same batches every time), plus eval_X for every further sum `X_sum` the loss reports."""
   ds = data.make_dataset(config.data, tokenizer, split='eval', seed=config.train.seed,
                          batch_size=config.data.batch_size // jax.process_count(),
                          process_index=jax.process_index(), process_count=jax.process_count())
   it = iter(ds)
-  loss_sum, tokens = 0.0, 0.0
+  totals: dict[str, float] = {}
   for _ in range(config.train.eval_batches):
     sums = jax.device_get(eval_step(state, sharding.to_global(next(it), mesh)))
-    loss_sum += float(sums['loss_sum'])
-    tokens += float(sums['tokens'])
-  loss = loss_sum / max(tokens, 1.0)
-  return {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50.0)), 'eval_tokens': tokens}
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  tokens = totals['tokens']
+  loss = totals['loss_sum'] / max(tokens, 1.0)
+  out = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50.0)), 'eval_tokens': tokens}
+  out.update({f'eval_{k[:-len("_sum")]}': v / max(tokens, 1.0) for k, v in totals.items()
+              if k.endswith('_sum') and k not in ('loss_sum', 'z_loss_sum')})
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +138,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_token = job.flops_per_token
   eval_flops = job.eval_flops_per_token * tokens_per_step * config.train.eval_batches  # padding included
-  peak, peak_source = metrics.device_peak_flops()
+  peak, peak_source = metrics.device_peak_flops(config.log.peak_flops)
   logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
   logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {built.description}, {jax.device_count()} '
                f'devices, mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} '

@@ -106,7 +106,8 @@ def test_append_stage_trains_new_stack_and_head_only():
     rd, obj, stage, tx, host, built, loss_fn = stage_setup(c, 2, mesh)
     assert stage.new == (2,) and stage.trunk == (0, 1)
     assert set(built.abstract['params']) == {'shared', 'stack'}
-    assert set(built.abstract['params']['shared']) == {'final_norm', 'embed'}  # tied: the head side
+    # Tied (the tiny config): only the final norm; the embedding is the frozen trunk's input too.
+    assert set(built.abstract['params']['shared']) == {'final_norm'}
     assert set(built.abstract['params']['stack']) == {'2'}
     state, history = run_steps(built, loss_fn, tx, mesh)
     assert all(np.isfinite(h['loss']) for h in history)
@@ -116,7 +117,11 @@ def test_append_stage_trains_new_stack_and_head_only():
   for i in ('0', '1'):  # the trunk is bitwise what it was
     jax.tree.map(np.testing.assert_array_equal, merged['stacks'][i], host['stacks'][i])
   assert not np.array_equal(merged['stacks']['2']['blocks']['mlp']['up'], host['stacks']['2']['blocks']['mlp']['up'])
-  assert not np.array_equal(merged['shared']['embed'], host['shared']['embed'])
+  np.testing.assert_array_equal(merged['shared']['embed'], host['shared']['embed'])
+  untied = sw_config(model__tie_embeddings=False)
+  rd, _ = rack_setup(untied, TOKENIZER_VOCAB)
+  stage = stackwise.plan(untied)[1]
+  assert stackwise.trained_shared(untied, stage, tuple(rd.shared_shapes)) == ('final_norm', 'lm_head')
 
 
 def test_frozen_prefix_keeps_no_activations():
@@ -196,6 +201,17 @@ def test_prepend_consistency_and_depth_ratio():
   assert abs(history[0]['masked'] - 0.6) < 0.1  # the share of scored tokens masked
 
 
+def test_mask_token_starts_as_the_mean_embedding():
+  c = sw_config(model__tie_embeddings=False)
+  rd, obj = rack_setup(c, TOKENIZER_VOCAB)
+  assert obj.mask_id == TOKENIZER_VOCAB and rd.rc.block.vocab_size == 128
+  host = initial_rack(rd, 0, TOKENIZER_VOCAB)
+  embed, head = host['shared']['embed'], host['shared']['lm_head']
+  np.testing.assert_allclose(embed[obj.mask_id], embed[:TOKENIZER_VOCAB].mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(head[:, obj.mask_id], head[:, :TOKENIZER_VOCAB].mean(1), rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(embed[:TOKENIZER_VOCAB], initial_rack(rd, 0)['shared']['embed'][:TOKENIZER_VOCAB])
+
+
 def test_stage_flops():
   c = sw_config(stackwise__direction='joint')
   rd, _ = rack_setup(c, TOKENIZER_VOCAB)
@@ -209,24 +225,3 @@ def test_stage_flops():
   import dataclasses
   one = metrics.flops_per_token(dataclasses.replace(rd.rc.block, num_layers=1), 32, False)
   assert train_f == pytest.approx(eval_f + 2 * one)  # forward + input and weight grads of stack 2 and head
-
-
-def test_stage_job_through_train_fit(tmp_path):
-  """A stage is an ordinary train.Job: fit runs, checkpoints and resumes it."""
-  c = sw_config()
-  c.data.max_files = 8
-  mesh = sharding.make_mesh(c.mesh)
-  from jaxtrain import data, optim
-  tok = data.load_tokenizer(c.data)
-  rd, obj = rack_setup(c, tok.vocab_size)
-  stage = stackwise.plan(c)[1]
-  tx, schedule = optim.make_optimizer(c.optim, stage.steps)
-  with jax.set_mesh(mesh):
-    built = stackwise.build_stage(c, rd, stage, initial_rack(rd, 0), tx, mesh)
-    loss_fn = stackwise.make_loss_fn(c, rd, obj, stage, None)
-    ts, es = train.jit_steps(c, built, tx, schedule, mesh, loss_fn)
-    job = train.Job(built, ts, es, stage.steps, 1, 1e6, 1e6, ('doc_ids', 'doc_chunks'), 'stage 1')
-    out = train.fit(c, job, str(tmp_path / 's1'), mesh, tok)
-    again = train.fit(c, job, str(tmp_path / 's1'), mesh, tok)
-  assert len(out['losses']) == 2 and np.isfinite(out['eval']['eval_loss'])
-  assert again['losses'] == {} and again['eval'] == out['eval']
