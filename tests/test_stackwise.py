@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import config as config_lib, sharding, stackwise, steps, train
+from jaxtrain import config as config_lib, sharding, stackwise, steps
 from jaxtrain.stackwise import initial_rack, rack_setup
 from tests.helpers import packed_batch
 
