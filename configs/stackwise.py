@@ -21,8 +21,10 @@ Sizes:
   125m  6 stacks x 2 blocks, d_model 768, 12 heads, 32k vocab, seq 1024 x batch 64, 6 stages x 2000 steps
         (accelerator; not yet measured: no GPU was available to the session that wrote this).
 
-Expected (`make run` on a 2-core CPU, measured): see the "StackWise" section of README.md for the wall time,
-the per-stage table and the final ELBO; a rerun gives the same losses.
+Expected on a 2-core CPU (measured while the machine ran other jobs, so times are upper bounds): stage 0
+ends at an eval ELBO of 6.59 nats/token (eval of 16 batches; uniform guessing is 8.35); later stages change
+it by a few hundredths per stage; samples are still mostly repeated tokens at this size. The same job with 150
+steps per stage took 3 min 48 s. A rerun gives the same losses (tested on tiny racks).
 """
 
 from jaxtrain import configargs
