@@ -22,9 +22,9 @@ Sizes:
         (accelerator; not yet measured: no GPU was available to the session that wrote this).
 
 Expected on a 2-core CPU (measured while the machine ran other jobs, so times are upper bounds): stage 0
-ends at an eval ELBO of 6.59 nats/token (eval of 16 batches; uniform guessing is 8.35). In an earlier run
-(4 eval batches) stages 1 and 2 moved the eval ELBO by -0.01 and +0.19: on a frozen trunk, more stacks have
-not yet improved it at this scale. Samples are still mostly repeated tokens. The same job with 150
+ends at an eval ELBO of about 6.6 nats/token (16 eval batches; uniform guessing is 8.35). At this size the
+end-to-end baseline (`direction=joint`, same tokens) reaches a better ELBO (docs/benchmarks.md, "StackWise").
+Samples are still mostly repeated tokens. The same job with 150
 steps per stage took 3 min 48 s. A rerun gives the same losses (tested on tiny racks).
 """
 

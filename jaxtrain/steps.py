@@ -18,8 +18,10 @@ import optax
 from jaxtrain import sharding
 
 Batch = dict[str, jax.Array]
-# loss_fn(model_params, batch, rng) -> (objective sum to differentiate, {'tokens': count, other sums...})
-LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(model_params, batch, rng) -> (objective sum to differentiate, {'tokens': count, other sums...}).
+# rng is None in evaluation: anything random (e.g. diffusion times) must then be a function of the batch, so
+# every evaluation of every run and stage scores the same corruptions.
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
 ParamTransform = Callable[[Any, Any, jax.Array | None], Any]
 
 
@@ -128,7 +130,7 @@ def make_eval_step(loss_fn: LossFn, param_transform: ParamTransform | None = Non
 
   def eval_step(state: dict, batch: Batch) -> dict:
     params = transform(state['params'], state.get('frozen'), None)
-    _, sums = loss_fn(params, batch, state['rng'])
+    _, sums = loss_fn(params, batch, None)
     return sums
 
   return eval_step

@@ -23,7 +23,7 @@ __all__ = ['run', 'fit', 'Job', 'evaluate', 'make_loss_fn', 'state_factory', 'in
 
 def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
   """Next-token cross-entropy of the decoder (rng unused: the model has no dropout)."""
-  def loss_fn(params: Any, batch: steps.Batch, rng: jax.Array):
+  def loss_fn(params: Any, batch: steps.Batch, rng: jax.Array | None):
     del rng
     return losses.causal_lm_loss(models.apply(graphdef, params, batch), batch, z_loss)
   return loss_fn

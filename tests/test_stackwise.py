@@ -225,3 +225,17 @@ def test_stage_flops():
   import dataclasses
   one = metrics.flops_per_token(dataclasses.replace(rd.rc.block, num_layers=1), 32, False)
   assert train_f == pytest.approx(eval_f + 2 * one)  # forward + input and weight grads of stack 2 and head
+
+
+def test_evaluation_scores_the_same_corruptions_in_every_stage():
+  """Eval times and masks depend on the batch only, not on the stage's key: stages compare like with like."""
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c = sw_config()
+  with jax.set_mesh(mesh):
+    masked = []
+    for index in (0, 1):
+      _, _, _, _, _, built, loss_fn = stage_setup(c, index, mesh)
+      eval_step = jax.jit(steps.make_eval_step(loss_fn, built.transform))
+      sums = eval_step(built.create(), sharding.to_global(batch(seed=3), mesh))
+      masked.append(float(sums['masked_sum']))
+  assert masked[0] == masked[1] > 0
