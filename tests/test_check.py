@@ -25,11 +25,12 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-def run(module: str, *args: str) -> tuple[int, str, str, float, int]:
+def run(module: str, *args: str, env: dict | None = None) -> tuple[int, str, str, float, int]:
   """(exit status, stdout, stderr, seconds, peak RSS in bytes) of `python -m module args` in the repo."""
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, '-m', module, *args], cwd=REPO, stdout=out, stderr=err, text=True)
+    proc = subprocess.Popen([sys.executable, '-m', module, *args], cwd=REPO, stdout=out, stderr=err, text=True,
+                            env=env)
     _, status, usage = os.wait4(proc.pid, 0)  # the peak RSS of this child alone
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -66,12 +67,14 @@ def test_check_tiny_previews_tokens_counts_params_and_writes_nothing(tmp_path):
 
 
 def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
-  # A first run builds (or finds) the 32k tokenizer: training a BPE takes memory of its own, and whether an
-  # earlier test already cached it depends on the order tests run in (e.g. on xdist workers). The second run
-  # is the one measured.
-  run('jaxtrain.check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm')
+  # Own caches: late in a full xdist run the shared test caches made this process peak near 3 GiB, which it
+  # never does on its own. A first run builds the 32k tokenizer there (a BPE build has a footprint of its
+  # own); the second run is the one measured.
+  env = dict(os.environ, JAXTRAIN_CACHE=str(tmp_path / 'cache'),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache' / 'jax'))
+  run('jaxtrain.check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
   code, out, err, seconds, peak_rss = run('jaxtrain.check', '--config=configs/llama.py:size=1b',
-                                          f'--workdir={tmp_path}/run')
+                                          f'--workdir={tmp_path}/run', env=env)
   assert code == 0, err[-2000:]
   assert seconds < 60
   m = load_config('llama.py', 'size=1b').model
