@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -25,18 +24,28 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+# A child's ru_maxrss starts at its parent's RSS (exec keeps the high-water mark of the address space it
+# replaces), so a test worker that has grown to 3 GiB would pass that on. The child is started from this small
+# launcher instead, and the launcher reports the child's peak on its last stderr line.
+_LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+print(f'peak_rss_kib={usage.ru_maxrss}', file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run(module: str, *args: str, env: dict | None = None) -> tuple[int, str, str, float, int]:
   """(exit status, stdout, stderr, seconds, peak RSS in bytes) of `python -m module args` in the repo."""
-  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, '-m', module, *args], cwd=REPO, stdout=out, stderr=err, text=True,
-                            env=env)
-    _, status, usage = os.wait4(proc.pid, 0)  # the peak RSS of this child alone
-    seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out.seek(0)
-    err.seek(0)
-    return proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss * 1024
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, '-c', _LAUNCHER, sys.executable, '-m', module, *args], cwd=REPO,
+                        capture_output=True, text=True, env=env)
+  seconds = time.perf_counter() - start
+  err, _, last = proc.stderr.rstrip('\n').rpartition('\n')
+  peak = re.fullmatch(r'peak_rss_kib=(\d+)', last)
+  assert peak, f'the launcher did not report a peak: {proc.stderr[-2000:]}'
+  return proc.returncode, proc.stdout, err, seconds, int(peak.group(1)) * 1024
 
 
 def printed_param_count(stdout: str) -> int:
@@ -67,9 +76,8 @@ def test_check_tiny_previews_tokens_counts_params_and_writes_nothing(tmp_path):
 
 
 def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
-  # Own caches: late in a full xdist run the shared test caches made this process peak near 3 GiB, which it
-  # never does on its own. A first run builds the 32k tokenizer there (a BPE build has a footprint of its
-  # own); the second run is the one measured.
+  # A first run builds the 32k tokenizer in its own cache (a BPE build has a footprint of its own); the second
+  # run is the one measured.
   env = dict(os.environ, JAXTRAIN_CACHE=str(tmp_path / 'cache'),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache' / 'jax'))
   run('jaxtrain.check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
