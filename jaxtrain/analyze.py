@@ -515,19 +515,25 @@ def format_report(analysis: SourceAnalysis, *, skipped_reasons: Sequence[str] = 
 
 
 def analyze_config(config: Any, out: str) -> tuple[list[str], list[SourceAnalysis]]:
-  """Report lines and figures for the train and eval splits of `config`'s data section; writes PNGs and
+  """Report lines and figures for the train and eval splits of every configured source (`data.sources`, or
+  data.train alone), tokenized as training does (the prepare cache, chat templates); writes PNGs and
   analysis.json into `out`. Raises DataError on data that cannot be read."""
   from jaxtrain import data
-  from jaxtrain.data import prepare
+  from jaxtrain.data import pipeline, prepare
 
   tokenizer = data.load_tokenizer(config.data)
   lines = [f'tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}, EOS id {tokenizer.eos_id})']
   results = []
   for split in ('train', 'eval'):
-    docs, prepared = prepare.prepare_split(config.data, tokenizer, split, log=prepare.stderr_log)
-    result = analyze_source(split, docs, prepared, out=out)
-    lines.append(format_report(result, skipped_reasons=prepared.skipped_reasons))
-    results.append(result)
+    srcs = pipeline.load_sources(config.data, tokenizer, split, log=prepare.stderr_log)
+    if split == 'train' and len(srcs) > 1:
+      shares = pipeline.source_shares(config.data, srcs)
+      lines.append('mixture token shares: ' + ', '.join(f'{n} {v:.1%}' for n, v in shares.items()))
+    for src in srcs:
+      name = f'{src.name}-{split}' if len(srcs) > 1 else split
+      result = analyze_source(name, src.docs, src.prepared, out=out)
+      lines.append(format_report(result, skipped_reasons=src.prepared.skipped_reasons))
+      results.append(result)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'analysis.json'), 'w', encoding='utf-8') as fh:
     json.dump([r.to_dict() for r in results], fh, indent=1)

@@ -11,6 +11,7 @@ figure for one step is `jax.jit(step).lower(...).compile().memory_analysis()`, w
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from typing import Any
@@ -35,11 +36,11 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One stream of documents a run reads. Today there is one per split; named mixtures will add more
-  (and chat templates a template per source)."""
+  """One stream of documents a run reads: a configured source's split."""
   name: str
   split: str
   spec: str  # what the config names, for the report
+  source: sources.SourceSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,28 +57,38 @@ class TokenPreview:
 
 
 def data_sources(data_cfg: ml_collections.ConfigDict) -> list[Source]:
-  """The sources of a run, in the order the report shows them."""
-  held_out = f'held-out {data_cfg.eval_fraction:g} of data.train'
-  return [Source('train', 'train', data_cfg.train),
-          Source('eval', 'eval', data_cfg.eval or held_out)]
-
-
-def _tokens_and_mask(tokenizer: data.Tokenizer, text: str, complete: bool) -> tuple[list[int], list[int]]:
-  """Token ids as the pipeline builds them (EOS closes a document) and their loss mask. Every real token is
-  trained on today; a chat template will put 0 on prompt tokens here."""
-  ids = tokenizer.encode(text) + ([tokenizer.eos_id] if complete else [])
-  return ids, [1] * len(ids)
+  """The sources of a run (each configured source's train and eval split), in the order the report shows them."""
+  out = []
+  for spec in sources.source_specs(data_cfg):
+    held_out = f'held-out {data_cfg.eval_fraction:g} of {spec.view.train}'
+    prefix = '' if not data_cfg.sources else f'{spec.name} '
+    out += [Source(f'{prefix}train', 'train', spec.view.train, spec),
+            Source(f'{prefix}eval', 'eval', spec.view.eval or held_out, spec)]
+  return out
 
 
 def preview_source(data_cfg: ml_collections.ConfigDict, tokenizer: data.Tokenizer, source: Source,
                    n_tokens: int = PREVIEW_TOKENS) -> TokenPreview:
-  """Tokenizes the first document of `source`. Raises DataError when the source holds no document."""
-  files = data.list_files(data_cfg, source.split)
-  docs = sources.load_documents(data_cfg, source.split)
-  text = docs[0]
-  ids, mask = _tokens_and_mask(tokenizer, text[:_ENCODE_CHARS], complete=len(text) <= _ENCODE_CHARS)
-  ids, mask = ids[:n_tokens], mask[:n_tokens]
-  return TokenPreview(source=source, files=len(files), documents=len(docs), raw=text, templated=None, ids=ids,
+  """Tokenizes the first document of `source` as the prepare step does (EOS; a chat template and its loss
+  mask). Raises DataError when the source holds no document."""
+  from jaxtrain.data import pipeline
+
+  spec = source.source or sources.source_specs(data_cfg)[0]
+  files = data.list_files(spec.view, source.split)
+  docs = sources.load_documents(spec.view, source.split)
+  doc = docs[0]
+  encode, _ = pipeline.encoder_for(spec, tokenizer)
+  if spec.format == 'chat':
+    raw = json.dumps(doc, ensure_ascii=False)
+    templated = encode.render(doc)
+    ids, mask = encode.encode_record(doc)
+  else:
+    raw, templated = doc, None
+    cut = doc[:_ENCODE_CHARS]
+    ids = tokenizer.encode(cut) + ([tokenizer.eos_id] if len(doc) <= _ENCODE_CHARS else [])
+    mask = [1] * len(ids)
+  ids, mask = [int(i) for i in ids[:n_tokens]], [int(m) for m in mask[:n_tokens]]
+  return TokenPreview(source=source, files=len(files), documents=len(docs), raw=raw, templated=templated, ids=ids,
                       pieces=[tokenizer.decode([i]) for i in ids], loss_mask=mask)
 
 

@@ -1,7 +1,9 @@
 """The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`),
-`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`), `jaxtrain estimate --config=...` (same as
-`python -m jaxtrain.estimate ...`) and `jaxtrain export --workdir=...
---out=...` (same as `python -m jaxtrain.export ...`)."""
+`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`), `jaxtrain analyze --config=...` (same as
+`python -m jaxtrain.analyze ...`), `jaxtrain estimate --config=...` (same as
+`python -m jaxtrain.estimate ...`), `jaxtrain export --workdir=... --out=...` (same as `python -m jaxtrain.export
+...`), `jaxtrain blocklist --workdir=...` and `jaxtrain samples --workdir=... --step=N` (same as
+`python -m jaxtrain.provenance blocklist|samples ...`)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ import sys
 COMMANDS = {
     'train': 'train a model (python -m jaxtrain.main)',
     'check': 'validate a config, preview tokenization, print params and memory',
+    'analyze': 'per-source statistics: lengths, duplicates, chat turns, a suggested seq_len',
     'estimate': 'largest micro-batch that fits a memory budget (compile-only); time and cost of a token budget',
     'merge-adapters': 'combine PEFT LoRA adapters (linear, ties, dare) into one, or into the base model',
     'export': 'write a checkpoint as a Hugging Face model (or PEFT adapters)',
+    'blocklist': 'loss-spike dumps of a run -> a blocklist file of their documents (for data.exclude)',
+    'samples': 'the sample ids of each row of one train step of a run',
 }
-# The module whose run_main() each command calls.
-ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check', 'estimate': 'jaxtrain.estimate',
-                'merge-adapters': 'jaxtrain.merge_adapters', 'export': 'jaxtrain.export'}
+# The module whose run_main() each command calls ('module:function' names another function).
+ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check', 'analyze': 'jaxtrain.analyze',
+                'estimate': 'jaxtrain.estimate',
+                'merge-adapters': 'jaxtrain.merge_adapters', 'export': 'jaxtrain.export',
+                'blocklist': 'jaxtrain.provenance:blocklist_main', 'samples': 'jaxtrain.provenance:samples_main'}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f'error: unknown command {command!r}; valid: {", ".join(COMMANDS)}', file=sys.stderr)
     sys.exit(2)
   sys.argv = [f'jaxtrain {command}'] + argv[2:]
-  importlib.import_module(ENTRY_POINTS[command]).run_main()
+  module, _, function = ENTRY_POINTS[command].partition(':')
+  getattr(importlib.import_module(module), function or 'run_main')()
 
 
 if __name__ == '__main__':

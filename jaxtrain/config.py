@@ -41,23 +41,24 @@ CHOICES = {
     'stackwise.rank_schedule': ('constant', 'increasing', 'list'),
     'stackwise.new_stack_init': ('identity', 'random', 'copy'),
     'sample.schedule': ('linear', 'cosine'),
+    'curriculum.kind': ('none', 'linear', 'cosine', 'step'),
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
             'model.rope_theta', 'model.norm_eps', 'model.rope_factor', 'model.rope_low_freq_factor',
             'model.rope_high_freq_factor', 'model.rope_original_max_positions',
-            'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size',
+            'data.batch_size', 'data.seq_len', 'data.tokenizer_vocab_size', 'data.pack_buffer',
             'optim.lr', 'train.steps', 'train.accum_steps', 'train.eval_batches', 'checkpoint.keep', 'log.every',
-            'lora.alpha', 'lora.quant_block')
+            'lora.alpha', 'lora.quant_block', 'curriculum.start', 'curriculum.max_variants')
 NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'model.max_positions', 'model.sliding_window',
                 'model.residual_gain', 'model.mla_q_rank', 'model.mla_kv_rank', 'model.mla_nope_dim',
                 'model.mla_rope_dim', 'model.mla_v_dim',
-                'data.max_files', 'data.prefetch', 'data.shuffle_window',
+                'data.max_files', 'data.prefetch', 'data.shuffle_window', 'data.temperature', 'data.max_doc_bytes',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
                 'train.eval_every', 'train.max_bad_steps', 'log.peak_flops', 'checkpoint.every',
                 'distributed.num_processes',
-                'lora.rank')
+                'lora.rank', 'curriculum.steps_per_stage')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2', 'lora.dropout')  # [0, 1)
-UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction')  # [0, 1]
+UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction', 'data.max_bad_fraction')  # [0, 1]
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,12 @@ def check_schema(cfg: ml_collections.ConfigDict, reference: ml_collections.Confi
       known = ', '.join(sorted(reference.keys()))
       raise ConfigError(path, value, f'unknown key; known keys here: {known}')
     ref = reference[key]
+    if path == 'data.sources':  # named sections, each shaped like sources.source()
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(path, value, 'must be a config section of named sources')
+      for name in value.keys():
+        check_schema(value[name], data.sources.source(''), f'{path}.{name}.')
+      continue
     if isinstance(ref, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(path, value, 'must be a config section')
@@ -159,6 +166,36 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   check_lora(cfg.lora, bool(cfg.init.lora_from))
   check_estimate(cfg.estimate)
   check_objective(cfg)
+  check_curriculum(cfg)
+  check_provenance(cfg.provenance)
+
+
+def check_provenance(v: ml_collections.ConfigDict) -> None:
+  """The `provenance` section (jaxtrain.provenance): spike detection settings."""
+  if not (v.spike_factor == 0 or v.spike_factor > 1):
+    raise ConfigError('provenance.spike_factor', v.spike_factor, 'must be 0 (off) or > 1 (a multiple of the '
+                      'rolling mean that makes a spike)')
+  if v.spike_window < 1:
+    raise ConfigError('provenance.spike_window', v.spike_window, 'must be >= 1 (steps in the rolling means)')
+  for key in ('spike_warmup', 'max_dumps'):
+    if v[key] < 0:
+      raise ConfigError(f'provenance.{key}', v[key], 'must be >= 0')
+
+
+def check_curriculum(cfg: ml_collections.ConfigDict) -> None:
+  """The context-length curriculum's cross-field rules (jaxtrain.curriculum)."""
+  u = cfg.curriculum
+  if not 0 < u.fraction <= 1:
+    raise ConfigError('curriculum.fraction', u.fraction, 'must be in (0, 1]: the share of train.steps spent widening')
+  if u.kind == 'none':
+    return
+  if u.start > cfg.data.seq_len:
+    raise ConfigError('curriculum.start', u.start, f'must be <= data.seq_len={cfg.data.seq_len}')
+  if u.max_variants < 2:
+    raise ConfigError('curriculum.max_variants', u.max_variants, 'must be >= 2 (a short window and the full one)')
+  if cfg.stackwise.num_stacks:
+    raise ConfigError('curriculum.kind', u.kind, "applies to plain decoder runs; use 'none' with stackwise.num_stacks "
+                      f'= {cfg.stackwise.num_stacks}')
 
 
 def check_objective(cfg: ml_collections.ConfigDict) -> None:
@@ -259,15 +296,23 @@ def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   if cfg.data.tokenizer and not os.path.exists(cfg.data.tokenizer):
     raise ConfigError('data.tokenizer', cfg.data.tokenizer, 'does not exist; give a tokenizer.json, a tokenizer '
                       "directory, or '' to build one on the train data")
-  for key in ('data.train', 'data.eval'):
-    spec = _get(cfg, key)
-    if not spec or spec == 'stdlib':
-      continue
-    for pattern in spec.split(','):
-      if not glob.glob(pattern.strip(), recursive=True):
-        raise ConfigError(key, spec, f'pattern {pattern.strip()!r} matches no file')
-  for split in ('train', 'eval'):  # e.g. an eval_fraction that leaves no eval file: fail now, not at the end
-    data.list_files(cfg.data, split)
+  specs = data.sources.source_specs(cfg.data)
+  if not cfg.data.temperature:  # weights are checked now; token counts (for a temperature) need the data
+    from jaxtrain.data import mixing
+    mixing.mixture_weights({s.name: 1 for s in specs}, {s.name: s.weight for s in specs}, None)
+  for spec in specs:
+    for key, value in zip(spec.view.config_keys[:2], (spec.view.train, spec.view.eval), strict=True):
+      if not value or value == 'stdlib':
+        continue
+      for pattern in value.split(','):
+        if not glob.glob(os.path.expanduser(pattern.strip()), recursive=True):
+          raise ConfigError(key, value, f'pattern {pattern.strip()!r} matches no file')
+    for split in ('train', 'eval'):  # e.g. an eval_fraction that leaves no eval file: fail now, not at the end
+      data.list_files(spec.view, split)
+  for path in (p.strip() for p in cfg.data.exclude.split(',') if p.strip()):
+    if not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError('data.exclude', cfg.data.exclude, f'file {path!r} does not exist; expected comma-separated '
+                        'blocklist files (written by `jaxtrain blocklist`)')
 
 
 def check_vocab(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:

@@ -86,6 +86,15 @@ def base_config() -> ml_collections.ConfigDict:
   # the same global batches and keeps its rows: per-step losses equal a single-process run to float
   # rounding, and checkpoints resume with any process count).
   d.process_split = 'documents'
+  # A mixture of named sources, each a `jaxtrain.data.sources.source(path, ...)` section added by a config file
+  # (weight, epochs, on_end, format text|chat, template, ...). Empty: data.train/data.eval are the one source.
+  d.sources = ml_collections.ConfigDict()
+  d.temperature = 0.0  # > 0: source shares proportional to (source tokens)^(1/T), instead of their weights.
+  d.pack_buffer = 1024  # pieces the best-fit packer looks ahead over (more: fuller rows, longer reach).
+  d.intra_doc_mask = True  # packed documents attend only within themselves; False: across the row (ablation).
+  d.max_doc_bytes = 64 * 2**20  # records larger than this are skipped and counted as bad (0: no limit).
+  d.max_bad_fraction = 0.01  # a source with more bad records than this share stops the run before it starts.
+  d.exclude = ''  # comma-separated blocklist files (`jaxtrain blocklist`): their documents are left out of training.
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-3
@@ -190,4 +199,21 @@ def base_config() -> ml_collections.ConfigDict:
   p.v5e = 1.20
   p.v5p = 4.20
   p.v6e = 2.70
+
+  # Context-length curriculum (jaxtrain.curriculum, SkyLadder-style): the attention window (a sliding window
+  # within each document) widens from `start` to data.seq_len over the first `fraction` of train.steps.
+  c.curriculum = u = ml_collections.ConfigDict()
+  u.kind = 'none'  # none | linear | cosine | step
+  u.start = 32  # window of the first step, in tokens (itself included); <= data.seq_len.
+  u.fraction = 0.5  # share of train.steps after which the window is data.seq_len, in (0, 1].
+  u.steps_per_stage = 0  # step: steps each window is held; 0: the ramp split into max_variants - 1 stages.
+  u.max_variants = 4  # at most this many distinct windows (each compiles one train step), evenly spaced; >= 2.
+
+  # Which documents trained each step (jaxtrain.provenance): WORKDIR/samples/ and loss-spike dumps in WORKDIR/spikes/.
+  c.provenance = v = ml_collections.ConfigDict()
+  v.sidecar = True  # record each step's sample ids per row (`jaxtrain samples --workdir=DIR --step=N`).
+  v.spike_factor = 3.0  # a step whose loss or grad norm exceeds this x its rolling mean is dumped; 0: off; else > 1.
+  v.spike_window = 50  # steps in the rolling means (spikes are kept out of them).
+  v.spike_warmup = 20  # steps before spikes are looked for (non-finite steps are dumped from the first).
+  v.max_dumps = 20  # at most this many WORKDIR/spikes/step_N.json per run (later spikes are only logged).
   return c

@@ -13,8 +13,9 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import data, losses, metrics, models, optim, sharding, steps, stopping
+from jaxtrain import curriculum, data, losses, metrics, models, optim, sharding, steps, stopping
 from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.provenance import Recorder
 from jaxtrain.config import check_vocab, resolve_init
 from jaxtrain.state import Built, build, checkpointed, init_state, state_factory
 
@@ -100,6 +101,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
     # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
     trains = metrics.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
+    if curriculum.enabled(config):  # one jitted step per attention window; the full window's is train_step
+      train_step = curriculum.variants(config, mc, train_step, lambda m: jit_steps(
+          config, built, tx, schedule, mesh, make_loss_fn(models.describe(m)[0], config.train.z_loss))[0],
+          lambda m: metrics.flops_per_token(m, config.data.seq_len, lora=trains))
     job = Job(built, train_step, eval_step, config.train.steps, config.train.seed,
               metrics.flops_per_token(mc, config.data.seq_len, lora=trains),
               metrics.flops_per_token(mc, config.data.seq_len, False, trains))
@@ -121,20 +126,24 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles', 'flops'
   {'train', 'eval'}: model FLOPs spent now by each (metrics.flops_per_token)}. Train records log `mfu` (of
   what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval records log `eval_flops`
-  (that evaluation) and `eval_tflops_per_s`.
+  (that evaluation) and `eval_tflops_per_s`. When `job.train_step` is a `curriculum.Variants`, each step runs
+  its window's step, FLOPs follow the window and train records log `attn_window`.
   """
   built, train_step, eval_step, total = job.built, job.train_step, job.eval_step, job.steps
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  srcs = data.pipeline.load_sources(config.data, tokenizer, 'train')
   train_data = data.make_dataset(config.data, tokenizer, split='train', seed=job.seed,
                                  batch_size=config.data.batch_size // jax.process_count(),
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+                                 process_index=jax.process_index(), process_count=jax.process_count(), srcs=srcs)
   data_iter = iter(train_data)
+  seen = data.pipeline.SourceTokens(srcs, jax.process_count(), config.data.process_split == 'documents')
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                       shared_data_state=config.data.process_split == 'rows')
   start, state = ckpt.restore_latest(built.abstract, data_iter)
   state = built.complete(state) if start else built.create()
+  recorder = Recorder(config, workdir, start, tokenizer)  # sample ids per step, loss-spike dumps
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_token = job.flops_per_token
   eval_flops = job.eval_flops_per_token * tokens_per_step * config.train.eval_batches  # padding included
@@ -144,25 +153,37 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
                f'devices, mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} '
                f'MFLOPs/token train, {job.eval_flops_per_token / 1e6:.1f} eval, '
                f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
+  for line in data.pipeline.source_report(srcs):
+    logger.write(f'data {line}')
   if start:
     logger.write(f'resumed from {ckpt.directory}/{start}')
+    seen.restore(_load_source_tokens(workdir, start))
 
   summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None,
                              'flops': {'train': 0.0, 'eval': 0.0}}
   last_time = time.perf_counter()
   bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
   max_bad = config.train.max_bad_steps
+  variants = train_step if isinstance(train_step, curriculum.Variants) else None  # a context-length curriculum
 
-  def emit(step: int, device_metrics: dict, data_wait: float, provenance: dict) -> None:
+  def emit(step: int, device_metrics: dict, data_wait: float, provenance: dict, sources_seen: dict) -> None:
     nonlocal last_time
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    values.update(sources_seen)
+    flops_step, flops_so_far = flops_token, flops_token * step  # per token: this step, steps 0..step-1
+    if variants is not None:  # the attention window, and with it the FLOPs, follow the step
+      flops_step, flops_so_far = variants.flops_per_token(step - 1), variants.flops_total(step)
+      values['attn_window'] = variants.window(step - 1)
     now = time.perf_counter()
     step_time, last_time = now - last_time, now
     values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
-                  mfu=flops_token * tokens_per_step / step_time / (peak * jax.device_count()),
-                  train_flops_total=flops_token * tokens_per_step * step)
-    summary['flops']['train'] += flops_token * tokens_per_step
+                  mfu=flops_step * tokens_per_step / step_time / (peak * jax.device_count()),
+                  train_flops_total=flops_so_far * tokens_per_step)
+    summary['flops']['train'] += flops_step * tokens_per_step
     summary['losses'][step] = values['loss']
+    note = recorder.observe(step, values)
+    if note:
+      logger.write(note)
     if values['skipped']:
       bad.append((step, provenance))
       logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
@@ -181,8 +202,10 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
     return values, {'eval_flops': eval_flops, 'eval_tflops_per_s': eval_flops / (time.perf_counter() - t) / 1e12}
 
   def save_and_wait(step: int) -> str:
+    recorder.flush()
     if step not in ckpt.all_steps():
       ckpt.save(step, checkpointed(state), data_iter)
+      _save_source_tokens(workdir, step, seen.state(), ckpt.all_steps())
     ckpt.wait()
     return f'{ckpt.directory}/{step}'
 
@@ -190,15 +213,30 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   with stopping.StopRequests(workdir) as stop:
     for step in range(start, total):
       t0 = time.perf_counter()
-      host_batch = next(data_iter)
+      try:
+        host_batch = next(data_iter)
+      except StopIteration:  # a source with on_end='stop' ran out (or every source was dropped)
+        if pending is not None:
+          emit(*pending)
+          pending = None
+        summary['data_ended'] = step
+        logger.write(f'the training data ended after step {step} (a source with on_end=stop ran out, or every '
+                     f'source was dropped); saving and evaluating')
+        if step and step not in ckpt.all_steps():
+          ckpt.save(step, checkpointed(state), data_iter)
+          _save_source_tokens(workdir, step, seen.state(), ckpt.all_steps())
+        break
       # Provenance (which documents fill each row) stays on the host unless the step asks for it.
       provenance = {k: host_batch[k] if k in job.keep_keys else host_batch.pop(k)
                     for k in list(host_batch) if k.startswith('doc_')}
       data_wait = time.perf_counter() - t0
-      state, step_metrics = train_step(state, sharding.to_global(host_batch, mesh))
+      seen.add(provenance['doc_ids'])  # counted now, so a checkpoint saved after this step includes it
+      recorder.record(step + 1, host_batch, provenance)  # before to_global: the dump decodes these tokens
+      step_fn = variants.at(step) if variants is not None else train_step
+      state, step_metrics = step_fn(state, sharding.to_global(host_batch, mesh))
       if pending is not None:  # fetch the previous step's metrics while this one runs
         emit(*pending)
-      pending = (step + 1, step_metrics, data_wait, provenance)
+      pending = (step + 1, step_metrics, data_wait, provenance, seen.metrics())
       if bad and len(bad) < max_bad:  # inside a streak, look at each step at once: the state stays known
         emit(*pending)
         pending = None
@@ -214,7 +252,9 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
         summary['stopped'] = (reason, save_and_wait(done))
         break
       if ckpt.should_save(done) or done == total:
+        recorder.flush()  # the sidecar holds every step a checkpoint covers, so a resume loses none
         ckpt.save(done, checkpointed(state), data_iter)
+        _save_source_tokens(workdir, done, seen.state(), ckpt.all_steps())
       if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
         emit(*pending)
         pending = None
@@ -226,6 +266,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
     if not summary['stopped']:
       summary['eval'], cost = run_eval()
       logger.log(total, summary['eval'] | cost)
+    recorder.close()
     ckpt.close()
   saved = ckpt.latest_step()
   summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
@@ -236,6 +277,32 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
       metrics.plot_losses(workdir)
     print(_summary_line(summary, workdir, f'{ckpt.directory}/{saved}', total, job.label), flush=True)
   return summary
+
+
+def _load_source_tokens(workdir: str, step: int) -> dict[str, int]:
+  """Tokens per source trained on up to checkpoint `step` (empty if that run did not record them)."""
+  try:
+    with open(os.path.join(workdir, 'source_tokens.json'), encoding='utf-8') as f:
+      return json.load(f).get(str(step), {})
+  except (OSError, ValueError):
+    return {}
+
+
+def _save_source_tokens(workdir: str, step: int, counts: dict[str, int], steps: list[int]) -> None:
+  """WORKDIR/source_tokens.json: the per-source token counts at each kept checkpoint step (process 0)."""
+  if jax.process_index():
+    return
+  path = os.path.join(workdir, 'source_tokens.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      table = json.load(f)
+  except (OSError, ValueError):
+    table = {}
+  keep = {str(s) for s in steps} | {str(step)}
+  table = {k: v for k, v in table.items() if k in keep} | {str(step): counts}
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(table, f)
+  os.replace(path + '.tmp', path)
 
 
 class NonFiniteError(RuntimeError):

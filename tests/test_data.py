@@ -214,8 +214,9 @@ def test_explicit_eval_globs_and_other_formats(corpus, tmp_path):
   # Sorted files (notes.txt < p.parquet), all of them train since data.eval is set; empty ones skipped.
   assert list(train) == ['plain text document\n', 'parquet one', 'parquet two']
   assert [train.name(i) for i in range(3)] == ['notes.txt:0', 'p.parquet:0', 'p.parquet:3']  # Parquet: row.
-  with pytest.raises(DataError, match=r"data\.text_field='body' is missing at .*b\.jsonl:1 \(keys present: \['id', "
-                                      r"'text'\]\)"):
+  with pytest.raises(DataError, match=r"data\.eval=.* has 25 bad records of 25 \(100\.0%, more than "
+                                      r"data\.max_bad_fraction=0\.01; first: no field 'body' \(present: \['id', "
+                                      r"'text'\]\) at .*b\.jsonl:1;"):
     sources.load_documents(cfg, 'eval')
   cfg.text_field = 'text'
   with pytest.raises(DataError, match=r"data\.text_field='text' is not a column of .*p\.parquet \(columns: \['body', "
@@ -232,12 +233,13 @@ def test_source_errors(corpus, tmp_path):
   with pytest.raises(DataError, match=r"data\.eval=.* has a glob '/nowhere/x' that matches no file"):
     list_files(_cfg(train=f'{corpus}/*.jsonl', eval=f'{corpus}/a.jsonl,/nowhere/x'), 'eval')
 
+  # One bad record of two is over data.max_bad_fraction: the run stops and names the first bad place.
   (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"text": oops}\n')
-  with pytest.raises(DataError, match=r"data\.train=.* not valid JSON at .*bad\.jsonl:2 .*data\.text_field='text'"):
+  with pytest.raises(DataError, match=r"data\.train=.* has 1 bad records of 2 \(50\.0%.*first: not valid JSON or UTF-8 "
+                                      r".* at .*bad\.jsonl:2\); fix or remove"):
     sources.load_documents(_cfg(train=str(tmp_path / 'bad.jsonl')), 'train')
   (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"content": "x", "id": 3}\n')
-  with pytest.raises(DataError, match=r"data\.text_field='text' is missing at .*bad\.jsonl:2 \(keys present: "
-                                      r"\['content', 'id'\]\)"):
+  with pytest.raises(DataError, match=r"first: no field 'text' \(present: \['content', 'id'\]\) at .*bad\.jsonl:2"):
     sources.load_documents(_cfg(train=str(tmp_path / 'bad.jsonl')), 'train')
 
   (tmp_path / 'c.jsonl.gz').write_bytes(b'\x1f\x8b')
@@ -290,7 +292,7 @@ def test_long_documents_are_split_without_loss(jsonl_cfg, jsonl_tok):
   cfg = _cfg(train=jsonl_cfg.train, eval=jsonl_cfg.train)  # Eval = every document, in file order.
   docs = list(sources.load_documents(cfg, 'eval'))
   it = iter(make_dataset(cfg, tok, split='eval', seed=0, batch_size=4))
-  seen = [p for b in _take(it, 40) for p in _segments(b)]
+  seen = [p for b in _take(it, 200) for p in _segments(b)]  # more than the first packing window
   for text in LONG_TEXTS:
     pieces = _pieces(tok, text)
     assert len(pieces) >= 3 and all(len(p) == SEQ_LEN for p in pieces[:-1])
@@ -313,8 +315,9 @@ def test_same_seed_same_batches(jsonl_cfg, jsonl_tok):
 
 
 def test_epochs_are_reshuffled(jsonl_cfg, jsonl_tok):
-  ds = pipeline.document_dataset(jsonl_cfg, jsonl_tok, split='train', seed=0)
-  stream = [tuple(d.tolist()) for group in ds[:12] for _, d in group]
+  (src,) = pipeline.load_sources(jsonl_cfg, jsonl_tok, 'train')
+  ds = pipeline.document_dataset(src, split='train', seed=0)
+  stream = [tuple(d.tolist()) for _, d, _ in ds[:200]]
   n = len(sources.load_documents(jsonl_cfg, 'train'))
   first, second = stream[:n], stream[n:2 * n]
   assert len(set(first)) == n and set(first) == set(second)  # Each epoch is a permutation of all documents.
@@ -348,11 +351,12 @@ def test_resume_gives_identical_batches(small_docs, jsonl_tok, prefetch):
 
 
 def test_eval_is_repeatable(jsonl_cfg, jsonl_tok):
-  make = lambda: _take(iter(make_dataset(jsonl_cfg, jsonl_tok, split='eval', seed=0, batch_size=4)), 20)
+  # 100 batches: past the first packing window, whose rows come out in a fixed shuffled order.
+  make = lambda: _take(iter(make_dataset(jsonl_cfg, jsonl_tok, split='eval', seed=0, batch_size=4)), 100)
   first = make()
   _assert_equal_batches(first, make())
   _assert_equal_batches(first, _take(iter(make_dataset(jsonl_cfg, jsonl_tok, split='eval', seed=99,
-                                                      batch_size=4)), 20))
+                                                      batch_size=4)), 100))
   eval_pieces = {p for t in sources.load_documents(jsonl_cfg, 'eval') for p in _pieces(jsonl_tok, t)}
   train_pieces = {p for t in sources.load_documents(jsonl_cfg, 'train') for p in _pieces(jsonl_tok, t)}
   seen = {p for b in first for p in _segments(b)}
@@ -366,16 +370,17 @@ def test_processes_see_disjoint_documents(jsonl_cfg, jsonl_tok):
   docs = list(sources.load_documents(jsonl_cfg, 'train'))
   per_process = []
   for index in range(2):
-    ds = pipeline.document_dataset(jsonl_cfg, tok, split='train', seed=0, process_index=index, process_count=2)
+    (src,) = pipeline.load_sources(jsonl_cfg, tok, 'train')
+    ds = pipeline.document_dataset(src, split='train', seed=0, process_index=index, process_count=2)
     mine = docs[index::2]
-    epoch = [(i, tok.decode(d[:-1])) for group in ds[:4] for i, d in group][:len(mine)]
+    epoch = [(i, tok.decode(d[:-1])) for i, d, _ in ds[:len(mine)]]
     assert sorted(t for _, t in epoch) == sorted(mine)
     assert all(docs[i] == t for i, t in epoch)  # Indices are global: into the unsharded documents.
     epoch = [t for _, t in epoch]
     # The packed batches of this process hold exactly its documents.
     it = iter(make_dataset(jsonl_cfg, tok, split='train', seed=0, batch_size=4, process_index=index,
                            process_count=2))
-    batches = _take(it, 16)
+    batches = _take(it, 200)  # past the first packing window
     seen = {p for b in batches for p in _segments(b)}
     assert seen == {p for t in mine for p in _pieces(tok, t)}
     assert all((b['doc_ids'][b['doc_ids'] >= 0] % 2 == index).all() for b in batches)
@@ -393,15 +398,17 @@ def test_stdlib_batches(stdlib_cfg, stdlib_tok):
   it2 = iter(make_dataset(stdlib_cfg, stdlib_tok, split='train', seed=0, batch_size=8))
   it2.set_state(state)
   _assert_equal_batches(_take(it2, 3), b)
-  eval_texts = set(sources.load_documents(stdlib_cfg, 'eval'))
+  # The first segment of an eval row is piece K of an eval file, named relative to the stdlib root.
   e = next(iter(make_dataset(stdlib_cfg, stdlib_tok, split='eval', seed=0, batch_size=2)))
   row = e['tokens'][0][e['segment_ids'][0] == 1]
-  assert any(t.startswith(stdlib_tok.decode(row)) for t in eval_texts)
-  # Eval keeps file order, so the first row starts with the first eval file, named relative to the stdlib.
-  first = os.path.relpath(list_files(stdlib_cfg, 'eval')[0], sources.stdlib_root()).replace(os.sep, '/')
-  assert sample_ids(stdlib_cfg, 'eval', e)[0][0] in (f'{first}:0', f'{first}:0:chunk0')
-  with open(os.path.join(sources.stdlib_root(), first)) as fh:
-    assert fh.read().startswith(stdlib_tok.decode(row))
+  source, name, index, *chunk = sample_ids(stdlib_cfg, 'eval', e)[0][0].split(':')
+  assert source == 'stdlib' and index == '0'
+  eval_files = [os.path.relpath(f, sources.stdlib_root()).replace(os.sep, '/') for f in list_files(stdlib_cfg, 'eval')]
+  assert name in eval_files
+  k = int(chunk[0][len('chunk'):]) if chunk else 0
+  with open(os.path.join(sources.stdlib_root(), name)) as fh:
+    ids = stdlib_tok.encode(fh.read()) + [stdlib_tok.eos_id]
+  assert row.tolist() == ids[k * SEQ_LEN:(k + 1) * SEQ_LEN]
 
 
 def test_make_dataset_argument_errors(jsonl_cfg, jsonl_tok):
@@ -477,11 +484,11 @@ def test_sample_ids_name_the_documents_of_each_row(corpus, jsonl_cfg, jsonl_tok,
         assert docs[doc] == text  # ... the one the tokens came from.
         if n == 1:
           assert tok.decode(tokens) == text + EOS
-          expected.append(names[text])
+          expected.append(f'train:{names[text]}')
         else:
           chunks += 1
           assert tok.decode(tokens) in text + EOS
-          expected.append(f'{names[text]}:chunk{k}')
+          expected.append(f'train:{names[text]}:chunk{k}')
       assert row_ids == list(dict.fromkeys(expected))
   assert chunks > 0
 

@@ -83,3 +83,34 @@ def test_main_end_to_end_in_a_subprocess(tmp_path):
                    '--config.train.steps=12'])
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'nothing to train' in again.stdout and 'step 12 of 12' in again.stdout
+
+
+def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
+  from jaxtrain.data.sources import source
+  for name, n, words in (('notes', 400, 6), ('essays', 12, 40)):
+    (tmp_path / f'{name}.jsonl').write_text(''.join(
+        json.dumps({'text': f'{name} {i}: ' + ' '.join(f'w{(i + k) % 31}' for k in range(words))}) + '\n'
+        for i in range(n)))
+  config = tiny_config(**{'train.steps': 400, 'train.eval_every': 0, 'checkpoint.every': 4})
+  config.data.train = str(tmp_path / 'notes.jsonl')
+  config.data.sources.notes = source(str(tmp_path / 'notes.jsonl'))
+  config.data.sources.essays = source(str(tmp_path / 'essays.jsonl'), epochs=2, on_end='stop')
+  config.data.shuffle_window, config.data.pack_buffer = 0, 64
+  workdir = str(tmp_path / 'run')
+  summary = train.run(config, workdir)
+  ended = summary['data_ended']
+  assert 0 < ended < 400 and max(summary['losses']) == ended
+  assert summary['eval'] is not None and os.path.isdir(os.path.join(workdir, 'checkpoints', str(ended)))
+  records = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
+  last = records[-1]
+  assert last['step'] == ended
+  assert last['epochs/essays'] == pytest.approx(2.0, abs=0.15)  # two passes, then the stop
+  assert last['tokens/notes'] == pytest.approx(last['tokens/essays'], rel=0.1)  # equal weights: equal tokens
+  # A resume from an earlier checkpoint continues the per-source counts where that checkpoint left them.
+  at = {r['step']: r for r in records}
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(ended)))
+  keep = max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  again = train.run(config, workdir)
+  assert again['start_step'] == keep and again['data_ended'] == ended
+  resumed = {r['step']: r for r in metrics.read_metrics(workdir) if 'loss' in r}
+  assert resumed[ended]['tokens/essays'] == at[ended]['tokens/essays']

@@ -1,67 +1,148 @@
-"""The grain pipeline: documents -> token ids + EOS -> seq_len pieces -> packed rows -> batches.
+"""The grain pipeline: sources -> prepared token ids -> seq_len pieces -> token-share mixture -> best-fit
+packed rows -> batches.
 
-Every stage is a grain dataset whose iterator state is a small dict of ints, so `iter(ds).get_state()` can be
-saved with a checkpoint and `set_state` resumes the stream exactly (same next batch, bit for bit).
+  per source    documents (sources.py) tokenized once into the prepare cache (prepare.py; chat records through
+                a template with an assistant-only loss mask, chat.py); an index stream, sharded by process,
+                shuffled per epoch from the seed, endless or `epochs` passes long; each document cut into
+                consecutive seq_len pieces (nothing is truncated);
+  mixture       the sources' pieces interleaved so each source's share of tokens follows its weight, or
+                n_i^(1/T) with data.temperature (mixing.py); a finite source ends by its `on_end` policy;
+  train only    a window shuffle of pieces (data.shuffle_window), so a long file does not fill whole batches;
+  packing       best-fit over data.pack_buffer pieces (packing.py): no piece is split, rows ~99% full;
+  batches       `batch_size` rows, prefetched in a background thread.
+
+Every stage's iterator state is a small dict of ints, so `iter(ds).get_state()` is saved with a checkpoint
+and `set_state` resumes exactly (same next batch, bit for bit). Eval data goes through the same stages
+(unshuffled, endless), so the eval loss sees rows packed like training rows.
 
 Batches are dicts of int32 arrays shaped (batch_size, seq_len):
   tokens       token ids (0 on padding);
-  segment_ids  1, 2, 3, ... for the documents of a row, 0 on padding;
+  segment_ids  1, 2, 3, ... for the documents of a row, 0 on padding (all 1 with data.intra_doc_mask=False,
+               so packed documents attend to each other: an ablation);
   positions    0, 1, ... restarting at every document, 0 on padding;
-  loss_mask    1 on real tokens, 0 on padding;
-  doc_ids      index of the token's document in the split's `sources.Documents`, the same in every process
-               (-1 on padding);
+  loss_mask    1 on tokens to learn (every real token of a text source; assistant tokens of chat), else 0;
+  doc_ids      the token's document: the source's offset + its index among the source's documents, the same
+               in every process (-1 on padding);
   doc_chunks   K for the K-th (0-based) seq_len piece of a document longer than seq_len, -1 for a document
                that fits in one piece and on padding.
-`sample_ids` names the documents of each row from the last two.
+`sample_ids` names the documents of each row ('<source>:<file>:<index in file>[:chunkK]') from the last two.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
-import os
 import weakref
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from jaxtrain.data import sources
+from jaxtrain.data import mixing, packing, prepare, sources
 from jaxtrain.data.sources import DataError
 from jaxtrain.data.tokenizer import Tokenizer
-
-# Rows packed together per first-fit pass. More bins waste less space (a piece that fits nowhere closes the
-# pass), at the cost of mixing documents from a slightly longer window of the shuffled stream.
-MIN_PACKING_BINS = 64
 
 # 'documents': each process packs a disjoint share of the documents (no duplicated work; scales).
 # 'rows': each process packs the global stream and keeps its rows (batches equal a one-process run's).
 PROCESS_SPLITS = ('documents', 'rows')
 
-# Documents tokenized per call. `encode_batch` runs in Rust threads without the GIL, where one `encode` per
-# document holds it; a group is also the unit re-tokenized when an iterator is restored.
-DOCS_PER_ENCODE = 16
+
+# ----------------------------------------------------------------------------- prepared sources
 
 
-class _EncodeGroup:
-  """A group of document indices -> (index, int32 token ids ending in EOS) per document."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One source of a split, tokenized: its spec, documents, prepared tokens and the offset of its doc ids."""
+  spec: sources.SourceSpec
+  docs: sources.Documents
+  prepared: prepare.Prepared
+  offset: int
 
-  def __init__(self, docs: sources.Documents, tokenizer: Tokenizer):
-    self._docs = docs
-    self._tokenizer = tokenizer
+  @property
+  def name(self) -> str:
+    return self.spec.name
 
-  def __call__(self, indices: list[int]) -> list[tuple[int, np.ndarray]]:
-    eos = self._tokenizer.eos_id
-    encoded = self._tokenizer.encode_batch([self._docs[int(i)] for i in indices])
-    return [(int(i), np.asarray(ids + [eos], dtype=np.int32)) for i, ids in zip(indices, encoded, strict=True)]
+
+def encoder_for(spec: sources.SourceSpec, tokenizer: Tokenizer) -> tuple[prepare.Encoder, Any]:
+  """The prepare step's encoder of a source - plain text + EOS, or a chat template with an assistant-only
+  loss mask - and what identifies it in the cache key."""
+  if spec.format == 'chat':
+    from jaxtrain.data import chat  # Deferred: transformers' templating costs an import only chat runs pay.
+    encoder = chat.ChatEncoder(tokenizer, spec.template, key=f'data.sources.{spec.name}.template')
+    return encoder, encoder.identity
+  return prepare.text_encoder(tokenizer), 'none'
+
+
+def load_sources(cfg: Any, tokenizer: Tokenizer, split: str, log: Any = None) -> list[Source]:
+  """Every configured source of `split`, tokenized through the prepare cache (built on first use)."""
+  sources.check_split(split)
+  out, offset = [], 0
+  for spec in sources.source_specs(cfg):
+    encoder, identity = encoder_for(spec, tokenizer)
+    docs, prepared = prepare.prepare_split(spec.view, tokenizer, split, encode=encoder, template=identity,
+                                           name=f'{spec.name}-{split}', log=log)
+    bad = docs.bad.total + prepared.skipped
+    seen = len(docs) + docs.bad.total
+    limit = float(getattr(cfg, 'max_bad_fraction', 1.0))
+    if prepared.skipped and bad > limit * seen:
+      raise DataError(spec.view.config_keys[0], spec.view.train,
+                      f'has {bad} bad {split} records of {seen} ({bad / seen:.1%}, more than'
+                      f' data.max_bad_fraction={limit:g}; first: {"; ".join(prepared.skipped_reasons[:2])})',
+                      'fix or remove those records, or raise data.max_bad_fraction to skip them')
+    out.append(Source(spec, docs, prepared, offset))
+    offset += len(docs)
+  return out
+
+
+def source_report(srcs: Sequence[Source]) -> list[str]:
+  """One line per source: documents, tokens, and what was skipped and why (for the run's log)."""
+  lines = []
+  for s in srcs:
+    bad = s.docs.bad
+    skipped = dict(bad.counts)
+    if s.prepared.skipped:
+      skipped['rejected by the tokenizer or template'] = s.prepared.skipped
+    parts = [f'{s.name}: {len(s.prepared)} documents, {s.prepared.total_tokens:,} tokens']
+    if bad.empty:
+      parts.append(f'{bad.empty} empty skipped')
+    if skipped:
+      parts.append('skipped ' + ', '.join(f'{n} {why}' for why, n in skipped.items()))
+      parts.append('first: ' + '; '.join((bad.examples + s.prepared.skipped_reasons)[:2]))
+    lines.append('; '.join(parts))
+  return lines
+
+
+def source_shares(cfg: Any, srcs: Sequence[Source]) -> dict[str, float]:
+  """Target token shares of the mixture: the sources' weights, or n_i^(1/T) with data.temperature > 0."""
+  counts = {s.name: s.prepared.total_tokens for s in srcs}
+  if cfg.temperature:
+    return mixing.mixture_weights(counts, None, float(cfg.temperature))
+  return mixing.mixture_weights(counts, {s.name: s.spec.weight for s in srcs}, None)
+
+
+# ----------------------------------------------------------------------------- per-source streams
+
+
+class _Document:
+  """Record index -> (global doc id, token ids, loss mask) of one prepared source."""
+
+  def __init__(self, src: Source):
+    self._prepared = src.prepared
+    self._offset = src.offset
+
+  def __call__(self, record: int) -> tuple[int, np.ndarray, np.ndarray]:
+    ids, mask = self._prepared[int(record)]
+    return self._offset + int(self._prepared.source_index[int(record)]), ids, mask
 
 
 class _SplitPieces(grain.experimental.FlatMapTransform):
-  """Cuts each document of a group into consecutive seq_len pieces (the last may be shorter); drops nothing.
+  """Cuts each document into consecutive seq_len pieces (the last may be shorter); drops nothing.
 
-  Each piece carries its provenance per token as 'origin' (piece length, 2): (document index, piece index K
-  for a document of several pieces, else -1). Per token, so that the packer places it beside the tokens.
+  Each piece carries its provenance per token as 'origin' (piece length, 2): (doc id, piece index K for a
+  document of several pieces, else -1). Per token, so that the packer places it beside the tokens.
   """
 
   # grain's FlatMapIterDataset does not bound fan-out; the attribute is part of the transform interface.
@@ -70,18 +151,57 @@ class _SplitPieces(grain.experimental.FlatMapTransform):
   def __init__(self, seq_len: int):
     self._seq_len = seq_len
 
-  def flat_map(self, docs: list[tuple[int, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+  def flat_map(self, doc: tuple[int, np.ndarray, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    doc_id, ids, mask = doc
     n = self._seq_len
+    chunked = len(ids) > n
     pieces = []
-    for doc_id, ids in docs:
-      chunked = len(ids) > n
-      for k, start in enumerate(range(0, len(ids), n)):
-        tokens = ids[start:start + n]
-        origin = np.empty((len(tokens), 2), np.int32)
-        origin[:, 0] = doc_id
-        origin[:, 1] = k if chunked else -1
-        pieces.append({'tokens': tokens, 'origin': origin})
+    for k, start in enumerate(range(0, len(ids), n)):
+      tokens = ids[start:start + n].astype(np.int32)
+      origin = np.empty((len(tokens), 2), np.int32)
+      origin[:, 0] = doc_id
+      origin[:, 1] = k if chunked else -1
+      pieces.append({'tokens': tokens, 'loss_mask': mask[start:start + n].astype(np.int32), 'origin': origin})
     return pieces
+
+
+def _source_seed(seed: int, name: str) -> int:
+  # Each source shuffles on its own stream; crc32, not hash(): the same in every process.
+  return _uint32(seed + zlib.crc32(name.encode()))
+
+
+def _excluded(src: Source, blocked: frozenset[str]) -> np.ndarray:
+  """Record indices of `src` whose sample id is in `blocked` (a blocklist of '<source>:<document>' ids)."""
+  if not blocked:
+    return np.zeros(0, np.int64)
+  names = [f'{src.name}:{src.docs.name(int(i))}' for i in src.prepared.source_index]
+  return np.asarray([r for r, n in enumerate(names) if n in blocked], np.int64)
+
+
+def document_dataset(src: Source, *, split: str, seed: int, process_index: int = 0, process_count: int = 1,
+                     blocked: frozenset[str] = frozenset()) -> grain.MapDataset:
+  """This process's stream of one source's tokenized documents: (global doc id, ids, loss mask) each.
+
+  Train documents are shuffled from `seed`, in a new order every epoch, for `spec.epochs` passes (0: endless);
+  eval documents keep file order and repeat endlessly. Blocked documents are left out.
+  """
+  records = np.arange(len(src.prepared))
+  if blocked:
+    records = np.setdiff1d(records, _excluded(src, blocked))
+  records = records[process_index::process_count]
+  if len(records) == 0:
+    raise DataError(src.spec.view.config_keys[0], src.spec.view.train,
+                    f'has {len(records)} {split} documents for process {process_index} of {process_count}',
+                    'expected at least one document per process (after data.exclude)')
+  ds = grain.MapDataset.source(records.tolist())
+  epochs = src.spec.epochs if split == 'train' and src.spec.epochs else None
+  if split == 'train':
+    # Shuffle before repeat: grain folds the epoch into the shuffle seed, so every epoch gets a new order.
+    ds = ds.shuffle(seed=_source_seed(seed, src.name))
+  return ds.repeat(epochs).map(_Document(src))
+
+
+# ----------------------------------------------------------------------------- the batch stream
 
 
 class _PrefetchIterator(grain.experimental.ThreadPrefetchDatasetIterator):
@@ -119,14 +239,15 @@ def _close_prefetchers() -> None:
     it.close()
 
 
-def _to_batch_keys(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # grain names packing outputs '<feature>_segment_ids' / '<feature>_positions'; 'origin' is padded with -1.
-  segment_ids = row['tokens_segment_ids'].astype(np.int32)
+def _to_batch_keys(row: dict[str, np.ndarray], intra_doc_mask: bool = True) -> dict[str, np.ndarray]:
+  segment_ids = row['segment_ids'].astype(np.int32)
+  if not intra_doc_mask:
+    segment_ids = (segment_ids > 0).astype(np.int32)
   return {
       'tokens': row['tokens'].astype(np.int32),
       'segment_ids': segment_ids,
-      'positions': row['tokens_positions'].astype(np.int32),
-      'loss_mask': (segment_ids > 0).astype(np.int32),
+      'positions': row['positions'].astype(np.int32),
+      'loss_mask': row['loss_mask'].astype(np.int32),
       'doc_ids': row['origin'][:, 0].astype(np.int32),
       'doc_chunks': row['origin'][:, 1].astype(np.int32),
   }
@@ -156,19 +277,30 @@ def _check_process_split(cfg: Any) -> str:
   return cfg.process_split
 
 
+def blocklist(cfg: Any) -> frozenset[str]:
+  """Document sample ids that data.exclude's blocklist files name (see `jaxtrain blocklist`)."""
+  paths = [p.strip() for p in str(getattr(cfg, 'exclude', '') or '').split(',') if p.strip()]
+  if not paths:
+    return frozenset()
+  from jaxtrain import provenance  # Deferred: only runs with a blocklist read one.
+  return frozenset(provenance.load_blocklist(paths))
+
+
 def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                 process_index: int = 0, process_count: int = 1,
+                 srcs: Sequence[Source] | None = None) -> grain.IterDataset:
   """A grain IterDataset of packed batches of `split` for this process (`batch_size` rows per batch).
 
-  Train is an infinite stream, reshuffled every epoch from `seed`. Eval is unshuffled and repeats, so any
-  number of batches can be drawn and a re-created dataset yields the same batches. How processes share the
-  data follows `cfg.process_split`, for train and eval alike:
-    'documents'  documents are sharded across processes (`process_index::process_count`) before packing, so
-                 processes see disjoint data;
+  Train is reshuffled every epoch from `seed` and ends only if a source's `on_end` says 'stop' (or every
+  source was dropped); eval is unshuffled and endless, so any number of batches can be drawn and a re-created
+  dataset yields the same batches. How processes share the data follows `cfg.process_split`:
+    'documents'  each source's documents are sharded across processes (`process_index::process_count`)
+                 before packing, so processes see disjoint data;
     'rows'       every process packs the same global stream of `batch_size * process_count` rows per batch
                  and keeps rows [process_index * batch_size, (process_index + 1) * batch_size): the processes'
                  batches, concatenated, equal a one-process run's, and the iterator state is the global
-                 stream's (the same in every process; restorable by any process count with the same global batch).
+                 stream's (restorable by any process count with the same global batch).
+  `srcs`: the split's `load_sources` result, when the caller already has it.
 
   `iter(ds).get_state()` is a small JSON-serialisable dict of ints; `set_state` on a fresh iterator of an
   identically built dataset continues with bitwise identical batches (grain.checkpoint.CheckpointSave/Restore).
@@ -184,23 +316,26 @@ def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, batch
     rows = (process_index * batch_size, (process_index + 1) * batch_size)
     batch_size *= process_count
     process_index, process_count = 0, 1  # Every process reads every document.
-  ds = document_dataset(cfg, tokenizer, split=split, seed=seed, process_index=process_index,
-                        process_count=process_count)
-  # Tokenization runs in these threads; their iterator state is just the next group index. A few groups of
-  # read-ahead keep the packer fed (encode_batch is parallel itself) and keep restores cheap.
-  read = grain.ReadOptions(num_threads=min(2, os.cpu_count() or 1), prefetch_buffer_size=4)
-  it = ds.to_iter_dataset(read_options=read)
-  it = grain.experimental.FlatMapIterDataset(it, _SplitPieces(seq_len))
+  srcs = list(srcs) if srcs is not None else load_sources(cfg, tokenizer, split)
+  shares = source_shares(cfg, srcs)
+  blocked = blocklist(cfg)
+  parents = {}
+  for src in srcs:
+    docs = document_dataset(src, split=split, seed=seed, process_index=process_index, process_count=process_count,
+                            blocked=blocked)
+    parents[src.name] = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(), _SplitPieces(seq_len))
+  on_end = {s.name: s.spec.on_end if split == 'train' else 'repeat' for s in srcs}
+  it = mixing.Mix(parents, shares, on_end)
   if split == 'train' and cfg.shuffle_window > 1:
     # Long files become dozens of consecutive pieces; without this they fill whole batches and the loss
     # swings with whichever file is being read. Restores re-read the window from its recorded start.
     it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=_uint32(seed + 1))
-  # 'origin' is packed beside the tokens without segment ids of its own, and padded with -1.
-  it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={'tokens': seq_len, 'origin': seq_len}, meta_features=('origin',),
-      padding_struct={'tokens': 0, 'origin': -1}, num_packing_bins=max(batch_size, MIN_PACKING_BINS),
-      seed=_uint32(seed), shuffle_bins=split == 'train')
-  it = it.map(_to_batch_keys).batch(batch_size, drop_remainder=True)
+  # Rows leave a packing window in a seeded order: in creation order the longest pieces would come first, and
+  # a short evaluation would score only long documents. Eval uses one fixed order whatever the run's seed.
+  it = packing.BestFitPack(it, seq_len=seq_len, features={'tokens': 0, 'loss_mask': 0, 'origin': -1},
+                           buffer_docs=cfg.pack_buffer, seed=_uint32(seed) if split == 'train' else 0)
+  it = it.map(functools.partial(_to_batch_keys, intra_doc_mask=bool(cfg.intra_doc_mask)))
+  it = it.batch(batch_size, drop_remainder=True)
   if rows is not None:
     it = it.map(functools.partial(_keep_rows, start=rows[0], stop=rows[1]))
   if prefetch:
@@ -208,47 +343,63 @@ def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, batch
   return it
 
 
-def document_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, process_index: int = 0,
-                     process_count: int = 1) -> grain.MapDataset:
-  """The endless stream of this process's tokenized documents, in groups of DOCS_PER_ENCODE, before packing.
-
-  Elements are lists of (document index in `sources.load_documents(cfg, split)`, int32 token ids ending in
-  EOS), one per document.
-
-  Train documents are shuffled from `seed`, in a new order every epoch; eval documents keep file order.
-  """
-  sources.check_split(split)
-  _check_process(process_index, process_count)
-  docs = sources.load_documents(cfg, split)
-  if len(docs) < process_count:
-    key = 'data.eval' if split == 'eval' and cfg.eval else 'data.train'
-    raise DataError(key, cfg[key[len('data.'):]], f'has {len(docs)} {split} documents for {process_count} processes',
-                    'expected at least one document per process')
-  # Indices rather than texts flow through sharding and shuffling, so each document keeps its global index.
-  ds = grain.MapDataset.range(len(docs))[process_index::process_count]
-  if split == 'train':
-    # Shuffle before repeat: grain folds the epoch into the shuffle seed, so every epoch gets a new order.
-    ds = ds.shuffle(seed=_uint32(seed))
-  return ds.repeat().batch(DOCS_PER_ENCODE, batch_fn=list).map(_EncodeGroup(docs, tokenizer))
-
-
 def sample_ids(cfg: Any, split: str, batch: Mapping[str, np.ndarray]) -> list[list[str]]:
   """Per row of a `make_dataset(cfg, ..., split=split)` batch, its distinct documents in order of appearance.
 
-  A document is named '<file>:<index in file>' (`sources.Documents.name`), plus ':chunk<K>' where the row holds
-  the K-th (0-based) seq_len piece of a document longer than seq_len.
+  A document is named '<source>:<file>:<index in file>' (`sources.Documents.name`), plus ':chunk<K>' where the
+  row holds the K-th (0-based) seq_len piece of a document longer than seq_len.
   """
-  docs = sources.load_documents(cfg, split)
+  specs = sources.source_specs(cfg)
+  docs = [sources.load_documents(spec.view, split) for spec in specs]
+  starts = np.cumsum([0] + [len(d) for d in docs])
   doc_ids, chunks = np.asarray(batch['doc_ids']), np.asarray(batch['doc_chunks'])
   out = []
   for row_ids, row_chunks in zip(doc_ids, chunks, strict=True):
     # A segment starts wherever the (document, piece) pair changes; padding (-1) names nothing.
-    starts = np.r_[True, (row_ids[1:] != row_ids[:-1]) | (row_chunks[1:] != row_chunks[:-1])] & (row_ids >= 0)
-    names = [docs.name(d) + (f':chunk{k}' if k >= 0 else '')
-             for d, k in zip(row_ids[starts].tolist(), row_chunks[starts].tolist(), strict=True)]
+    first = np.r_[True, (row_ids[1:] != row_ids[:-1]) | (row_chunks[1:] != row_chunks[:-1])] & (row_ids >= 0)
+    names = []
+    for d, k in zip(row_ids[first].tolist(), row_chunks[first].tolist(), strict=True):
+      s = int(np.searchsorted(starts, d, side='right')) - 1
+      names.append(f'{specs[s].name}:{docs[s].name(d - int(starts[s]))}' + (f':chunk{k}' if k >= 0 else ''))
     out.append(list(dict.fromkeys(names)))
   return out
 
 
 def _uint32(seed: int) -> int:
   return int(seed) % (1 << 32)  # grain seeds must fit in uint32.
+
+
+class SourceTokens:
+  """Tokens each source has contributed to the batches a run trained on, and the epochs that makes.
+
+  Counted on the host from the batches' doc ids (exact whatever the packing and prefetching did); epochs are
+  tokens seen / the source's train tokens (its share of them in a 'documents'-split multi-process run).
+  `state()`/`restore()` carry the counts across a resume.
+  """
+
+  def __init__(self, srcs: Sequence[Source], process_count: int = 1, split_documents: bool = True):
+    self.names = [s.name for s in srcs]
+    self._starts = np.cumsum([0] + [len(s.docs) for s in srcs])
+    share = process_count if split_documents else 1
+    self._totals = np.asarray([max(1, s.prepared.total_tokens // share) for s in srcs], np.float64)
+    self.tokens = np.zeros(len(srcs), np.int64)
+
+  def add(self, doc_ids: np.ndarray) -> None:
+    ids = np.asarray(doc_ids).reshape(-1)
+    ids = ids[ids >= 0]
+    which = np.searchsorted(self._starts, ids, side='right') - 1
+    self.tokens += np.bincount(which, minlength=len(self.names))[:len(self.names)]
+
+  def metrics(self) -> dict[str, float]:
+    """{'tokens/<source>': tokens so far, 'epochs/<source>': passes over it so far}."""
+    out = {}
+    for name, n, total in zip(self.names, self.tokens.tolist(), self._totals.tolist(), strict=True):
+      out[f'tokens/{name}'] = float(n)
+      out[f'epochs/{name}'] = n / total
+    return out
+
+  def state(self) -> dict[str, int]:
+    return dict(zip(self.names, self.tokens.tolist(), strict=True))
+
+  def restore(self, state: Mapping[str, int]) -> None:
+    self.tokens = np.asarray([int(state.get(n, 0)) for n in self.names], np.int64)

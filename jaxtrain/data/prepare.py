@@ -524,27 +524,28 @@ def _build(tmp: str, docs: Sequence, encode: Encoder, *, fingerprint: str, name:
 # ----------------------------------------------------------------------------- the configured split
 
 
-def split_fingerprint(data_cfg: Any, tokenizer: Tokenizer, docs: sources.Documents, *, template: str = 'none') -> str:
-  """`fingerprint_of` the parts that decide a split's tokens: its documents, the field read, tokenizer, template."""
+def split_fingerprint(data_cfg: Any, tokenizer: Tokenizer, docs: sources.Documents, *, template: Any = 'none') -> str:
+  """`fingerprint_of` the parts that decide a split's tokens: its documents, the field read, tokenizer, and the
+  encoder (`template`: 'none' for plain text, else what identifies the chat encoder)."""
   return fingerprint_of({'docs': docs.fingerprint(), 'text_field': data_cfg.text_field,
                          'tokenizer': tokenizer_identity(tokenizer), 'template': template})
 
 
 def prepare_split(data_cfg: Any, tokenizer: Tokenizer, split: str, *, encode: Encoder | None = None,
-                  template: str = 'none', root: str | None = None,
+                  template: Any = 'none', name: str | None = None, root: str | None = None,
                   log: Callable[[str], None] | None = None) -> tuple[sources.Documents, Prepared]:
-  """The documents of `split` and their prepared cache, for the data section (today's single source) or any
-  object `sources.load_documents` reads (a `SourceSpec.view`). `encode` defaults to `text_encoder(tokenizer)`;
-  a chat source passes its template's encoder and names the template, which joins the fingerprint.
+  """The documents of `split` and their prepared cache, for the data section (a single source) or a
+  `SourceSpec.view`. `encode` defaults to `text_encoder(tokenizer)`; a chat source passes its template's
+  encoder and what identifies it as `template`, which joins the fingerprint.
 
   Raises DataError when the encoder accepts none of the split's documents.
   """
   docs = sources.load_documents(data_cfg, split)
   prepared = prepare(docs, encode or text_encoder(tokenizer),
-                     split_fingerprint(data_cfg, tokenizer, docs, template=template), name=split, root=root, log=log)
+                     split_fingerprint(data_cfg, tokenizer, docs, template=template), name=name or split, root=root,
+                     log=log)
   if len(prepared) == 0:
-    keys = getattr(data_cfg, 'keys', None)  # a ConfigDict's .keys is its method, a view's a tuple of config keys
-    train_key, eval_key = keys[:2] if isinstance(keys, tuple) else ('data.train', 'data.eval')
+    train_key, eval_key, _ = sources.config_keys(data_cfg)
     use_eval = split == 'eval' and data_cfg.eval
     first = prepared.skipped_reasons[0] if prepared.skipped_reasons else 'none'
     raise DataError(eval_key if use_eval else train_key, data_cfg.eval if use_eval else data_cfg.train,

@@ -124,12 +124,111 @@ def list_files(cfg: Any, split: str) -> list[str]:
   Without `data.eval`, a held-out split of globbed files reads the same files as train (split by document).
   """
   check_split(split)
+  train_key, eval_key, _ = config_keys(cfg)
   if cfg.train == STDLIB:
     root = stdlib_root()
     return [os.path.join(root, r) for r in _stdlib_split(cfg, split)]
   if split == 'eval' and cfg.eval:
-    return expand_globs('data.eval', cfg.eval)
-  return expand_globs('data.train', cfg.train)
+    return expand_globs(eval_key, cfg.eval)
+  return expand_globs(train_key, cfg.train)
+
+
+# ----------------------------------------------------------------------------- named sources
+
+FORMATS = ('text', 'chat')
+ON_END = ('repeat', 'drop', 'stop')
+
+
+def source(path: str, **settings: Any) -> Any:
+  """A `data.sources.NAME` section: where one source's documents are and how it joins the mixture.
+
+    path        'stdlib' or comma-separated globs of .jsonl/.json/.parquet/text files
+    eval        globs of its held-out files; '' holds out data.eval_fraction of `path`
+    weight      share of the mixture's tokens (normalised over the sources); ignored when data.temperature > 0
+    epochs      0: endless (reshuffled every epoch); N: the source ends after N passes, then `on_end`
+    on_end      repeat (start over) | drop (leave the mixture, the others share its tokens) | stop (end the run)
+    format      text (a document per record) | chat (a `messages` list per record)
+    text_field  field / column of the text (format text)
+    messages_field  field of the messages list (format chat)
+    template    chat template: chatml | llama3 | mistral | gemma | qwen | tokenizer (the tokenizer's own)
+    max_files   stdlib only: the first N files (0: all)
+  """
+  import ml_collections  # Deferred: the data package itself does not need it.
+
+  s = ml_collections.ConfigDict()
+  s.path = path
+  s.eval = ''
+  s.weight = 1.0
+  s.epochs = 0
+  s.on_end = 'repeat'
+  s.format = 'text'
+  s.text_field = 'text'
+  s.messages_field = 'messages'
+  s.template = 'chatml'
+  s.max_files = 0
+  for key, value in settings.items():
+    if key not in s:
+      raise DataError(f'data.sources.<name>.{key}', value, 'is not a source setting', f'expected one of {sorted(s)}')
+    s[key] = value
+  return s
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One named source of a run, with a data-section view that `load_documents` reads."""
+  name: str
+  view: Any  # has train, eval, eval_fraction, text_field, max_files, like the data section
+  weight: float
+  epochs: int
+  on_end: str
+  format: str
+  field: str  # the text field (text) or the messages field (chat)
+  template: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  train: str
+  eval: str
+  eval_fraction: float
+  text_field: str  # the field read: text or messages
+  max_files: int
+  format: str
+  max_doc_bytes: int
+  max_bad_fraction: float
+  config_keys: tuple[str, str, str]  # config keys of train, eval and the field, for messages
+
+
+def source_specs(cfg: Any) -> list[SourceSpec]:
+  """The run's sources: the `data.sources` sections in order, or data.train alone (named 'stdlib' for the
+  embedded corpus, else 'train') when there are none."""
+  named = getattr(cfg, 'sources', None)
+  if not named:
+    view = _View(cfg.train, cfg.eval, cfg.eval_fraction, cfg.text_field, cfg.max_files, 'text', cfg.max_doc_bytes,
+                 cfg.max_bad_fraction, ('data.train', 'data.eval', 'data.text_field'))
+    return [SourceSpec('stdlib' if cfg.train == STDLIB else 'train', view, 1.0, 0, 'repeat', 'text', cfg.text_field,
+                       '')]
+  specs = []
+  for name in named:
+    s = named[name]
+    key = f'data.sources.{name}'
+    if not isinstance(name, str) or not name.replace('_', '').replace('-', '').isalnum():
+      raise DataError(key, name, 'is not a valid source name', 'expected letters, digits, - and _')
+    if s.format not in FORMATS:
+      raise DataError(f'{key}.format', s.format, 'is not valid', f'expected one of {FORMATS}')
+    if s.on_end not in ON_END:
+      raise DataError(f'{key}.on_end', s.on_end, 'is not valid', f'expected one of {ON_END}')
+    if isinstance(s.epochs, bool) or not isinstance(s.epochs, int) or s.epochs < 0:
+      raise DataError(f'{key}.epochs', s.epochs, 'is not valid', 'expected 0 (endless) or a number of passes')
+    if not s.path:
+      raise DataError(f'{key}.path', s.path, 'names no data', "expected 'stdlib' or globs of files")
+    field = s.messages_field if s.format == 'chat' else s.text_field
+    field_key = f'{key}.messages_field' if s.format == 'chat' else f'{key}.text_field'
+    view = _View(s.path, s.eval, cfg.eval_fraction, field, s.max_files, s.format, cfg.max_doc_bytes,
+                 cfg.max_bad_fraction, (f'{key}.path', f'{key}.eval', field_key))
+    specs.append(SourceSpec(name, view, float(s.weight), int(s.epochs), s.on_end, s.format, field,
+                            s.template if s.format == 'chat' else ''))
+  return specs
 
 
 # ----------------------------------------------------------------------------- documents
@@ -144,12 +243,14 @@ class _FileSpec:
   mtime_ns: int
 
 
-class Documents(Sequence[str]):
-  """Random-access texts of one split. Holds only an index (file, offset/row) plus Parquet text columns."""
+class Documents(Sequence[Any]):
+  """Random-access documents of one split: texts, or message lists for chat sources. Holds only an index
+  (file, offset/row) plus Parquet text columns."""
 
   def __init__(self, files: Sequence[_FileSpec], file_idx: np.ndarray, loc: np.ndarray, in_file: np.ndarray,
-               text_field: str, columns: dict[int, Any]):
+               text_field: str, columns: dict[int, Any], bad: BadRecords | None = None):
     self.files = list(files)
+    self.bad = bad or BadRecords()  # what indexing skipped, for the per-source report
     self._file_idx = file_idx
     self._loc = loc  # JSONL: byte offset of the line; Parquet: row; text: unused.
     self._in_file = in_file  # JSONL: line index; Parquet: row; text: 0.
@@ -173,7 +274,7 @@ class Documents(Sequence[str]):
       with open(path, 'rb') as fh:
         fh.seek(loc)
         return json.loads(fh.readline())[self._text_field]
-    with open(path, encoding='utf-8', errors='replace') as fh:
+    with open(path, encoding='utf-8') as fh:  # invalid UTF-8 raises: the prepare step skips and counts it
       return fh.read()
 
   def name(self, index: int) -> str:
@@ -186,7 +287,7 @@ class Documents(Sequence[str]):
   def subset(self, mask: np.ndarray) -> Documents:
     """The documents where `mask` is True, in the same order."""
     return Documents(self.files, self._file_idx[mask], self._loc[mask], self._in_file[mask], self._text_field,
-                     self._columns)
+                     self._columns, self.bad)
 
   @property
   def total_bytes(self) -> int:
@@ -215,37 +316,73 @@ def _relative_specs(paths: Sequence[str]) -> list[_FileSpec]:
   return [_spec(p, os.path.relpath(p, base).replace(os.sep, '/')) for p in paths]
 
 
-def _index_jsonl(spec: _FileSpec, key: str, value: str, text_field: str) -> list[tuple[int, int]]:
-  """(index in file, byte offset) of every non-empty document line; validates every line."""
+@dataclasses.dataclass
+class BadRecords:
+  """Records of a source that indexing skipped, by reason, with the first few places for the report."""
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  examples: list[str] = dataclasses.field(default_factory=list)
+  empty: int = 0  # empty documents: skipped and reported, but not counted against data.max_bad_fraction
+
+  def add(self, reason: str, where: str) -> None:
+    self.counts[reason] = self.counts.get(reason, 0) + 1
+    if len(self.examples) < 3:
+      self.examples.append(f'{reason} at {where}')
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def merged(self, other: BadRecords) -> BadRecords:
+    counts = dict(self.counts)
+    for k, v in other.counts.items():
+      counts[k] = counts.get(k, 0) + v
+    return BadRecords(counts, (self.examples + other.examples)[:3], self.empty + other.empty)
+
+
+def _check_value(value: Any, fmt: str) -> str | None:
+  """Why a record's field cannot be a document of format `fmt` (None: it can)."""
+  if fmt == 'chat':
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+      return f'a {type(value).__name__} where a list of messages was expected'
+    return None
+  return None if isinstance(value, str) else f'a {type(value).__name__} where a string was expected'
+
+
+def _index_jsonl(spec: _FileSpec, field: str, fmt: str, max_bytes: int, bad: BadRecords) -> list[tuple[int, int]]:
+  """(index in file, byte offset) of every usable document line; bad lines are counted in `bad`."""
   found = []
   offset = 0
   with open(spec.path, 'rb') as fh:
     for lineno, line in enumerate(fh, start=1):
       start, offset = offset, offset + len(line)
+      where = f'{spec.path}:{lineno}'
       if not line.strip():
         continue
+      if max_bytes and len(line) > max_bytes:
+        bad.add(f'a record over data.max_doc_bytes={max_bytes}', where)
+        continue
       try:
-        record = json.loads(line)
+        record = json.loads(line)  # bytes: invalid UTF-8 raises here too
       except ValueError as e:
-        raise DataError(key, value, f'has a line that is not valid JSON at {spec.path}:{lineno} ({e})',
-                        f'expected one JSON object per line with a string field data.text_field={text_field!r}'
-                        ) from None
-      if not isinstance(record, dict) or text_field not in record:
-        present = sorted(record) if isinstance(record, dict) else f'a JSON {type(record).__name__}, not an object'
-        raise DataError('data.text_field', text_field, f'is missing at {spec.path}:{lineno} (keys present: {present})',
-                        'set data.text_field to the field that holds the document text')
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise DataError('data.text_field', text_field,
-                        f'holds a {type(text).__name__}, not a string, at {spec.path}:{lineno}',
-                        'set data.text_field to a field whose values are strings')
-      if text:
+        bad.add(f'not valid JSON or UTF-8 ({str(e)[:60]})', where)
+        continue
+      if not isinstance(record, dict) or field not in record:
+        present = sorted(record)[:8] if isinstance(record, dict) else f'a JSON {type(record).__name__}'
+        bad.add(f'no field {field!r} (present: {present})', where)
+        continue
+      value = record[field]
+      problem = _check_value(value, fmt)
+      if problem:
+        bad.add(f'field {field!r} holds {problem}', where)
+      elif not value:
+        bad.empty += 1
+      else:
         found.append((lineno - 1, start))
   return found
 
 
-def _load_parquet_column(spec: _FileSpec, text_field: str):
-  """The text column of a Parquet file (a pyarrow Array) and the rows that hold non-empty text."""
+def _load_parquet_column(spec: _FileSpec, text_field: str, max_bytes: int, bad: BadRecords):
+  """The text column of a Parquet file (a pyarrow Array) and the rows that hold usable text."""
   import pyarrow as pa  # Deferred: only Parquet sources pay for the import.
   import pyarrow.compute as pc
   import pyarrow.parquet as pq
@@ -258,65 +395,101 @@ def _load_parquet_column(spec: _FileSpec, text_field: str):
   if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
     raise DataError('data.text_field', text_field, f'has type {column.type} in {spec.path}',
                     'set data.text_field to a string column')
-  keep = pc.and_(pc.is_valid(column), pc.greater(pc.utf8_length(column), 0))
-  rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
-  return column, rows
+  lengths = pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+  usable = lengths > 0
+  bad.empty += int((~usable).sum())
+  if max_bytes:
+    for r in np.flatnonzero(lengths > max_bytes)[:1_000_000]:
+      bad.add(f'a record over data.max_doc_bytes={max_bytes}', f'{spec.path} row {int(r)}')
+    usable &= lengths <= max_bytes
+  return column, np.flatnonzero(usable)
 
 
-@functools.lru_cache(maxsize=8)
-def _index_files(specs: tuple[_FileSpec, ...], key: str, value: str, text_field: str,
+@functools.lru_cache(maxsize=16)
+def _index_files(specs: tuple[_FileSpec, ...], key: str, value: str, field: str, fmt: str, max_bytes: int,
                  eval_fraction: float) -> tuple[Documents, np.ndarray]:
-  """All non-empty documents of `specs`, and which of them a held-out split by document puts in eval."""
+  """All usable documents of `specs`, and which of them a held-out split by document puts in eval."""
   file_idx, locs, in_file, in_eval, columns = [], [], [], [], {}
+  bad = BadRecords()
   for f, spec in enumerate(specs):
     if spec.path.endswith(_COMPRESSED_EXTS):
       raise DataError(key, value, f'matches a compressed file {spec.path}',
                       'expected uncompressed .jsonl/.json/.parquet/text files')
     if spec.path.endswith(_JSONL_EXTS):
-      entries = _index_jsonl(spec, key, value, text_field)
+      entries = _index_jsonl(spec, field, fmt, max_bytes, bad)
+    elif fmt == 'chat':
+      raise DataError(key, value, f'matches {spec.path}, which cannot hold chat records',
+                      'expected .jsonl/.json files with a list of messages per line for format chat')
     elif spec.path.endswith(_PARQUET_EXTS):
-      column, rows = _load_parquet_column(spec, text_field)
+      column, rows = _load_parquet_column(spec, field, max_bytes, bad)
       columns[f] = column
       entries = [(int(r), int(r)) for r in rows]
+    elif spec.size == 0:
+      bad.empty += 1
+      entries = []
+    elif max_bytes and spec.size > max_bytes:
+      bad.add(f'a file over data.max_doc_bytes={max_bytes}', spec.path)
+      entries = []
     else:
-      entries = [(0, 0)] if spec.size > 0 else []
+      entries = [(0, 0)]
     for index, loc in entries:
       file_idx.append(f)
       locs.append(loc)
       in_file.append(index)
       in_eval.append(_in_eval(f'{spec.rel}:{index}', eval_fraction))
   docs = Documents(specs, np.asarray(file_idx, np.int32), np.asarray(locs, np.int64), np.asarray(in_file, np.int64),
-                   text_field, columns)
+                   field, columns, bad)
   return docs, np.asarray(in_eval, bool)
 
 
-def load_documents(cfg: Any, split: str) -> Documents:
-  """The documents of `split` ('train' or 'eval'); empty documents are skipped.
+def config_keys(cfg: Any) -> tuple[str, str, str]:
+  """Config keys of a split's train files, eval files and field, for error messages."""
+  return cfg.config_keys if isinstance(cfg, _View) else ('data.train', 'data.eval', 'data.text_field')
 
-  Raises DataError when the split holds no document. Indexes are cached per process and keyed on file
-  sizes and mtimes, so repeated calls (tokenizer, train and eval datasets) read the files once.
+
+def load_documents(cfg: Any, split: str) -> Documents:
+  """The documents of `split` ('train' or 'eval') of the data section or of a `SourceSpec.view`.
+
+  Records that cannot be documents (malformed JSON or UTF-8, a missing or mistyped field, over
+  data.max_doc_bytes) are skipped and counted in `Documents.bad`, as are empty ones; more bad records than
+  data.max_bad_fraction of the split raises DataError, as does a split without documents. Indexes are cached
+  per process and keyed on file sizes and mtimes, so repeated calls read the files once.
   """
   check_split(split)
+  train_key, eval_key, field_key = config_keys(cfg)
+  fmt = getattr(cfg, 'format', 'text')
+  max_bytes = int(getattr(cfg, 'max_doc_bytes', 0))
   held_out = False
   if cfg.train == STDLIB:
     root = stdlib_root()
-    key, value = 'data.train', cfg.train
+    key, value = train_key, cfg.train
     specs = [_spec(os.path.join(root, r), r) for r in _stdlib_split(cfg, split)]
   elif split == 'eval' and cfg.eval:
-    key, value = 'data.eval', cfg.eval
+    key, value = eval_key, cfg.eval
     specs = _relative_specs(expand_globs(key, value))
   else:
-    key, value = 'data.train', cfg.train
+    key, value = train_key, cfg.train
     specs = _relative_specs(expand_globs(key, value))
     held_out = not cfg.eval
   fraction = _check_fraction(cfg) if held_out else 0.0
-  docs, in_eval = _index_files(tuple(specs), key, value, cfg.text_field, fraction)
+  docs, in_eval = _index_files(tuple(specs), key, value, cfg.text_field, fmt, max_bytes, fraction)
+  _check_bad(docs, key, value, float(getattr(cfg, 'max_bad_fraction', 1.0)))
   if held_out:
     docs = docs.subset(in_eval if split == 'eval' else ~in_eval)
   if len(docs) == 0:
     if held_out and split == 'eval':
       raise DataError('data.eval_fraction', cfg.eval_fraction,
-                      f'holds out no document of data.train={cfg.train!r}', _SPLIT_HINT)
+                      f'holds out no document of {train_key}={cfg.train!r}', _SPLIT_HINT)
     raise DataError(key, value, f'holds no non-empty document for the {split} split',
-                    f'expected files with text in field/column data.text_field={cfg.text_field!r}')
+                    f'expected files with {"messages" if fmt == "chat" else "text"} in field/column '
+                    f'{field_key}={cfg.text_field!r}')
   return docs
+
+
+def _check_bad(docs: Documents, key: str, value: str, max_fraction: float) -> None:
+  bad = docs.bad
+  seen = len(docs) + bad.total
+  if bad.total and bad.total > max_fraction * seen:
+    raise DataError(key, value, f'has {bad.total} bad records of {seen} ({bad.total / seen:.1%}, more than '
+                    f'data.max_bad_fraction={max_fraction:g}; first: {"; ".join(bad.examples)})',
+                    'fix or remove those records, or raise data.max_bad_fraction to skip them')

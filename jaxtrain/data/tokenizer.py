@@ -7,6 +7,7 @@ train documents, so building takes seconds and every process that builds it gets
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -122,15 +123,27 @@ def _load_pretrained_dir(value: str, path: str) -> Tokenizer:
 # ----------------------------------------------------------------------------- the built BPE
 
 
-def _fingerprint(cfg: Any, docs: sources.Documents) -> str:
+def _fingerprint(cfg: Any, parts: Sequence[tuple[str, sources.Documents]], specials: Sequence[str]) -> str:
   h = hashlib.sha256()
-  parts = [BUILD_VERSION, tokenizers.__version__, cfg.train, int(cfg.tokenizer_vocab_size), int(cfg.max_files),
+  if len(parts) == 1 and not specials:  # the single-source recipe, whose cache keys predate named sources
+    key = [BUILD_VERSION, tokenizers.__version__, cfg.train, int(cfg.tokenizer_vocab_size), int(cfg.max_files),
            TRAIN_BUDGET_CHARS]
-  if cfg.train == sources.STDLIB:
-    parts.append(sys.version_info[:2])  # The file list below already pins the stdlib content.
-  h.update(repr(parts).encode())
-  h.update(docs.fingerprint().encode())
+    if cfg.train == sources.STDLIB:
+      key.append(sys.version_info[:2])  # The file list below already pins the stdlib content.
+  else:
+    key = [BUILD_VERSION, tokenizers.__version__, int(cfg.tokenizer_vocab_size), TRAIN_BUDGET_CHARS,
+           sys.version_info[:2], [name for name, _ in parts], list(specials)]
+  h.update(repr(key).encode())
+  for _, docs in parts:
+    h.update(docs.fingerprint().encode())
   return h.hexdigest()[:16]
+
+
+def _as_text(doc: Any) -> str:
+  """A document's text for BPE training: chat records contribute their message contents."""
+  if isinstance(doc, str):
+    return doc
+  return '\n'.join(m.get('content') or '' for m in doc if isinstance(m, dict) and isinstance(m.get('content'), str))
 
 
 def training_texts(docs: Sequence[str], total_bytes: int, budget: int = TRAIN_BUDGET_CHARS) -> Iterator[str]:
@@ -143,20 +156,29 @@ def training_texts(docs: Sequence[str], total_bytes: int, budget: int = TRAIN_BU
   for i in range(0, len(docs), stride):
     if left <= 0:
       return
-    text = docs[i][:left]
+    text = _as_text(docs[i])[:left]
     left -= len(text)
     yield text
 
 
-def build_bpe(texts: Iterator[str], vocab_size: int) -> tokenizers.Tokenizer:
-  """A byte-level BPE with `EOS` as its only special token, trained on `texts`."""
+def build_bpe(texts: Iterator[str], vocab_size: int, specials: Sequence[str] = ()) -> tokenizers.Tokenizer:
+  """A byte-level BPE with `EOS` (then `specials`, e.g. a chat template's tokens) as special tokens."""
   backend = tokenizers.Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   backend.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, *[t for t in specials if t != EOS]],
+                                show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   backend.train_from_iterator(texts, trainer=trainer)
   return backend
+
+
+def _template_specials(specs: Sequence[sources.SourceSpec]) -> list[str]:
+  """Special tokens the chat templates of `specs` need, in a stable order."""
+  names = sorted({s.template for s in specs if s.format == 'chat' and s.template != 'tokenizer'})
+  if not names:
+    return []
+  from jaxtrain.data import chat  # Deferred: text-only runs never import the templates.
+  return list(dict.fromkeys(t for name in names for t in chat.special_tokens(name)))
 
 
 def _built_tokenizer(cfg: Any) -> Tokenizer:
@@ -164,10 +186,21 @@ def _built_tokenizer(cfg: Any) -> Tokenizer:
   if cfg.tokenizer_vocab_size < min_vocab:
     raise DataError('data.tokenizer_vocab_size', cfg.tokenizer_vocab_size, 'is too small for a byte-level BPE',
                     f'expected at least {min_vocab} (256 bytes + EOS); 4096-32768 are typical')
-  docs = sources.load_documents(cfg, 'train')
-  path = os.path.join(cache_root(), 'tokenizers', _fingerprint(cfg, docs), 'tokenizer.json')
+  specs = sources.source_specs(cfg)
+  for spec in specs:
+    if spec.format == 'chat' and spec.template == 'tokenizer':
+      raise DataError(f'data.sources.{spec.name}.template', spec.template, 'needs a tokenizer with a chat template',
+                      "set data.tokenizer to a Hugging Face tokenizer directory, or name a shipped template")
+  parts = [(spec.name, sources.load_documents(spec.view, 'train')) for spec in specs]
+  specials = _template_specials(specs)
+  path = os.path.join(cache_root(), 'tokenizers', _fingerprint(cfg, parts, specials), 'tokenizer.json')
   if not os.path.exists(path):
-    backend = build_bpe(training_texts(docs, docs.total_bytes), int(cfg.tokenizer_vocab_size))
+    total = sum(docs.total_bytes for _, docs in parts)
+    # Each source gets a share of the character budget in proportion to its bytes.
+    texts = itertools.chain.from_iterable(
+        training_texts(docs, docs.total_bytes, max(1, TRAIN_BUDGET_CHARS * docs.total_bytes // max(total, 1)))
+        for _, docs in parts)
+    backend = build_bpe(texts, int(cfg.tokenizer_vocab_size), specials)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Write then rename: a concurrent reader sees either no file or a complete one.
     tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp'
