@@ -334,12 +334,12 @@ def small_docs(tmp_path_factory):
 
 @pytest.mark.parametrize('prefetch', [0, 2])
 def test_resume_gives_identical_batches(small_docs, jsonl_tok, prefetch):
-  cfg = _cfg(train=str(small_docs), eval_fraction=0.1, prefetch=prefetch)
+  cfg = _cfg(train=str(small_docs), eval_fraction=0.1, prefetch=prefetch, shuffle_window=32, pack_buffer=48)
   make = lambda: iter(make_dataset(cfg, jsonl_tok, split='train', seed=7, batch_size=4))
   it = make()
   reference = _take(it, 28)
-  # An epoch is ~14 batches (~139 documents of ~24 tokens) and a packing pass 16 batches (64 rows):
-  # the states below fall before, around and after both boundaries.
+  # An epoch is ~14 batches (~139 documents of ~24 tokens, ~10 per batch) and a packing window of 48 pieces
+  # about 5 batches: the states below fall before, around and after both kinds of boundary.
   for n in (0, 5, 13, 14, 15, 16, 21):
     it = make()
     _take(it, n)
