@@ -21,9 +21,9 @@ Sizes:
   125m  6 stacks x 2 blocks, d_model 768, 12 heads, 32k vocab, seq 1024 x batch 64, 6 stages x 2000 steps
         (accelerator; not yet measured: no GPU was available to the session that wrote this).
 
-Expected on a 2-core CPU (measured while the test suite ran beside it, so the time is an upper bound): 12 min
-27 s wall, 9 min CPU; eval ELBO about 6.6 nats/token after stage 0 and for the final rack (measured 6.59 and
-6.66; 16 eval batches; uniform guessing is 8.35). At this size the
+Expected on a 2-core CPU (`make run` from a fresh clone, 2026-12-01): 6 min 39 s wall including the install,
+about 80 s per stage; eval ELBO about 6.6 nats/token after stage 0 and for the final rack (measured 6.69 and
+6.58; 16 eval batches; uniform guessing is 8.35). At this size the
 end-to-end baseline (`direction=joint`, same tokens) reaches a better ELBO (docs/benchmarks.md, "StackWise").
 Samples are still mostly repeated tokens. The same job with 150
 steps per stage took 3 min 48 s. A rerun gives the same losses (tested on tiny racks).
