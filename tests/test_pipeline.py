@@ -3,6 +3,7 @@ policies, bad records skipped and counted, blocklists, the intra-document mask s
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -13,13 +14,6 @@ from jaxtrain.data.sources import source
 from jaxtrain.defaults import base_config
 
 SEQ_LEN = 64
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _cache_dir(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('JAXTRAIN_CACHE', str(tmp_path_factory.mktemp('jaxtrain_cache')))
-    yield
 
 
 def _write_jsonl(path, records):
@@ -128,13 +122,7 @@ def test_finite_sources_end_by_policy(corpora):
                shuffle_window=0)
     tok = load_tokenizer(cfg)
     srcs = pipeline.load_sources(cfg, tok, 'train')
-    it = iter(make_dataset(cfg, tok, split='train', seed=0, batch_size=4))
-    out = []
-    for _ in range(n):
-      try:
-        out.append(next(it))
-      except StopIteration:
-        break
+    out = list(itertools.islice(make_dataset(cfg, tok, split='train', seed=0, batch_size=4), n))  # ends early
     return srcs, out, cfg, tok
 
   srcs, batches, _, _ = stream('stop', n=400)
