@@ -28,7 +28,7 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check jaxtrain tests configs benchmarks
 
 bench: $(VENV)/.installed-dev
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
