@@ -137,7 +137,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
                                  batch_size=config.data.batch_size // jax.process_count(),
                                  process_index=jax.process_index(), process_count=jax.process_count(), srcs=srcs)
   data_iter = iter(train_data)
-  seen = data.pipeline.SourceTokens(srcs, jax.process_count(), config.data.process_split == 'documents')
+  seen = data.pipeline.SourceTokens(srcs, jax.process_count())
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                       shared_data_state=config.data.process_split == 'rows')

@@ -372,16 +372,16 @@ def _uint32(seed: int) -> int:
 class SourceTokens:
   """Tokens each source has contributed to the batches a run trained on, and the epochs that makes.
 
-  Counted on the host from the batches' doc ids (exact whatever the packing and prefetching did); epochs are
-  tokens seen / the source's train tokens (its share of them in a 'documents'-split multi-process run).
-  `state()`/`restore()` carry the counts across a resume.
+  Counted on the host from this process's rows (exact whatever the packing and prefetching did). Epochs are
+  tokens seen / this process's share of the source's train tokens: with process_split 'documents' it reads
+  1/process_count of the documents, with 'rows' it keeps 1/process_count of every batch, so the share is the
+  same. `state()`/`restore()` carry the counts across a resume.
   """
 
-  def __init__(self, srcs: Sequence[Source], process_count: int = 1, split_documents: bool = True):
+  def __init__(self, srcs: Sequence[Source], process_count: int = 1):
     self.names = [s.name for s in srcs]
     self._starts = np.cumsum([0] + [len(s.docs) for s in srcs])
-    share = process_count if split_documents else 1
-    self._totals = np.asarray([max(1, s.prepared.total_tokens // share) for s in srcs], np.float64)
+    self._totals = np.asarray([max(1, s.prepared.total_tokens // process_count) for s in srcs], np.float64)
     self.tokens = np.zeros(len(srcs), np.int64)
 
   def add(self, doc_ids: np.ndarray) -> None:
