@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_one_run(tmp_path):
+def test_two_processes_train_one_run_that_refuses_another_process_count(tmp_path):
   workdir = str(tmp_path / 'run')
   port = free_port()
   procs = []
@@ -41,6 +41,18 @@ def test_two_processes_train_one_run(tmp_path):
   assert records[0]['loss_tokens'] > 0 and all(r['loss'] == r['loss'] for r in records if 'loss' in r)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', '6', 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+  # That run read disjoint documents per process (process_split='documents', the default): it cannot silently
+  # resume with another process count (checked on this run's checkpoint rather than a second 2-process run).
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+       '--config.train.steps=8', '--config.checkpoint.every=3', '--config.train.eval_every=0'],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1 and 'written by 2 processes' in lines[0] and "process_split='rows'" in lines[0]
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '6'))  # nothing moved aside or lost
 
 
 def launch(workdir: str, processes: int, devices_each: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -89,19 +101,3 @@ def test_two_processes_match_one_and_one_process_restores_their_checkpoint(tmp_p
   resumed = train_losses(double)
   for step in range(5, 9):
     assert resumed[step] == pytest.approx(one[step], rel=1e-6), (step, one[step], resumed[step])
-
-
-@pytest.mark.slow
-def test_documents_split_checkpoint_refuses_another_process_count(tmp_path):
-  """A run whose processes read disjoint documents cannot silently resume with another process count."""
-  workdir = str(tmp_path / 'run')
-  launch(workdir, processes=2, devices_each=2, steps=4, extra=('--config.data.process_split=documents',))
-  proc = subprocess.run(
-      [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
-       '--config.train.steps=8', '--config.checkpoint.every=4', '--config.data.process_split=documents'],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
-      capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-  assert len(lines) == 1 and 'written by 2 processes' in lines[0] and "process_split='rows'" in lines[0]
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # nothing moved aside or lost
