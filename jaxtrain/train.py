@@ -47,12 +47,13 @@ def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule
 
 
 def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
+             mesh: jax.sharding.Mesh, srcs: Any = None) -> dict[str, float]:
   """Loss and perplexity over the first `train.eval_batches` batches of the held-out split (same packing
-  as training; the same batches every time), plus eval_X for every further sum `X_sum` the loss reports."""
+  as training; the same batches every time), plus eval_X for every further sum `X_sum` the loss reports.
+  `srcs`: the eval split's `data.pipeline.load_sources`, when the caller has loaded it already."""
   ds = data.make_dataset(config.data, tokenizer, split='eval', seed=config.train.seed,
                          batch_size=config.data.batch_size // jax.process_count(),
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=jax.process_index(), process_count=jax.process_count(), srcs=srcs)
   it = iter(ds)
   totals: dict[str, float] = {}
   for _ in range(config.train.eval_batches):
@@ -138,6 +139,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
                                  process_index=jax.process_index(), process_count=jax.process_count(), srcs=srcs)
   data_iter = iter(train_data)
   seen = data.pipeline.SourceTokens(srcs, jax.process_count())
+  eval_srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')  # once, not at every evaluation
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                       shared_data_state=config.data.process_split == 'rows')
@@ -197,7 +199,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   def run_eval() -> tuple[dict, dict]:
     """(eval metrics, their cost): the cost is logged but kept out of summary['eval'], which is reproducible."""
     t = time.perf_counter()
-    values = evaluate(eval_step, state, config, tokenizer, mesh)
+    values = evaluate(eval_step, state, config, tokenizer, mesh, eval_srcs)
     summary['flops']['eval'] += eval_flops
     return values, {'eval_flops': eval_flops, 'eval_tflops_per_s': eval_flops / (time.perf_counter() - t) / 1e12}
 

@@ -84,14 +84,10 @@ def load_sources(cfg: Any, tokenizer: Tokenizer, split: str, log: Any = None) ->
     encoder, identity = encoder_for(spec, tokenizer)
     docs, prepared = prepare.prepare_split(spec.view, tokenizer, split, encode=encoder, template=identity,
                                            name=f'{spec.name}-{split}', log=log)
-    bad = docs.bad.total + prepared.skipped
-    seen = len(docs) + docs.bad.total
-    limit = float(getattr(cfg, 'max_bad_fraction', 1.0))
-    if prepared.skipped and bad > limit * seen:
-      raise DataError(spec.view.config_keys[0], spec.view.train,
-                      f'has {bad} bad {split} records of {seen} ({bad / seen:.1%}, more than'
-                      f' data.max_bad_fraction={limit:g}; first: {"; ".join(prepared.skipped_reasons[:2])})',
-                      'fix or remove those records, or raise data.max_bad_fraction to skip them')
+    # Indexing already checked its own skips; records the encoder rejected count on top of them.
+    sources.check_bad_fraction(spec.view.config_keys[0], spec.view.train, docs.bad.total + prepared.skipped,
+                               len(docs) + docs.bad.total, (docs.bad.examples + prepared.skipped_reasons)[:3],
+                               float(getattr(cfg, 'max_bad_fraction', 1.0)))
     out.append(Source(spec, docs, prepared, offset))
     offset += len(docs)
   return out

@@ -473,7 +473,8 @@ def load_documents(cfg: Any, split: str) -> Documents:
     held_out = not cfg.eval
   fraction = _check_fraction(cfg) if held_out else 0.0
   docs, in_eval = _index_files(tuple(specs), key, value, cfg.text_field, fmt, max_bytes, fraction)
-  _check_bad(docs, key, value, float(getattr(cfg, 'max_bad_fraction', 1.0)))
+  check_bad_fraction(key, value, docs.bad.total, len(docs) + docs.bad.total, docs.bad.examples,
+                     float(getattr(cfg, 'max_bad_fraction', 1.0)))
   if held_out:
     docs = docs.subset(in_eval if split == 'eval' else ~in_eval)
   if len(docs) == 0:
@@ -486,10 +487,9 @@ def load_documents(cfg: Any, split: str) -> Documents:
   return docs
 
 
-def _check_bad(docs: Documents, key: str, value: str, max_fraction: float) -> None:
-  bad = docs.bad
-  seen = len(docs) + bad.total
-  if bad.total and bad.total > max_fraction * seen:
-    raise DataError(key, value, f'has {bad.total} bad records of {seen} ({bad.total / seen:.1%}, more than '
-                    f'data.max_bad_fraction={max_fraction:g}; first: {"; ".join(bad.examples)})',
+def check_bad_fraction(key: str, value: Any, bad: int, seen: int, examples: Sequence[str], max_fraction: float) -> None:
+  """DataError when `bad` of `seen` records is more than data.max_bad_fraction; `examples` name the first."""
+  if bad and bad > max_fraction * seen:
+    raise DataError(key, value, f'has {bad} bad records of {seen} ({bad / seen:.1%}, more than '
+                    f'data.max_bad_fraction={max_fraction:g}; first: {"; ".join(examples)})',
                     'fix or remove those records, or raise data.max_bad_fraction to skip them')
