@@ -11,10 +11,11 @@ def test_targets_never_cross_documents_or_enter_padding():
   batch = packed_batch([[3, 4]], 9)
   batch['loss_mask'][0, 5] = 0  # a masked target inside document 2
   targets, weights = losses.next_token_targets(batch)
-  np.testing.assert_array_equal(targets[0], batch['tokens'][0, 1:])
+  assert targets.shape == weights.shape == batch['tokens'].shape  # as long as the logits
+  np.testing.assert_array_equal(targets[0, :-1], batch['tokens'][0, 1:])
   # position t predicts t+1: doc1 0->1, 1->2; 2->3 crosses into doc2; doc2 3->4, 4->5 (masked), 5->6; 6->7 is
-  # doc2 -> doc2 end at index 6, 7->8 padding.
-  np.testing.assert_array_equal(weights[0], [1, 1, 0, 1, 0, 1, 0, 0])
+  # doc2 -> doc2 end at index 6, 7->8 padding; the last position has no next token.
+  np.testing.assert_array_equal(weights[0], [1, 1, 0, 1, 0, 1, 0, 0, 0])
 
 
 def test_cross_entropy_sums_match_numpy():
@@ -28,3 +29,23 @@ def test_cross_entropy_sums_match_numpy():
   np.testing.assert_allclose(out['loss_sum'], (ce * weights).sum(), rtol=1e-5)
   np.testing.assert_allclose(out['z_loss_sum'], 1e-2 * (lse ** 2 * weights).sum(), rtol=1e-5)
   assert out['tokens'] == weights.sum()
+
+
+def test_token_nll_gradient_equals_autodiff_of_log_softmax():
+  """The hand-written backward (one pass over the logits) against autodiff, with cotangents on both outputs
+  as the z-loss gives them."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(3, 4, 11)) * 4, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (3, 4)), jnp.int32)
+  g_nll, g_lse = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(2))
+
+  def reference(x):
+    lse = jax.nn.logsumexp(x, axis=-1)
+    return lse - jnp.take_along_axis(x, targets[..., None], -1)[..., 0], lse
+
+  ours, vjp = jax.vjp(lambda x: losses.token_nll(x, targets), logits)
+  ref, ref_vjp = jax.vjp(reference, logits)
+  for a, b in zip(ours, ref, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  np.testing.assert_allclose(vjp((g_nll, g_lse))[0], ref_vjp((g_nll, g_lse))[0], rtol=1e-5, atol=1e-6)

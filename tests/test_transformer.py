@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxtrain import models
+from jaxtrain.models import transformer
 from tests.helpers import packed_batch, tiny
 
 
@@ -216,3 +217,62 @@ def test_zero_gains_reduce_the_model_to_embedding_and_head():
   x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * np.asarray(params['final_norm']['scale'])
   logits = jax.jit(lambda p, b: models.apply(graphdef, p, b))(params, batch)
   np.testing.assert_allclose(logits, x @ np.asarray(params['embed']).T, atol=1e-5)
+
+
+def _autodiff_swiglu(x, gate, up, down):
+  return jnp.einsum('btf,fd->btd', jax.nn.silu(jnp.einsum('btd,df->btf', x, gate)) * jnp.einsum('btd,df->btf', x, up),
+                    down)
+
+
+def _autodiff_rope(x, positions, theta):
+  half = x.shape[-1] // 2
+  angles = positions[..., None].astype(jnp.float32) * theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def test_hand_written_backward_passes_equal_autodiff():
+  """The SwiGLU MLP and RoPE carry their own VJPs (faster on XLA CPU): values and gradients must be the
+  autodiff ones, for a random cotangent (not a sum, whose cotangent of ones would hide a transposed term)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+  gate, up = (jnp.asarray(rng.normal(size=(16, 24)) * 0.3, jnp.float32) for _ in range(2))
+  down = jnp.asarray(rng.normal(size=(24, 16)) * 0.3, jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+  ours, vjp = jax.vjp(transformer.swiglu, x, gate, up, down)
+  ref, ref_vjp = jax.vjp(_autodiff_swiglu, x, gate, up, down)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)
+  for a, b in zip(vjp(dy), ref_vjp(dy), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  q = jnp.asarray(rng.normal(size=(2, 7, 3, 8)), jnp.float32)
+  positions = jnp.asarray(rng.integers(0, 50, (2, 7)), jnp.int32)
+  dq = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  ours, vjp = jax.vjp(lambda q: transformer.rope(q, positions, 1e4), q)
+  ref, ref_vjp = jax.vjp(lambda q: _autodiff_rope(q, positions, 1e4), q)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(vjp(dq)[0], ref_vjp(dq)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_takes_the_hand_written_backward_only_for_plain_weights(monkeypatch):
+  """LoRA/quantized weights compute their own products, biases are outside the fused form: those keep
+  autodiff; a plain SwiGLU MLP calls `swiglu`."""
+  calls = []
+  monkeypatch.setattr(transformer, 'swiglu', lambda *a: calls.append(1) or _autodiff_swiglu(*a))
+  batch = packed_batch([[8]], 8)
+  for cfg, expected in [(tiny(), True), (tiny(mlp_bias=True), False), (tiny(mlp='gelu'), False)]:
+    calls.clear()
+    graphdef, _, _ = models.describe(cfg)
+    models.apply(graphdef, models.init_params(cfg, jax.random.PRNGKey(0)), batch)
+    assert bool(calls) == expected, cfg
+
+
+def test_scan_layers_unset_unrolls_on_cpu_unless_remat():
+  from jaxtrain.defaults import base_config
+  model = base_config().model
+  assert model.scan_layers is None and models.model_config(model, 100).scan_layers is False  # tests run on CPU
+  model.remat = 'full'
+  assert models.model_config(model, 100).scan_layers is True  # remat keeps the scan's memory bound
+  model.scan_layers = False
+  assert models.model_config(model, 100).scan_layers is False  # set explicitly: as given
