@@ -7,6 +7,7 @@ key that is not defined here, so a typo is an error instead of a silently new se
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = 'float32'
   m.compute_dtype = 'auto'  # auto: bfloat16 on accelerators, float32 on CPU.
   m.remat = 'none'  # none | full | save_dots
-  m.scan_layers = True  # lax.scan over layers: compile time flat in depth.
+  # None (auto): unrolled on CPU, where it is faster (benchmarks/cpu_settings.py), unless remat is on; lax.scan
+  # on accelerators, where compile time stays flat in depth. True/False force one.
+  m.scan_layers = config_dict.placeholder(bool)
   m.attention_block = -1  # causal attention in query blocks of this size; 0: one call; -1: 128 on CPU, else 0.
   # Architecture switches for imported Hugging Face families (jaxtrain.hf); the defaults are Llama.
   m.norm = 'rmsnorm'  # rmsnorm | layernorm (GPT-2: with bias)

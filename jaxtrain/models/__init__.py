@@ -28,13 +28,15 @@ def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
     compute = 'float32' if cpu else 'bfloat16'
   # Blocked causal attention halves XLA CPU's attention time; on accelerators one call lets cuDNN fuse it.
   block = model.attention_block if model.attention_block >= 0 else (128 if cpu else 0)
+  # Unrolled layers are faster on CPU; with remat (asked for to save memory) the scan keeps its bound.
+  scan = (not cpu or model.remat != 'none') if model.scan_layers is None else model.scan_layers
   return ModelConfig(
       vocab_size=vocab, d_model=model.d_model, num_layers=model.num_layers, num_heads=model.num_heads,
       num_kv_heads=model.num_kv_heads, head_dim=model.head_dim or model.d_model // model.num_heads,
       mlp_dim=model.mlp_dim, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
       tie_embeddings=model.tie_embeddings, qkv_bias=model.qkv_bias, qk_norm=model.qk_norm,
       init_std=model.init_std, param_dtype=model.param_dtype, compute_dtype=compute, remat=model.remat,
-      scan_layers=model.scan_layers, attention_block=block, norm=model.norm, positions=model.positions,
+      scan_layers=scan, attention_block=block, norm=model.norm, positions=model.positions,
       max_positions=model.max_positions, mlp=model.mlp, mlp_bias=model.mlp_bias, attn_out_bias=model.attn_out_bias,
       rope_scaling=model.rope_scaling, rope_factor=model.rope_factor, rope_low_freq_factor=model.rope_low_freq_factor,
       rope_high_freq_factor=model.rope_high_freq_factor,
