@@ -177,8 +177,7 @@ def _rotate(x: Array, cos: Array, sin: Array) -> Array:
   """Each half-split pair (x1, x2) turned by the angle of (cos, sin).
 
   The backward pass is the same turn by the opposite angle. Autodiff of the split and concatenate
-  instead builds slices, pads and a transposed copy per use (about 0.4 s of a 7 s CPU step at 31.5M
-  parameters, B*T 4096).
+  instead builds slices and pads of the cotangent (seen in XLA's CPU profile of the train step).
   """
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -229,49 +228,6 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, v.shape[-1])
 
 
-_MASKED = -0.7 * float(np.finfo(np.float32).max)  # as jax.nn.dot_product_attention's masking
-
-
-@jax.custom_vjp
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """softmax(q k^T / sqrt(H), masked) v for q (B,T,N,H), k (B,S,K,H), v (B,S,K,Hv), mask (B,1,T,S); K divides N.
-
-  Written out with its own backward pass for the CPU path: autodiff of the softmax reduces p * dp over
-  the keys, where the standard form reduces do * o over the head dim (S/H times less work), and jax's
-  library call adds a cast and transposes around the products. Scores and probabilities are float32.
-  """
-  return _attend_fwd(q, k, v, mask)[0]
-
-
-def _attend_fwd(q: Array, k: Array, v: Array, mask: Array) -> tuple[Array, tuple[Array, ...]]:
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, h)
-  s = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-  s = jnp.where(mask[:, :, None], s, _MASKED)
-  p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum('bkgts,bskh->btkgh', p.astype(v.dtype), v).reshape(b, t, n, v.shape[-1])
-  return out, (q, k, v, p, out)
-
-
-def _attend_bwd(res: tuple[Array, ...], do: Array) -> tuple[Array, Array, Array, None]:
-  q, k, v, p, out = res
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  group = lambda a: a.reshape(b, t, kv, n // kv, a.shape[-1])  # noqa: E731
-  dog = group(do)
-  dv = jnp.einsum('bkgts,btkgh->bskh', p.astype(do.dtype), dog)
-  dp = jnp.einsum('btkgh,bskh->bkgts', dog, v, preferred_element_type=jnp.float32)
-  delta = jnp.einsum('btkgh,btkgh->bkgt', dog.astype(jnp.float32), group(out).astype(jnp.float32))
-  ds = (p * (dp - delta[..., None]) / math.sqrt(h)).astype(q.dtype)
-  dq = jnp.einsum('bkgts,bskh->btkgh', ds, k).reshape(q.shape)
-  dk = jnp.einsum('bkgts,btkgh->bskh', ds, group(q))
-  return dq, dk, dv, None
-
-
-attend.defvjp(_attend_fwd, _attend_bwd)
-
-
 def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, block: int,
               window: int = 0) -> Array:
   """Masked attention through `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU).
@@ -289,7 +245,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, bl
     end = min(start + block, t)
     first = max(0, start - window + 1) if window else 0
     mask = attention_mask(segment_ids[:, start:end], causal, segment_ids[:, first:end], start, window, first)
-    outs.append(attend(q[:, start:end], k[:, first:end], v[:, first:end], mask))
+    outs.append(dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -390,9 +346,9 @@ def swiglu(x: Array, gate: Array, up: Array, down: Array) -> Array:
 
   Autodiff of the same expression keeps four (B, T, F) residuals per layer (the pieces of silu's
   derivative), and on XLA CPU each weight gradient then needs an elementwise pass that writes its (B*T, F)
-  operand transposed; together about 0.2 s of a 0.54 s MLP forward + backward at B*T 4096, D 512, F 1536
-  (benchmarks/step_breakdown.py). Here the residuals are the two projections and the backward is six
-  plain products: 0.34 s, close to torch's 0.31 s, with gradients equal to autodiff's to float rounding.
+  operand transposed. Here the residuals are the two projections and the backward is six plain products:
+  forward + backward at B*T 4096, D 512, F 1536 takes 0.38 s instead of 0.55 s (torch eager: 0.26 s;
+  benchmarks/step_breakdown.py), with gradients equal to autodiff's to float rounding.
   """
   return jnp.einsum('btf,fd->btd', _silu_times(x, gate, up)[0], down)
 
