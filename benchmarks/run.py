@@ -42,8 +42,13 @@ class Bench:
 
 
 BENCHMARKS = (
-    Bench('throughput', 'throughput.py', 'Train-step throughput vs PyTorch (CPU)', ('--quick',)),
+    Bench('throughput', 'throughput.py', 'Train-step throughput vs PyTorch (CPU)', ('--quick',),
+          ('--rounds=2', '--steps=3')),
+    Bench('cpu_settings', 'cpu_settings.py', 'XLA CPU options and model settings', ('--quick', '--only=scan'),
+          ('--only=ynn_off,xnn,onednn,fast_math,scan,remat_full,attn_one_call,attn_block_256',)),
     Bench('step_breakdown', 'step_breakdown.py', 'Where the step time goes'),
+    Bench('host_overhead', 'host_overhead.py', 'Step-time breakdown of the loop: data wait, host, device',
+          ('--configs=configs/tiny.py', '--steps=12')),
     Bench('packing', 'packing.py', "Packing: best fit against grain's packers", ('--tokens=1e6',)),
     Bench('prepare_cache', 'prepare_cache.py', 'Prepare cache', ('--max_files=60',)),
     Bench('hf_load_memory', 'hf_load_memory.py', 'Hugging Face import: peak host memory',

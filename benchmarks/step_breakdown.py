@@ -3,9 +3,11 @@
   .venv/bin/python benchmarks/step_breakdown.py
 
 Same model and batch as benchmarks/throughput.py (31.5M Llama, batch 8 x 512, float32). Times the shipped
-step, the step with layers unrolled, the forward pass alone, and the step with the attention core replaced
+step, the step with layers in lax.scan, the forward pass alone, and the step with the attention core replaced
 by the identity on V (to isolate its cost); then one attention layer forward + backward in
-`jax.nn.dot_product_attention`, in einsum + softmax, and in torch `scaled_dot_product_attention`.
+`jax.nn.dot_product_attention` (one call), in jaxtrain's causal blocks, in einsum + softmax, and in torch
+`scaled_dot_product_attention`; and the SwiGLU MLP (jaxtrain's own backward pass against autodiff and
+torch) and the cross-entropy against torch.
 Prints Markdown tables for docs/benchmarks.md. Needs the dev extra (torch).
 """
 
@@ -21,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtrain import sharding, steps, train
+from jaxtrain import losses, sharding, steps, train
+import throughput
 from jaxtrain.models import ModelConfig, transformer
 from timing import time_calls
 
-MODEL = ModelConfig(vocab_size=8192, d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
-                    mlp_dim=1536, attention_block=128)  # the CPU default (model.attention_block=-1)
+MODEL = throughput.default_model(8192, 512, 8, 8, 8, 1536)  # the CPU defaults: blocks of 128, layers unrolled
 B, T = 8, 512
 
 
@@ -77,7 +79,9 @@ def attention_times() -> dict[str, float]:
 
   out = {}
   for name, f in [('jax.nn.dot_product_attention (mask), one call', library),
-                  ('jaxtrain attention, causal blocks of 128', blocked), ('einsum + softmax', einsum_softmax)]:
+                  ('jaxtrain attention: jax.nn.dot_product_attention in causal blocks of 128 (the CPU default)',
+                   blocked),
+                  ('einsum + softmax', einsum_softmax)]:
     grad = jax.jit(jax.grad(lambda q, k, v, f=f: f(q, k, v).sum(), argnums=(0, 1, 2)))
     out[name] = median_time(lambda grad=grad: jax.block_until_ready(grad(q, k, v)))
 
@@ -90,11 +94,56 @@ def attention_times() -> dict[str, float]:
   return out
 
 
+def piece_times() -> dict[str, float]:
+  """The SwiGLU MLP with jaxtrain's hand-written backward pass against autodiff and torch, and the
+  cross-entropy against torch, forward + backward."""
+  import torch
+  torch.set_num_threads(2)
+  rng = np.random.default_rng(0)
+  d, f, vocab = MODEL.d_model, MODEL.mlp_dim, MODEL.vocab_size
+  x = jnp.asarray(rng.normal(size=(B, T, d)).astype(np.float32))
+  gate, up = (jnp.asarray(rng.normal(size=(d, f)).astype(np.float32) * 0.04) for _ in range(2))
+  down = jnp.asarray(rng.normal(size=(f, d)).astype(np.float32) * 0.04)
+
+  def autodiff_mlp(x, gate, up, down):
+    return jnp.einsum('btf,fd->btd', jax.nn.silu(jnp.einsum('btd,df->btf', x, gate)) *
+                      jnp.einsum('btd,df->btf', x, up), down)
+
+  logits = jnp.asarray(rng.normal(size=(B, T, vocab)).astype(np.float32))
+  targets = jnp.asarray(rng.integers(0, vocab, (B, T)).astype(np.int32))
+
+  def grad_time(fn, *args):
+    g = jax.jit(jax.grad(fn, argnums=tuple(range(len(args)))))
+    return median_time(lambda: jax.block_until_ready(g(*args)))
+
+  def square(f):  # a loss whose cotangent is not uniform
+    return lambda *a: (f(*a) ** 2).sum()
+
+  out = {'SwiGLU MLP, autodiff': grad_time(square(autodiff_mlp), x, gate, up, down),
+         'SwiGLU MLP, own backward (transformer.swiglu, the default)': grad_time(square(transformer.swiglu), x, gate,
+                                                                                 up, down)}
+  tx = torch.tensor(np.asarray(x), requires_grad=True)
+  tw = [torch.tensor(np.asarray(w), requires_grad=True) for w in (gate, up, down)]
+
+  def torch_mlp() -> None:
+    y = (torch.nn.functional.silu(tx @ tw[0]) * (tx @ tw[1])) @ tw[2]
+    (y ** 2).sum().backward()
+
+  out['SwiGLU MLP, torch eager'] = median_time(torch_mlp)
+  out['cross-entropy (losses.cross_entropy_sums)'] = grad_time(
+      lambda z: losses.cross_entropy_sums(z, targets, jnp.ones(targets.shape))['loss_sum'], logits)
+  tz = torch.tensor(np.asarray(logits).reshape(-1, vocab), requires_grad=True)
+  tt = torch.tensor(np.asarray(targets).reshape(-1).astype(np.int64))
+  out['cross-entropy, torch eager (F.cross_entropy)'] = median_time(
+      lambda: torch.nn.functional.cross_entropy(tz, tt, reduction='sum').backward())
+  return out
+
+
 def main() -> None:
   single_call = dataclasses.replace(MODEL, attention_block=0)
-  rows = [('CPU default (scan over layers, causal attention in blocks of 128)', step_time(MODEL)),
+  rows = [('CPU default (layers unrolled, causal attention in blocks of 128)', step_time(MODEL)),
           ('attention as one call over the row (attention_block=0)', step_time(single_call)),
-          ('layers unrolled', step_time(dataclasses.replace(MODEL, scan_layers=False))),
+          ('layers in lax.scan', step_time(dataclasses.replace(MODEL, scan_layers=True))),
           ('forward pass only', step_time(MODEL, forward_only=True))]
   with mock.patch.object(jax.nn, 'dot_product_attention', lambda q, k, v, mask=None: v):
     rows.append(('attention core replaced by identity on V', step_time(single_call)))
@@ -104,6 +153,10 @@ def main() -> None:
     print(f'| {name} | {t:.2f} |')
   print(f'\n| one attention layer, forward + backward (B {B}, T {T}, 8 x 64 heads) | median time (s) |\n|---|---|')
   for name, t in attention_times().items():
+    print(f'| {name} | {t:.3f} |')
+  print(f'\n| one piece, forward + backward (B*T {B * T}, D {MODEL.d_model}, F {MODEL.mlp_dim}, V {MODEL.vocab_size}) '
+        '| median time (s) |\n|---|---|')
+  for name, t in piece_times().items():
     print(f'| {name} | {t:.3f} |')
 
 

@@ -6,23 +6,28 @@
   .venv/bin/python benchmarks/throughput.py --torch_compile=aot_eager     # if inductor cannot compile here
 
 All sides run the same architecture (RMSNorm, RoPE, SwiGLU, tied embeddings), AdamW, float32, full-length
-rows of random tokens, in one process. torch.compile wraps the model (forward + loss; the backward is compiled
-by AOTAutograd) and `optimizer.step` (inductor on CPU needs a C++ compiler). Each step function is built and
-run twice untimed first: those two calls (jit / torch.compile compilation, optimizer-state creation,
-recompiles) are reported separately. Then `--rounds` rounds of `--steps` timed steps alternate between the
-frameworks, so interference from other work on a shared machine hits all of them alike and shows up as spread
-between rounds. Reports median tokens/s, the ratios jaxtrain/torch, and model-FLOP utilisation against a
-float32 matmul peak measured here for each framework. Needs the dev extra (torch). Prints Markdown tables
-for docs/benchmarks.md.
+rows of random tokens; jaxtrain's model is the config defaults as resolved on this backend. Each framework
+runs in its own child process (this script with --child), so neither one's idle threads (torch's OpenMP
+pool, XLA's) take cores from the other; one round runs each framework once, and --rounds rounds alternate
+between them, so interference from other work on a shared machine hits all of them alike and shows up as
+spread between rounds. torch.compile wraps the model (forward + loss; the backward is compiled by
+AOTAutograd) and `optimizer.step` (inductor on CPU needs a C++ compiler). Each child builds its step and
+runs it twice untimed (jit / torch.compile compilation, optimizer-state creation, recompiles; reported
+separately), then --steps timed steps. Reports median tokens/s, the ratios jaxtrain/torch, and model-FLOP
+utilisation against a float32 matmul peak each framework measures in its own process. Needs the dev extra
+(torch). Prints Markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -51,12 +56,22 @@ def parse_args() -> argparse.Namespace:
   p.add_argument('--steps', type=int, default=6, help='timed steps per framework per round (after 2 warm-up steps)')
   p.add_argument('--rounds', type=int, default=1, help='rounds of timed steps, alternating between frameworks')
   p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch intra-op threads')
+  p.add_argument('--child', default='', help=argparse.SUPPRESS)
   p.add_argument('--torch_compile', default='inductor',
                  help="torch.compile backend for the extra torch row ('inductor', 'aot_eager', ...); 'none' skips it")
   if p.parse_known_args()[0].quick:
     p.set_defaults(**QUICK)  # flags given explicitly still win
   a = p.parse_args()
   return a
+
+
+def default_model(vocab: int, d_model: int, layers: int, heads: int, kv_heads: int, mlp: int) -> ModelConfig:
+  """The model as `python -m jaxtrain.main` builds it here: the config defaults resolved for this backend
+  (on CPU: float32, causal attention in blocks of 128, layers unrolled)."""
+  from jaxtrain.defaults import base_config
+  m = base_config().model
+  m.update(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp)
+  return models.model_config(m, vocab)
 
 
 def make_jax_step(cfg: ModelConfig, tokens: np.ndarray) -> Callable[[], None]:
@@ -124,70 +139,87 @@ def first_calls(fn: Callable[[], None], k: int = 2) -> list[float]:
   return out
 
 
+NAMES = {'jax': 'jaxtrain (XLA CPU)', 'eager': 'torch eager (transformers LlamaForCausalLM, sdpa)',
+         'compile': 'torch.compile (same model, model + optimizer step)'}
+
+
+def child(a: argparse.Namespace) -> None:
+  """One framework in this process: its matmul peak, two untimed calls, then --steps timed ones (JSON)."""
+  cfg = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
+  tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len)).astype(np.int32)
+  if a.child == 'jax':
+    peak, fn = metrics.measure_matmul_peak(), make_jax_step(cfg, tokens)
+  else:
+    backend = a.torch_compile if a.child == 'compile' else None
+    peak, fn = torch_matmul_peak(), make_torch_step(cfg, tokens, a.threads, backend)
+  warm = first_calls(fn)
+  print(json.dumps({'peak': peak, 'warm': warm, 'times': time_calls(fn, a.steps, warmup=0)}))
+
+
+def run_child(which: str, argv: list[str]) -> dict | str:
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--child={which}', *argv],
+                        capture_output=True, text=True, check=False)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  if proc.returncode or not lines:
+    return (proc.stderr.strip().splitlines() or ['no output'])[-1][:200]
+  return json.loads(lines[-1])
+
+
 def main() -> None:
   a = parse_args()
-  # attention_block=128: what `model.attention_block=-1` (auto) resolves to on CPU.
-  cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
-                    num_kv_heads=a.kv_heads, head_dim=a.d_model // a.heads, mlp_dim=a.mlp,
-                    attention_block=min(128, a.seq_len))
-  tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len)).astype(np.int32)
+  if a.child:
+    child(a)
+    return
+  cfg = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
   n_tokens = a.batch * a.seq_len
   flops = metrics.flops_per_token(cfg, a.seq_len) * n_tokens
-
-  jax_peak = metrics.measure_matmul_peak()
-  torch_peak = torch_matmul_peak()
   backend = None if a.torch_compile in ('', 'none') else a.torch_compile
   if backend == 'inductor' and not (shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')):
     print('warning: no C++ compiler on PATH; inductor on CPU needs one (try --torch_compile=aot_eager)')
-  names = ['jaxtrain (XLA CPU)', 'torch eager (transformers LlamaForCausalLM, sdpa)']
-  builders = [lambda: make_jax_step(cfg, tokens), lambda: make_torch_step(cfg, tokens, a.threads, None)]
-  if backend:
-    names.append(f'torch.compile (same model, backend={backend}, model + optimizer step)')
-    builders.append(lambda: make_torch_step(cfg, tokens, a.threads, backend))
-
-  fns, warm, failed = {}, {}, {}
-  for name, build in zip(names, builders, strict=True):
-    try:
-      fns[name] = build()
-      warm[name] = first_calls(fns[name])
-      print(f'{name}: first call {warm[name][0]:.1f} s, second {warm[name][1]:.2f} s', flush=True)
-    except Exception as e:  # report a failed torch.compile backend and go on with the rest
-      failed[name] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-      print(f'{name}: FAILED {failed[name]}', flush=True)
-      fns.pop(name, None)
-  times = {n: [] for n in fns}
-  per_round = {n: [] for n in fns}
+  which = ['jax', 'eager'] + (['compile'] if backend else [])
+  # Every setting the child needs, passed on explicitly (the defaults may have come from --quick).
+  argv = [f'--{k}={getattr(a, k)}' for k in ('d_model', 'layers', 'heads', 'kv_heads', 'mlp', 'vocab', 'batch',
+                                             'seq_len', 'steps', 'threads', 'torch_compile')]
+  runs: dict[str, list[dict]] = {w: [] for w in which}
+  failed: dict[str, str] = {}
   for r in range(a.rounds):
-    for name, fn in fns.items():
-      ts = time_calls(fn, a.steps, warmup=0)
-      times[name] += ts
-      per_round[name].append(statistics.median(ts))
-      print(f'round {r + 1}: {name}: median {per_round[name][-1]:.3f} s', flush=True)
-  med = {n: statistics.median(ts) for n, ts in times.items()}
+    for w in which:
+      if w in failed:
+        continue
+      out = run_child(w, argv)
+      if isinstance(out, str):
+        failed[w] = out
+        print(f'{NAMES[w]}: FAILED {out}', flush=True)
+        continue
+      runs[w].append(out)
+      print(f'round {r + 1}: {NAMES[w]}: first call {out["warm"][0]:.1f} s, median '
+            f'{statistics.median(out["times"]):.3f} s', flush=True)
+  med = {w: statistics.median([t for o in rs for t in o['times']]) for w, rs in runs.items() if rs}
 
   params = models.count_params(jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0))))
-  import torch
   print(f'\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-        f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__}, '
-        f'torch threads {a.threads}')
+        f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch threads {a.threads}')
   print(f'model: {params / 1e6:.1f}M params (d_model {a.d_model}, {a.layers} layers, {a.heads}/{a.kv_heads} heads, '
-        f'mlp {a.mlp}, vocab {a.vocab}), batch {a.batch} x {a.seq_len}, AdamW, float32; median of '
-        f'{a.rounds} x {a.steps} steps after 2 untimed\n')
+        f'mlp {a.mlp}, vocab {a.vocab}), batch {a.batch} x {a.seq_len}, AdamW, float32; each framework in its own '
+        f'process, {a.rounds} round(s) alternating, {a.steps} timed steps each after 2 untimed\n')
   print('| framework | first / second call (s) | step time (s) | per-round medians (s) | tokens/s | '
         'matmul peak (GFLOP/s) | MFU vs that peak |')
   print('|---|---|---|---|---|---|---|')
-  for name, t in med.items():
-    peak = jax_peak if name.startswith('jaxtrain') else torch_peak
-    rounds = ', '.join(f'{x:.3f}' for x in per_round[name])
-    print(f'| {name} | {warm[name][0]:.1f} / {warm[name][1]:.2f} | {t:.3f} | {rounds} | {n_tokens / t:.0f} | '
+  for w, t in med.items():
+    first = runs[w][0]
+    peak = statistics.median(o['peak'] for o in runs[w])
+    rounds = ', '.join(f'{statistics.median(o["times"]):.3f}' for o in runs[w])
+    name = NAMES[w].replace('torch.compile (', f'torch.compile (backend={backend}, ')
+    print(f'| {name} | {first["warm"][0]:.1f} / {first["warm"][1]:.2f} | {t:.3f} | {rounds} | {n_tokens / t:.0f} | '
           f'{peak / 1e9:.0f} | {flops / t / peak:.1%} |')
-  for name, why in failed.items():
-    print(f'| {name} | failed: {why} | | | | | |')
-  jax_t = med.get(names[0])
-  if jax_t:
-    for name in names[1:]:
-      if name in med:
-        print(f'\nratio jaxtrain / {name.split(" (")[0]} tokens/s: {med[name] / jax_t:.2f}x')
+  for w, why in failed.items():
+    print(f'| {NAMES[w]} | failed: {why} | | | | | |')
+  goals = {'eager': '>= 1.0x', 'compile': '>= 0.8x'}
+  if 'jax' in med:
+    print('\n| comparison (same run) | jaxtrain tokens/s over theirs | goal |\n|---|---|---|')
+    for w in which[1:]:
+      if w in med:
+        print(f'| jaxtrain / {NAMES[w].split(" (")[0]} | {med[w] / med["jax"]:.2f}x | {goals[w]} |')
 
 
 if __name__ == '__main__':

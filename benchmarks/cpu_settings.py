@@ -1,0 +1,138 @@
+"""Which XLA CPU options and model settings make the jaxtrain train step fastest on this machine.
+
+  .venv/bin/python benchmarks/cpu_settings.py                  # 31.5M Llama, batch 8 x 512 (throughput.py's model)
+  .venv/bin/python benchmarks/cpu_settings.py --quick          # 5.5M, batch 8 x 256
+  .venv/bin/python benchmarks/cpu_settings.py --only=default,ynn_off --rounds=2
+
+XLA reads XLA_FLAGS once, when the backend starts, so every variant runs in its own child process (this
+script with --child). Each child builds the same step as benchmarks/throughput.py, runs it twice untimed and
+then --steps timed steps; rounds alternate between the variants so load from other work on a shared machine
+hits all of them alike. Prints the median step time per variant and its ratio to the shipped defaults (what
+`python -m jaxtrain.main` uses on CPU: XLA's own options, which no flag here beat, and the model defaults
+resolved for CPU), as a Markdown table. A variant XLA rejects is reported as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  what: str
+  flags: str = ''  # XLA_FLAGS for the child
+  model: tuple[tuple[str, object], ...] = ()  # ModelConfig overrides
+
+
+VARIANTS = (
+    Variant('default', 'shipped CPU defaults'),
+    Variant('ynn_off', 'YNNPACK off: Eigen dots, XLA loop fusions', '--xla_cpu_experimental_ynn_fusion_type='),
+    Variant('ynn_dots_only', 'YNNPACK for dots only', '--xla_cpu_experimental_ynn_fusion_type=individual_dot'),
+    Variant('xnn', 'XNNPACK dots instead of YNNPACK',
+            '--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=true '
+            '--xla_cpu_experimental_xnn_fusion_type=individual_dot'),
+    Variant('onednn', 'oneDNN', '--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true'),
+    Variant('no_concurrency_scheduler', 'scheduler not optimised for concurrent ops',
+            '--xla_cpu_enable_concurrency_optimized_scheduler=false'),
+    Variant('fast_math', 'fast math', '--xla_cpu_enable_fast_math=true'),
+    Variant('single_thread_eigen', 'Eigen single-threaded', '--xla_cpu_multi_thread_eigen=false'),
+    Variant('scan', 'layers in lax.scan (the accelerator default) instead of unrolled', model=(('scan_layers', True),)),
+    Variant('remat_full', 'remat full', model=(('remat', 'full'),)),
+    Variant('remat_dots', 'remat save_dots', model=(('remat', 'save_dots'),)),
+    Variant('attn_one_call', 'attention as one call (attention_block=0)', model=(('attention_block', 0),)),
+    Variant('attn_block_256', 'attention in blocks of 256', model=(('attention_block', 256),)),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+def parse_args() -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--quick', action='store_true', help='5.5M model, batch 8 x 256')
+  p.add_argument('--only', default='', help='comma-separated variant names; ' + ', '.join(BY_NAME))
+  p.add_argument('--steps', type=int, default=3, help='timed steps per variant per round')
+  p.add_argument('--rounds', type=int, default=1)
+  p.add_argument('--child', default='', help=argparse.SUPPRESS)
+  return p.parse_args()
+
+
+def child(a: argparse.Namespace) -> None:
+  """Runs in the variant's process: XLA_FLAGS are already set by the parent."""
+  sys.path.insert(0, HERE)
+  import numpy as np
+
+  import throughput
+  from timing import time_calls
+  v = BY_NAME[a.child]
+  size = throughput.QUICK if a.quick else dict(d_model=512, layers=8, heads=8, mlp=1536, batch=8, seq_len=512)
+  cfg = throughput.default_model(8192, size['d_model'], size['layers'], size['heads'], size['heads'], size['mlp'])
+  cfg = dataclasses.replace(cfg, **dict(v.model))
+  tokens = np.random.default_rng(0).integers(0, 8192, (size['batch'], size['seq_len'])).astype(np.int32)
+  one = throughput.make_jax_step(cfg, tokens)
+  one()
+  one()
+  print(json.dumps({'times': time_calls(one, a.steps, warmup=0)}))
+
+
+def run_variant(v: Variant, a: argparse.Namespace) -> list[float] | str:
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=v.flags)
+  cmd = [sys.executable, os.path.abspath(__file__), f'--child={v.name}', f'--steps={a.steps}'] + (
+      ['--quick'] if a.quick else [])
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  lines = [ln for ln in r.stdout.splitlines() if ln.startswith('{')]
+  if r.returncode or not lines:
+    tail = (r.stderr.strip().splitlines() or ['no output'])[-1]
+    return f'failed: {tail[:160]}'
+  return json.loads(lines[-1])['times']
+
+
+def main() -> None:
+  a = parse_args()
+  if a.child:
+    child(a)
+    return
+  names = [n for n in a.only.split(',') if n] or list(BY_NAME)
+  unknown = [n for n in names if n not in BY_NAME]
+  if unknown:
+    sys.exit(f'error: unknown variant(s) {unknown}; valid: {", ".join(BY_NAME)}')
+  if 'default' not in names:
+    names.insert(0, 'default')
+  times: dict[str, list[float]] = {n: [] for n in names}
+  failed: dict[str, str] = {}
+  for r in range(a.rounds):
+    for n in names:
+      if n in failed:
+        continue
+      out = run_variant(BY_NAME[n], a)
+      if isinstance(out, str):
+        failed[n] = out
+      else:
+        times[n] += out
+      print(f'round {r + 1}: {n}: {out if isinstance(out, str) else f"{statistics.median(out):.3f} s"}', flush=True)
+  size = '5.5M Llama, batch 8 x 256' if a.quick else '31.5M Llama, batch 8 x 512'
+  print(f'\n{size}, float32, AdamW; median of {a.rounds} x {a.steps} steps per variant after 2 untimed\n')
+  print('| variant | what changes | XLA_FLAGS / model setting | step time (s) | vs shipped defaults |')
+  print('|---|---|---|---|---|')
+  base = statistics.median(times['default']) if times['default'] else None
+  for n in names:
+    v = BY_NAME[n]
+    setting = ' '.join(filter(None, [v.flags and f'`{v.flags}`', ', '.join(f'{k}={x}' for k, x in v.model)]))
+    if n in failed:
+      print(f'| {n} | {v.what} | {setting} | {failed[n]} | |')
+      continue
+    t = statistics.median(times[n])
+    ratio = f'{base / t:.2f}x' if base else ''
+    print(f'| {n} | {v.what} | {setting or "(none)"} | {t:.3f} | {ratio} |')
+
+
+if __name__ == '__main__':
+  main()
