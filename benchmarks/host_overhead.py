@@ -2,12 +2,13 @@
 
   .venv/bin/python benchmarks/host_overhead.py                       # the four shipped configs, 40 steps each
   .venv/bin/python benchmarks/host_overhead.py --configs=configs/tiny.py --steps=20
+  .venv/bin/python benchmarks/host_overhead.py --set=log.wandb=disabled     # without the wandb sink
 
 Each config trains for --steps steps in a fresh temporary workdir through the real entry points
-(`train.run`, or `stackwise_run.run` for the StackWise job: its first stage), logging every step. Before the
-loop starts, the job's own compiled train step runs back to back on one batch of the job's data, blocking only
-once at the end: that is the device compute per step with no host work in between. From the loop's logged
-per-step wall times (median over the steps after the first three):
+(`train.run`, or `stackwise_run.run` for the StackWise job: its first stage), logging every step. Before and
+after the loop, the job's own compiled train step runs back to back on one batch of the job's data, blocking
+only once at the end: the mean of the two is the device compute per step with no host work in between. From
+the loop's logged per-step wall times (median over the steps after the first three):
 
   data wait      = the logged `data_wait_s` (time `next(data)` blocked the loop)
   device compute = the back-to-back time per step
@@ -20,6 +21,7 @@ Evaluation and checkpoint saves are switched off for the measured steps so they 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -47,6 +49,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--configs', default=','.join(CONFIGS), help='comma-separated config specs (PATH[:ARG])')
   p.add_argument('--steps', type=int, default=40, help='training steps per config (first 3 not counted)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='a config override for every config, e.g. log.wandb=disabled (repeatable)')
   a = p.parse_args()
   os.chdir(REPO)
   sys.path.insert(0, REPO)
@@ -59,23 +63,29 @@ def main() -> None:
   real_fit = train.fit
 
   def probing_fit(config, job, workdir, mesh, tokenizer):
-    """Times the job's step back to back on one batch of its data, then runs the real loop."""
+    """Times the job's step back to back on one batch of its data before and after the real loop (the mean
+    of the two brackets drift in the machine's speed), and runs the loop in between."""
     batch = next(iter(data.make_dataset(config.data, tokenizer, split='train', seed=job.seed,
                                         batch_size=config.data.batch_size)))
     batch = sharding.to_global({k: v for k, v in batch.items() if not k.startswith('doc_') or k in job.keep_keys},
                                mesh)
-    state = job.built.create()
-    for _ in range(2):  # compile, then one warm step
-      state, m = job.train_step(state, batch)
-    jax.block_until_ready(m)
-    n = max(5, a.steps // 4)
-    t = time.perf_counter()
-    for _ in range(n):
-      state, m = job.train_step(state, batch)
-    jax.block_until_ready((state, m))
-    probes['device'] = (time.perf_counter() - t) / n
-    del state
-    return real_fit(config, job, workdir, mesh, tokenizer)
+
+    def back_to_back(state):
+      for _ in range(2):  # compile (the first time), then one warm step
+        state, m = job.train_step(state, batch)
+      jax.block_until_ready(m)
+      n = max(5, a.steps // 2)
+      t = time.perf_counter()
+      for _ in range(n):
+        state, m = job.train_step(state, batch)
+      jax.block_until_ready((state, m))
+      return (time.perf_counter() - t) / n
+
+    before = back_to_back(job.built.create())
+    summary = real_fit(config, job, workdir, mesh, tokenizer)
+    after = back_to_back(jax.tree.map(lambda x: x.copy(), summary['state']))  # the step donates its input
+    probes['device'] = (before + after) / 2
+    return summary
 
   train.fit = probing_fit
   rows = []
@@ -91,6 +101,16 @@ def main() -> None:
         config.stackwise.stages = 1  # the first stage only, a.steps long
         config.stackwise.stage_steps = ()
       config.train.steps = a.steps
+      for item in a.set:
+        key, _, text = item.partition('=')
+        *path, name = key.split('.')
+        node = config
+        for part in path:
+          node = node[part]
+        try:
+          node[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+          node[name] = text
     with tempfile.TemporaryDirectory() as workdir:
       config_lib.validate(config, workdir, jax.device_count())
       probes.clear()
@@ -107,7 +127,7 @@ def main() -> None:
     step = statistics.median(r['step_time'] for r in records)
     wait = statistics.median(r['data_wait_s'] for r in records)
     device = probes['device']
-    host = max(0.0, step - device - wait)
+    host = step - device - wait  # negative when the machine sped up between the brackets: noise, shown as is
     rows.append((spec, config.data.batch_size, config.data.seq_len, len(records), step, device, wait, host))
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x {jax.device_count()}; medians over steps 4..'
         f'{a.steps}\n')
