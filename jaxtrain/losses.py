@@ -48,4 +48,3 @@ def causal_lm_loss(logits: Array, batch: dict[str, Array], z_loss: float = 0.0) 
   targets, weights = next_token_targets(batch)
   sums = cross_entropy_sums(logits, targets, weights, z_loss)
   return sums['loss_sum'] + sums['z_loss_sum'], sums
-

@@ -29,4 +29,3 @@ def test_cross_entropy_sums_match_numpy():
   np.testing.assert_allclose(out['loss_sum'], (ce * weights).sum(), rtol=1e-5)
   np.testing.assert_allclose(out['z_loss_sum'], 1e-2 * (lse ** 2 * weights).sum(), rtol=1e-5)
   assert out['tokens'] == weights.sum()
-
