@@ -19,8 +19,9 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
+
+from timing import run_json_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -67,7 +68,6 @@ def parse_args() -> argparse.Namespace:
 
 def child(a: argparse.Namespace) -> None:
   """Runs in the variant's process: XLA_FLAGS are already set by the parent."""
-  sys.path.insert(0, HERE)
   import numpy as np
 
   import throughput
@@ -87,12 +87,8 @@ def run_variant(v: Variant, a: argparse.Namespace) -> list[float] | str:
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=v.flags)
   cmd = [sys.executable, os.path.abspath(__file__), f'--child={v.name}', f'--steps={a.steps}'] + (
       ['--quick'] if a.quick else [])
-  r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-  lines = [ln for ln in r.stdout.splitlines() if ln.startswith('{')]
-  if r.returncode or not lines:
-    tail = (r.stderr.strip().splitlines() or ['no output'])[-1]
-    return f'failed: {tail[:160]}'
-  return json.loads(lines[-1])['times']
+  out = run_json_child(cmd, env)
+  return f'failed: {out}' if isinstance(out, str) else out['times']
 
 
 def main() -> None:

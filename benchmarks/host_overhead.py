@@ -21,7 +21,6 @@ Evaluation and checkpoint saves are switched off for the measured steps so they 
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import os
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from stackwise_compare import override
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -101,16 +102,7 @@ def main() -> None:
         config.stackwise.stages = 1  # the first stage only, a.steps long
         config.stackwise.stage_steps = ()
       config.train.steps = a.steps
-      for item in a.set:
-        key, _, text = item.partition('=')
-        *path, name = key.split('.')
-        node = config
-        for part in path:
-          node = node[part]
-        try:
-          node[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-          node[name] = text
+      override(config, a.set)
     with tempfile.TemporaryDirectory() as workdir:
       config_lib.validate(config, workdir, jax.device_count())
       probes.clear()

@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import optax
 
 from jaxtrain import metrics, models, sharding, steps, train
 from jaxtrain.models import ModelConfig
-from timing import time_calls
+from timing import run_json_child, time_calls
 
 QUICK = dict(d_model=256, layers=4, heads=4, kv_heads=4, mlp=768, vocab=8192, batch=8, seq_len=256, steps=5)
 
@@ -157,12 +156,7 @@ def child(a: argparse.Namespace) -> None:
 
 
 def run_child(which: str, argv: list[str]) -> dict | str:
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--child={which}', *argv],
-                        capture_output=True, text=True, check=False)
-  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
-  if proc.returncode or not lines:
-    return (proc.stderr.strip().splitlines() or ['no output'])[-1][:200]
-  return json.loads(lines[-1])
+  return run_json_child([sys.executable, os.path.abspath(__file__), f'--child={which}', *argv])
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
-"""Wall-clock timing shared by the benchmark scripts (run them from the repository root)."""
+"""Wall-clock timing and child processes shared by the benchmark scripts (run them from the repository root)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -16,3 +18,13 @@ def time_calls(fn: Callable[[], object], n: int, warmup: int = 1) -> list[float]
     fn()
     times.append(time.perf_counter() - t)
   return times
+
+
+def run_json_child(cmd: list[str], env: dict[str, str] | None = None) -> dict | str:
+  """The JSON object a child process prints as its last `{...}` line, or the last line of its stderr (at
+  most 200 characters) when it fails or prints none."""
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  if proc.returncode or not lines:
+    return (proc.stderr.strip().splitlines() or ['no output'])[-1][:200]
+  return json.loads(lines[-1])
