@@ -9,7 +9,8 @@ script with --child). Each child builds the same step as benchmarks/throughput.p
 then --steps timed steps; rounds alternate between the variants so load from other work on a shared machine
 hits all of them alike. Prints the median step time per variant and its ratio to the shipped defaults (what
 `python -m jaxtrain.main` uses on CPU: XLA's own options, which no flag here beat, and the model defaults
-resolved for CPU), as a Markdown table. A variant XLA rejects is reported as failed.
+resolved for CPU), as a Markdown table with each variant's page faults and kernel CPU time per step. A variant
+XLA rejects is reported as failed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 
@@ -33,6 +35,7 @@ class Variant:
   what: str
   flags: str = ''  # XLA_FLAGS for the child
   model: tuple[tuple[str, object], ...] = ()  # ModelConfig overrides
+  env: tuple[tuple[str, str], ...] = ()  # other environment variables for the child
 
 
 VARIANTS = (
@@ -47,6 +50,14 @@ VARIANTS = (
             '--xla_cpu_enable_concurrency_optimized_scheduler=false'),
     Variant('fast_math', 'fast math', '--xla_cpu_enable_fast_math=true'),
     Variant('single_thread_eigen', 'Eigen single-threaded', '--xla_cpu_multi_thread_eigen=false'),
+    Variant('ynn_no_dots', "Eigen's dots, YNNPACK for the rest",
+            '--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-dot'),
+    Variant('vector_512', "512-bit vectors in XLA's own loops (AVX-512)", '--xla_cpu_prefer_vector_width=512'),
+    # XLA allocates each step's temporaries as one buffer (3.3 GB here), which glibc maps fresh and unmaps
+    # again every step: about 800k page faults per step. These settings keep freed memory in the heap.
+    Variant('malloc_keep', 'glibc keeps freed memory (one arena, no mmap, no trim)',
+            env=(('GLIBC_TUNABLES', 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+                                    'glibc.malloc.trim_threshold=68719476736'),)),
     Variant('scan', 'layers in lax.scan (the accelerator default) instead of unrolled', model=(('scan_layers', True),)),
     Variant('remat_full', 'remat full', model=(('remat', 'full'),)),
     Variant('remat_dots', 'remat save_dots', model=(('remat', 'save_dots'),)),
@@ -80,15 +91,19 @@ def child(a: argparse.Namespace) -> None:
   one = throughput.make_jax_step(cfg, tokens)
   one()
   one()
-  print(json.dumps({'times': time_calls(one, a.steps, warmup=0)}))
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  times = time_calls(one, a.steps, warmup=0)
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  print(json.dumps({'times': times, 'faults': (r1.ru_minflt - r0.ru_minflt) / a.steps,
+                    'sys_s': (r1.ru_stime - r0.ru_stime) / a.steps}))
 
 
-def run_variant(v: Variant, a: argparse.Namespace) -> list[float] | str:
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=v.flags)
+def run_variant(v: Variant, a: argparse.Namespace) -> dict | str:
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=v.flags, **dict(v.env))
   cmd = [sys.executable, os.path.abspath(__file__), f'--child={v.name}', f'--steps={a.steps}'] + (
       ['--quick'] if a.quick else [])
   out = run_json_child(cmd, env)
-  return f'failed: {out}' if isinstance(out, str) else out['times']
+  return f'failed: {out}' if isinstance(out, str) else out
 
 
 def main() -> None:
@@ -103,6 +118,7 @@ def main() -> None:
   if 'default' not in names:
     names.insert(0, 'default')
   times: dict[str, list[float]] = {n: [] for n in names}
+  kernel: dict[str, list[tuple[float, float]]] = {n: [] for n in names}  # (page faults, system CPU s) per step
   failed: dict[str, str] = {}
   for r in range(a.rounds):
     for n in names:
@@ -112,22 +128,28 @@ def main() -> None:
       if isinstance(out, str):
         failed[n] = out
       else:
-        times[n] += out
-      print(f'round {r + 1}: {n}: {out if isinstance(out, str) else f"{statistics.median(out):.3f} s"}', flush=True)
+        times[n] += out['times']
+        kernel[n].append((out['faults'], out['sys_s']))
+      shown = out if isinstance(out, str) else f'{statistics.median(out["times"]):.3f} s'
+      print(f'round {r + 1}: {n}: {shown}', flush=True)
   size = '5.5M Llama, batch 8 x 256' if a.quick else '31.5M Llama, batch 8 x 512'
   print(f'\n{size}, float32, AdamW; median of {a.rounds} x {a.steps} steps per variant after 2 untimed\n')
-  print('| variant | what changes | XLA_FLAGS / model setting | step time (s) | vs shipped defaults |')
-  print('|---|---|---|---|---|')
+  print('| variant | what changes | XLA_FLAGS / model setting | step time (s) | slowest step (s) | '
+        'vs shipped defaults | page faults / step | kernel CPU / step (s) |')
+  print('|---|---|---|---|---|---|---|---|')
   base = statistics.median(times['default']) if times['default'] else None
   for n in names:
     v = BY_NAME[n]
-    setting = ' '.join(filter(None, [v.flags and f'`{v.flags}`', ', '.join(f'{k}={x}' for k, x in v.model)]))
+    setting = ' '.join(filter(None, [v.flags and f'`{v.flags}`', ', '.join(f'{k}={x}' for k, x in v.model),
+                                     ' '.join(f'`{k}={x}`' for k, x in v.env)]))
     if n in failed:
-      print(f'| {n} | {v.what} | {setting} | {failed[n]} | |')
+      print(f'| {n} | {v.what} | {setting} | {failed[n]} | | | | |')
       continue
     t = statistics.median(times[n])
     ratio = f'{base / t:.2f}x' if base else ''
-    print(f'| {n} | {v.what} | {setting or "(none)"} | {t:.3f} | {ratio} |')
+    faults, sys_s = (statistics.median(x) for x in zip(*kernel[n], strict=True))
+    print(f'| {n} | {v.what} | {setting or "(none)"} | {t:.3f} | {max(times[n]):.3f} | {ratio} | {faults:,.0f} | '
+          f'{sys_s:.2f} |')
 
 
 if __name__ == '__main__':

@@ -47,6 +47,8 @@ BENCHMARKS = (
     Bench('cpu_settings', 'cpu_settings.py', 'XLA CPU options and model settings', ('--quick', '--only=scan'),
           ('--only=ynn_off,xnn,onednn,fast_math,scan,remat_full,attn_one_call,attn_block_256',)),
     Bench('step_breakdown', 'step_breakdown.py', 'Where the step time goes'),
+    Bench('matmul_kernels', 'matmul_kernels.py', 'Matmul kernels: XLA CPU vs PyTorch',
+          ('--quick', '--repeats=2', '--rounds=1'), ('--rounds=3',)),
     Bench('host_overhead', 'host_overhead.py', 'Step-time breakdown of the loop: data wait, host, device',
           ('--configs=configs/tiny.py', '--steps=12')),
     Bench('packing', 'packing.py', "Packing: best fit against grain's packers", ('--tokens=1e6',)),
