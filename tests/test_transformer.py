@@ -276,3 +276,39 @@ def test_scan_layers_unset_unrolls_on_cpu_unless_remat():
   assert models.model_config(model, 100).scan_layers is True  # remat keeps the scan's memory bound
   model.scan_layers = False
   assert models.model_config(model, 100).scan_layers is False  # set explicitly: as given
+
+
+def test_softmax_matches_jax_values_and_gradient_including_masked_rows():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 4, 9)).astype(np.float32) * 4
+  x[0, 1, 5:] = -0.7 * np.finfo(np.float32).max  # masked keys, as attention's masking writes them
+  x[1, 2, :] = -0.7 * np.finfo(np.float32).max  # a row with every key masked (padding attending padding)
+  cot = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  y, vjp = jax.vjp(transformer.softmax, jnp.asarray(x))
+  ref, ref_vjp = jax.vjp(lambda a: jax.nn.softmax(a, axis=-1), jnp.asarray(x))
+  np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(vjp(cot)[0], ref_vjp(cot)[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y[1, 2], np.full(9, 1 / 9), rtol=1e-6)  # finite and uniform, not NaN
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+def test_einsum_attention_core_equals_the_library_call(kv_heads):
+  """The einsum core (the blocks' path) against jax.nn.dot_product_attention for MHA, GQA and MQA, with a
+  document mask: outputs and the q, k, v gradients under a random cotangent."""
+  rng = np.random.default_rng(1)
+  b, t, n, h = 2, 12, 4, 8
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)).astype(np.float32))
+  k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, h)).astype(np.float32)) for _ in range(2))
+  segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+  mask = transformer.attention_mask(segments, True)
+  cot = jnp.asarray(rng.normal(size=(b, t, n, h)).astype(np.float32))
+
+  def run(library):
+    out, vjp = jax.vjp(lambda q, k, v: transformer.dot_product_attention(q, k, v, mask, library=library), q, k, v)
+    return out, vjp(cot)
+
+  out, grads = run(False)
+  ref, ref_grads = run(True)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  for g, r in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

@@ -214,28 +214,44 @@ def attention_mask(segment_ids: Array, causal: bool, key_segment_ids: Array | No
   return mask[:, None]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """`jax.nn.dot_product_attention` scaled by 1/sqrt(q's head dim), also when v's head dim differs from k's
-  (MLA), which jax's function refuses: then plain einsums with a float32 softmax, masked the same way."""
-  if k.shape[-1] == v.shape[-1]:
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+  """Softmax over the last axis that multiplies by the reciprocal of the sum (one division per row, not per
+  element: XLA keeps a division a division) and differentiates as y * (t - sum(y * t))."""
+  e = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  return e * (1.0 / e.sum(-1, keepdims=True))
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+  y, t = softmax(primals[0]), tangents[0]
+  return y, y * (t - (y * t).sum(-1, keepdims=True))
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, library: bool = True) -> Array:
+  """Attention scaled by 1/sqrt(q's head dim). With `library` and equal q/k and v head dims (not MLA, which
+  jax refuses), `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU); otherwise plain einsums
+  with `softmax` in float32, masked the same way: on XLA CPU, in causal blocks, 0.75x the library's time
+  (benchmarks/step_breakdown.py)."""
+  if library and k.shape[-1] == v.shape[-1]:
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
   b, t, n, h = q.shape
   groups = n // k.shape[2]
-  qg = q.reshape(b, t, k.shape[2], groups, h)
-  scores = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+  qg = (q * (1 / math.sqrt(h))).reshape(b, t, k.shape[2], groups, h)  # scaling q is T*H work, not T*S
+  scores = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)  # as jax's masking
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = softmax(scores).astype(v.dtype)
   return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, v.shape[-1])
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, block: int,
               window: int = 0) -> Array:
-  """Masked attention through `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU).
-
-  With causal masking and `block` > 0, queries go in blocks that each see only the keys up to the block's
-  end, skipping the fully masked upper triangle: about half the work on long rows, and on CPU twice as fast
-  for T=512 (benchmarks/step_breakdown.py). The result is the same as one call over the whole row. With a
-  sliding `window`, a block also skips the keys that fell out of the window of its first query.
+  """Masked attention: one `dot_product_attention` call over the row (the library's, which may dispatch to
+  cuDNN on GPU), or with causal masking and `block` > 0 (the CPU default) in query blocks of the einsum
+  core that each see only the keys up to the block's end, skipping the fully masked upper triangle: about
+  half the work on long rows, and on CPU twice as fast for T=512 (benchmarks/step_breakdown.py). The result
+  is the same as one call over the whole row. With a sliding `window`, a block also skips the keys that fell
+  out of the window of its first query.
   """
   t = q.shape[1]
   if not causal or block <= 0 or block >= t:
@@ -245,7 +261,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, bl
     end = min(start + block, t)
     first = max(0, start - window + 1) if window else 0
     mask = attention_mask(segment_ids[:, start:end], causal, segment_ids[:, first:end], start, window, first)
-    outs.append(dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask))
+    outs.append(dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask, library=False))
   return jnp.concatenate(outs, axis=1)
 
 
