@@ -231,8 +231,8 @@ def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, library: bool = True) -> Array:
   """Attention scaled by 1/sqrt(q's head dim). With `library` and equal q/k and v head dims (not MLA, which
   jax refuses), `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU); otherwise plain einsums
-  with `softmax` in float32, masked the same way: on XLA CPU, in causal blocks, 0.75x the library's time
-  (benchmarks/step_breakdown.py)."""
+  with `softmax` in float32, masked the same way: on XLA CPU, in causal blocks, 0.75-0.9x the library's time
+  (docs/benchmarks.md)."""
   if library and k.shape[-1] == v.shape[-1]:
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
   b, t, n, h = q.shape
@@ -363,8 +363,8 @@ def swiglu(x: Array, gate: Array, up: Array, down: Array) -> Array:
   Autodiff of the same expression keeps four (B, T, F) residuals per layer (the pieces of silu's
   derivative), and on XLA CPU each weight gradient then needs an elementwise pass that writes its (B*T, F)
   operand transposed. Here the residuals are the two projections and the backward is six plain products:
-  forward + backward at B*T 4096, D 512, F 1536 takes 0.38 s instead of 0.55 s (torch eager: 0.26 s;
-  benchmarks/step_breakdown.py), with gradients equal to autodiff's to float rounding.
+  forward + backward at B*T 4096, D 512, F 1536 takes 0.36-0.38 s instead of 0.55-0.61 s (torch eager:
+  0.26-0.33 s; benchmarks/step_breakdown.py), with gradients equal to autodiff's to float rounding.
   """
   return jnp.einsum('btf,fd->btd', _silu_times(x, gate, up)[0], down)
 
