@@ -89,6 +89,30 @@ def test_rope_scores_depend_only_on_relative_position(base):
   np.testing.assert_allclose(f(params, batch), f(params, shifted), atol=5e-4)
 
 
+def test_rope_tables_are_computed_once_outside_the_rotation():
+  """rope's cos/sin are evaluated once per (B,T,H/2) in their own computation, not inside the loops that
+  rotate (B,T,N,H) values forward and backward; values and gradients are those of the plain formula."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32)
+  pos = jnp.asarray(rng.integers(0, 3000, (2, 16)), jnp.int32)
+
+  def plain(x):
+    freqs = 1e4 ** (-jnp.arange(4, dtype=jnp.float32) / 4)
+    ang = pos[..., None].astype(jnp.float32) * freqs
+    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+    x1, x2 = x[..., :4], x[..., 4:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  loss = jax.jit(jax.value_and_grad(lambda x: (transformer.rope(x, pos, 1e4) * ct).sum()))
+  ref = jax.value_and_grad(lambda x: (plain(x) * ct).sum())(x)
+  for got, want in zip(loss(x), ref):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  hlo = loss.lower(x).compile().as_text()
+  with_cos = [c for c in hlo.split('\n\n') if 'cosine(' in c]
+  assert with_cos and all('f32[2,16,4,8]' not in c.split('\n')[0] for c in with_cos), with_cos
+
+
 @pytest.mark.parametrize('overrides', [
     dict(num_kv_heads=4),  # MHA
     dict(num_kv_heads=1),  # MQA
