@@ -106,7 +106,7 @@ def test_rope_tables_are_computed_once_outside_the_rotation():
   ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   loss = jax.jit(jax.value_and_grad(lambda x: (transformer.rope(x, pos, 1e4) * ct).sum()))
   ref = jax.value_and_grad(lambda x: (plain(x) * ct).sum())(x)
-  for got, want in zip(loss(x), ref):
+  for got, want in zip(loss(x), ref, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   hlo = loss.lower(x).compile().as_text()
   with_cos = [c for c in hlo.split('\n\n') if 'cosine(' in c]
