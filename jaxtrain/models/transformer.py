@@ -18,6 +18,7 @@ them to mesh axes. Block parameters are stacked along a leading `layers` axis so
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtrain import sharding
 
@@ -96,8 +98,43 @@ def project(spec: str, x: Array, w: Any, out_dtype: Any = None) -> Array:
   parameter tree, so the model never needs to know which one it was given.
   """
   if isinstance(w, jax.Array):
-    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=out_dtype)
+    w = w.astype(x.dtype)
+    if out_dtype is None or jnp.dtype(out_dtype) == x.dtype:
+      # Named so that remat's save_dots still saves it: a custom_vjp's output is not a dot to the policy.
+      return checkpoint_name(linear(spec, x, w), 'linear')
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
   return w.einsum(spec, x, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def linear(spec: str, x: Array, w: Array) -> Array:
+  """`einsum(spec, x, w)` (x and w of one dtype) whose weight gradient transposes the smaller operand.
+
+  A weight gradient contracts the batch and sequence axes, which XLA CPU's dot wants as the last axis of its
+  first operand and the first of its second, so it writes its first operand transposed, fused into whatever
+  produced it. Autodiff puts the cotangent first: RoPE's backward or the tied LM head's (B*T, V) logits
+  gradient then runs as a slow strided loop. Here the first operand is whichever of x and the cotangent is
+  smaller (x on a tie: the q, k and v weights share it), and the small weight gradient is transposed instead.
+  """
+  return jnp.einsum(spec, x, w)
+
+
+def _linear_fwd(spec: str, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+  return linear(spec, x, w), (x, w)
+
+
+def _linear_bwd(spec: str, res: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+  x, w = res
+  ins, ys = spec.replace(' ', '').split('->')
+  xs, ws = ins.split(',')
+  dx = jnp.einsum(f'{ys},{ws}->{xs}', dy, w)
+  (a, sa), (b, sb) = ((dy, ys), (x, xs)) if dy.size < x.size else ((x, xs), (dy, ys))
+  order = ''.join(c for c in sa + sb if c in ws)  # the first operand's weight axes, then the second's
+  dw = jnp.einsum(f'{sa},{sb}->{order}', a, b)
+  return dx, jnp.transpose(dw, [order.index(c) for c in ws])
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _zeros(shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
@@ -398,7 +435,7 @@ def _swiglu_bwd(res: tuple[Array, ...], dy: Array) -> tuple[Array, Array, Array,
   s = jax.nn.sigmoid(g)
   silu = g * s
   dh = jnp.einsum('btd,fd->btf', dy, down)
-  d_down = jnp.einsum('btf,btd->fd', silu * u, dy)
+  d_down = jnp.einsum('btd,btf->df', dy, silu * u).T  # dy first: XLA CPU writes (B*T, D), not (B*T, F), transposed
   du = dh * silu
   dg = dh * u * (s * (1 + g * (1 - s)))  # d silu(g) / dg = s + g s (1 - s)
   d_gate = jnp.einsum('btd,btf->df', x, dg)
@@ -495,7 +532,9 @@ def init_cache(cfg: ModelConfig, num_layers: int, batch: int, max_len: int, dtyp
 
 _REMAT_POLICIES: dict[str, Any] = {
     'full': None,  # save nothing: recompute the whole block in the backward pass.
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names('linear')),
 }
 
 
@@ -572,7 +611,7 @@ class Transformer(nnx.Module):
   def _logits(self, x: Array) -> Array:
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
-      logits = jnp.einsum('btd,vd->btv', x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
+      logits = project('btd,vd->btv', x, self.embed[...], jnp.float32)
     else:
       logits = project('btd,dv->btv', x, self.lm_head.get_value(), jnp.float32)
     return sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
