@@ -162,18 +162,26 @@ def rope_frequencies(cfg: ModelConfig, dim: int | None = None) -> np.ndarray | N
   return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
-def rope(x: Array, positions: Array, theta: float, freqs: np.ndarray | None = None) -> Array:
-  """Rotary embedding in the half-split convention of Hugging Face Llama. x: (B,T,n,H), positions: (B,T).
-
-  `freqs` (H/2,) overrides the inverse frequencies derived from `theta` (scaled RoPE, `rope_frequencies`).
-  """
-  half = x.shape[-1] // 2
+def rope_tables(positions: Array, dim: int, theta: float, freqs: np.ndarray | None = None
+                ) -> tuple[Array, Array]:
+  """(cos, sin), each (B,T,1,dim/2), of the rotary angles at `positions` (B,T); `freqs` (dim/2,) overrides
+  the inverse frequencies derived from `theta` (scaled RoPE, `rope_frequencies`)."""
+  half = dim // 2
   if freqs is None:
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
   else:
     freqs = jnp.asarray(freqs, jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * freqs  # (B,T,H/2)
-  cos, sin = computed_once(lambda a: (jnp.cos(a)[:, :, None, :], jnp.sin(a)[:, :, None, :]), angles)
+  return computed_once(lambda a: (jnp.cos(a)[:, :, None, :], jnp.sin(a)[:, :, None, :]), angles)
+
+
+def rope(x: Array, positions: Array, theta: float, freqs: np.ndarray | None = None,
+         tables: tuple[Array, Array] | None = None) -> Array:
+  """Rotary embedding in the half-split convention of Hugging Face Llama. x: (B,T,n,H), positions: (B,T).
+
+  `tables` from `rope_tables` (computed once for q and k) replace the ones built from positions and theta.
+  """
+  cos, sin = rope_tables(positions, x.shape[-1], theta, freqs) if tables is None else tables
   return rotate(x.astype(jnp.float32), cos, sin).astype(x.dtype)
 
 
@@ -290,7 +298,8 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == 'rope':
       freqs = rope_frequencies(cfg)
-      q, k = rope(q, positions, cfg.rope_theta, freqs), rope(k, positions, cfg.rope_theta, freqs)
+      tables = rope_tables(positions, cfg.head_dim, cfg.rope_theta, freqs)  # q and k share one computation
+      q, k = rope(q, positions, cfg.rope_theta, tables=tables), rope(k, positions, cfg.rope_theta, tables=tables)
     return q, k, v
 
   def _out(self, out: Array) -> Array:
