@@ -93,7 +93,7 @@ def measure(config: ml_collections.ConfigDict, index: int, mesh: jax.sharding.Me
     b, t = config.data.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((b, t), np.int32) for k in BATCH_KEYS}
     start = time.perf_counter()
-    mem = train_step.lower(state, batch).compile().memory_analysis()
+    mem = train_step.lower(state, *train.step_args(config, mesh, batch)).compile().memory_analysis()
     seconds = time.perf_counter() - start
   out_extra = mem.output_size_in_bytes - mem.alias_size_in_bytes
   return {'stage': index, 'order': stage.order, 'new': stage.new,

@@ -6,14 +6,15 @@
   .venv/bin/python benchmarks/throughput.py --torch_compile=aot_eager     # if inductor cannot compile here
 
 All sides run the same architecture (RMSNorm, RoPE, SwiGLU, tied embeddings), AdamW, float32, full-length
-rows of random tokens; jaxtrain's model is the config defaults as resolved on this backend. Each framework
+rows of random tokens; jaxtrain's model and step are the config defaults as resolved on this backend (on CPU
+4 train steps per compiled call, `train.steps_per_call`, timed per call and reported per step). Each framework
 runs in its own child process (this script with --child), so neither one's idle threads (torch's OpenMP
 pool, XLA's) take cores from the other; one round runs each framework once, and --rounds rounds alternate
 between them, so interference from other work on a shared machine hits all of them alike and shows up as
 spread between rounds. torch.compile wraps the model (forward + loss; the backward is compiled by
 AOTAutograd) and `optimizer.step` (inductor on CPU needs a C++ compiler). Each child builds its step and
-runs it twice untimed (jit / torch.compile compilation, optimizer-state creation, recompiles; reported
-separately), then --steps timed steps. Reports median tokens/s, the ratios jaxtrain/torch, and model-FLOP
+calls it twice untimed (jit / torch.compile compilation, optimizer-state creation, recompiles; reported
+separately), then runs at least --steps timed steps. Reports median tokens/s, the ratios jaxtrain/torch, and model-FLOP
 utilisation against a float32 matmul peak each framework measures in its own process. Needs the dev extra
 (torch). Prints Markdown tables for docs/benchmarks.md.
 """
@@ -73,7 +74,14 @@ def default_model(vocab: int, d_model: int, layers: int, heads: int, kv_heads: i
   return models.model_config(m, vocab)
 
 
-def make_jax_step(cfg: ModelConfig, tokens: np.ndarray) -> Callable[[], None]:
+def shipped_steps_per_call() -> int:
+  """Train steps per compiled call as `python -m jaxtrain.main` resolves it here (4 on CPU)."""
+  from jaxtrain.defaults import base_config
+  return train.steps_per_call(base_config())
+
+
+def make_jax_step(cfg: ModelConfig, tokens: np.ndarray, steps_per_call: int = 1) -> Callable[[], None]:
+  """One call of the train step as `train.run` compiles it: `steps_per_call` steps on the same batch."""
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   tx = optax.adamw(1e-4, weight_decay=0.0)
   b, t = tokens.shape
@@ -81,15 +89,19 @@ def make_jax_step(cfg: ModelConfig, tokens: np.ndarray) -> Callable[[], None]:
            'positions': np.tile(np.arange(t, dtype=np.int32), (b, 1)), 'loss_mask': np.ones((b, t), np.int32)}
   with jax.set_mesh(mesh):
     graphdef, state, state_sh = train.init_state(cfg, tx, 0, mesh)
-    step = jax.jit(steps.make_train_step(train.make_loss_fn(graphdef, 0.0), tx),
-                   in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None),
-                   donate_argnums=0)
-    gb = sharding.to_global(batch, mesh)
+    step = steps.make_train_step(train.make_loss_fn(graphdef, 0.0), tx)
+    if steps_per_call > 1:
+      step = jax.jit(steps.make_multi_step(step), donate_argnums=0,
+                     in_shardings=(state_sh, sharding.batch_sharding(mesh, stacked=True), None),
+                     out_shardings=(state_sh, None))
+    else:
+      step = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None),
+                     donate_argnums=0)
   holder = {'state': state}
 
   def one() -> None:
     with jax.set_mesh(mesh):
-      holder['state'], m = step(holder['state'], gb)
+      holder['state'], m = train.run_steps(step, holder['state'], [batch] * steps_per_call, steps_per_call, mesh)
     m['loss'].block_until_ready()
 
   return one
@@ -146,13 +158,16 @@ def child(a: argparse.Namespace) -> None:
   """One framework in this process: its matmul peak, two untimed calls, then --steps timed ones (JSON)."""
   cfg = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
   tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len)).astype(np.int32)
+  k = 1
   if a.child == 'jax':
-    peak, fn = metrics.measure_matmul_peak(), make_jax_step(cfg, tokens)
+    k = shipped_steps_per_call()
+    peak, fn = metrics.measure_matmul_peak(), make_jax_step(cfg, tokens, k)
   else:
     backend = a.torch_compile if a.child == 'compile' else None
     peak, fn = torch_matmul_peak(), make_torch_step(cfg, tokens, a.threads, backend)
-  warm = first_calls(fn)
-  print(json.dumps({'peak': peak, 'warm': warm, 'times': time_calls(fn, a.steps, warmup=0)}))
+  warm = first_calls(fn)  # per call: the first compiles, then runs k steps
+  times = [t / k for t in time_calls(fn, -(-a.steps // k), warmup=0)]  # per step
+  print(json.dumps({'peak': peak, 'warm': warm, 'times': times, 'steps_per_call': k}))
 
 
 def run_child(which: str, argv: list[str]) -> dict | str:
@@ -204,6 +219,8 @@ def main() -> None:
     peak = statistics.median(o['peak'] for o in runs[w])
     rounds = ', '.join(f'{statistics.median(o["times"]):.3f}' for o in runs[w])
     name = NAMES[w].replace('torch.compile (', f'torch.compile (backend={backend}, ')
+    if first.get('steps_per_call', 1) > 1:
+      name = name.replace(')', f', {first["steps_per_call"]} steps per call)')
     print(f'| {name} | {first["warm"][0]:.1f} / {first["warm"][1]:.2f} | {t:.3f} | {rounds} | {n_tokens / t:.0f} | '
           f'{peak / 1e9:.0f} | {flops / t / peak:.1%} |')
   for w, why in failed.items():

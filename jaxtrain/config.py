@@ -54,7 +54,7 @@ NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'model.m
                 'model.mla_rope_dim', 'model.mla_v_dim',
                 'data.max_files', 'data.prefetch', 'data.shuffle_window', 'data.temperature', 'data.max_doc_bytes',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
-                'train.eval_every', 'train.max_bad_steps', 'log.peak_flops', 'checkpoint.every',
+                'train.eval_every', 'train.max_bad_steps', 'train.steps_per_call', 'log.peak_flops', 'checkpoint.every',
                 'distributed.num_processes',
                 'lora.rank', 'curriculum.steps_per_stage')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2', 'lora.dropout')  # [0, 1)

@@ -179,6 +179,10 @@ class Variants:
       self._steps[w] = self._make_step(window_config(self.mc, w, self.schedule.seq_len))
     return self._steps[w]
 
+  def segment_end(self, step: int) -> int:
+    """The first step after step `step` (0-based) that runs at another window, or the run's end."""
+    return next(end for first, end, _ in self._segments if first <= step < end)
+
   def flops_per_token(self, step: int) -> float:
     """Model FLOPs per token of step `step` (0-based), at its window."""
     return self._flops[self.window(step)]

@@ -94,7 +94,7 @@ class StepMemory:
     cfg = copy.deepcopy(config)
     # resolve_init has already copied the architecture into config.model; shapes never need the weights.
     cfg.init.from_hf = ''
-    self.mc, self.mesh = mc, mesh
+    self.mc, self.mesh, self.config = mc, mesh, cfg
     self.seq_len, self.accum = cfg.data.seq_len, cfg.train.accum_steps
     self.dp = sharding.data_parallel_size(mesh)
     tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
@@ -122,7 +122,8 @@ class StepMemory:
     x = jax.ShapeDtypeStruct((self.global_batch(rows), self.seq_len), jnp.int32, sharding=self.batch_sh)
     try:
       with jax.set_mesh(self.mesh):
-        ma = self.step.lower(self.state, dict.fromkeys(BATCH_KEYS, x)).compile().memory_analysis()
+        args = train.step_args(self.config, self.mesh, dict.fromkeys(BATCH_KEYS, x))
+        ma = self.step.lower(self.state, *args).compile().memory_analysis()
     except jax.errors.JaxRuntimeError as e:
       if any(m.lower() in str(e).lower() for m in OOM_MARKERS):
         return Measured(rows, 0, 0, 0, 0, oom=True)

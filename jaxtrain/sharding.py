@@ -108,14 +108,16 @@ def shardings_like(tree: Any, params: Any, param_sh: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows of a batch are split over the data-parallel axes; sequence and features are whole."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Rows of a batch are split over the data-parallel axes; sequence and features are whole. `stacked`:
+  batches stacked on a leading axis (K, B, ...), rows still split the same way."""
+  return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
-def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Places this process's rows of a batch as slices of global arrays (works on one or many hosts)."""
-  sh = batch_sharding(mesh)
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, stacked: bool = False) -> dict[str, jax.Array]:
+  """Places this process's rows of a batch (or of stacked batches, rows on axis 1) as slices of global
+  arrays (works on one or many hosts)."""
+  sh = batch_sharding(mesh, stacked)
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 

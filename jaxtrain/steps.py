@@ -124,6 +124,29 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
   return train_step
 
 
+def make_multi_step(train_step: Callable[[dict, Batch], tuple[dict, dict]]
+                    ) -> Callable[[dict, Batch, jax.Array], tuple[dict, dict]]:
+  """`train_steps(state, batches, active) -> (state, metrics)`: K train steps in one call, under `lax.scan`.
+
+  `batches` holds K batches stacked on a new leading axis; `active` (K,) bool says which of them run. An
+  inactive slot (a call with fewer batches than K pads with copies) leaves the state as it is, step counter
+  included, and reports zeros. Metrics come stacked (K,). On XLA CPU each call allocates its temporaries
+  afresh and the OS zero-fills every page of them again, so K steps per call pay that once (docs/benchmarks.md).
+  """
+  def body(state: dict, xs: tuple[Batch, jax.Array]) -> tuple[dict, dict]:
+    batch, on = xs
+
+    def skip(state: dict, batch: Batch) -> tuple[dict, dict]:
+      shapes = jax.eval_shape(train_step, state, batch)[1]
+      return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.cond(on, train_step, skip, state, batch)
+
+  def train_steps(state: dict, batches: Batch, active: jax.Array) -> tuple[dict, dict]:
+    return jax.lax.scan(body, state, (batches, active))
+
+  return train_steps
+
+
 def make_eval_step(loss_fn: LossFn, param_transform: ParamTransform | None = None) -> Callable[[dict, Batch], dict]:
   """`eval_step(state, batch) -> sums` ({'loss_sum', 'tokens', ...}); the caller adds batches and divides."""
   transform = param_transform or _identity_transform

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain import curriculum, data, losses, metrics, models, optim, sharding, steps, stopping
@@ -30,20 +31,56 @@ def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
   return loss_fn
 
 
+def steps_per_call(config: ml_collections.ConfigDict) -> int:
+  """`train.steps_per_call` resolved: 0 (auto) is 4 on CPU, 1 on accelerators (see defaults.py)."""
+  return config.train.steps_per_call or (4 if jax.default_backend() == 'cpu' else 1)
+
+
 def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule: Any,
               mesh: jax.sharding.Mesh, loss_fn: steps.LossFn | None = None) -> tuple[Any, Any]:
   """The run's jitted (train_step, eval_step) for `loss_fn` (default: the decoder's next-token loss): state
-  and batch shardings fixed, the state donated, metrics replicated, so the step compiles once."""
+  and batch shardings fixed, the state donated, metrics replicated, so the step compiles once. With
+  `steps_per_call` K > 1 the train step is `steps.make_multi_step`'s (state, K stacked batches, active);
+  `run_steps` calls either kind and `step_args` gives either's abstract inputs."""
   batch_sh = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   loss_fn = loss_fn or make_loss_fn(built.graphdef, config.train.z_loss)
-  train_step = jax.jit(
-      steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
-                            param_transform=built.transform),
-      in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, replicated), donate_argnums=0)
+  step = steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
+                               param_transform=built.transform)
+  if steps_per_call(config) > 1:
+    train_step = jax.jit(steps.make_multi_step(step), donate_argnums=0,
+                         in_shardings=(built.shardings, sharding.batch_sharding(mesh, stacked=True), replicated),
+                         out_shardings=(built.shardings, replicated))
+  else:
+    train_step = jax.jit(step, in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, replicated),
+                         donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(loss_fn, built.transform), in_shardings=(built.shardings, batch_sh),
                       out_shardings=replicated)
   return train_step, eval_step
+
+
+def run_steps(train_step: Any, state: dict, host_batches: list[dict[str, Any]], k: int,
+              mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
+  """One call of a `jit_steps` train step built for `k` steps per call on 1..k host batches: (state,
+  metrics), the metrics stacked (k,) when k > 1 (slots past len(host_batches) ran nothing)."""
+  if not 1 <= len(host_batches) <= k:
+    raise ValueError(f'{len(host_batches)} batches for a call of {k} steps: give 1..{k}')
+  if k == 1:
+    return train_step(state, sharding.to_global(host_batches[0], mesh))
+  filled = host_batches + host_batches[-1:] * (k - len(host_batches))  # inactive slots: copies, never run
+  stacked = {key: np.stack([b[key] for b in filled]) for key in host_batches[0]}
+  return train_step(state, sharding.to_global(stacked, mesh, stacked=True), np.arange(k) < len(host_batches))
+
+
+def step_args(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch: dict[str, Any]) -> tuple:
+  """The abstract arguments after the state of `jit_steps`' train step, for `batch`: {key:
+  ShapeDtypeStruct (B, ...)} of one step. With K steps per call: the batch stacked K times and the mask."""
+  k = steps_per_call(config)
+  if k == 1:
+    return (batch,)
+  sh = sharding.batch_sharding(mesh, stacked=True)
+  stacked = {key: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=sh) for key, x in batch.items()}
+  return stacked, jax.ShapeDtypeStruct((k,), np.bool_)
 
 
 def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
@@ -150,11 +187,13 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   flops_token = job.flops_per_token
   eval_flops = job.eval_flops_per_token * tokens_per_step * config.train.eval_batches  # padding included
   peak, peak_source = metrics.device_peak_flops(config.log.peak_flops)
+  calls = steps_per_call(config)  # train steps per call of the jitted step
   logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
   logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {built.description}, {jax.device_count()} '
                f'devices, mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} '
                f'MFLOPs/token train, {job.eval_flops_per_token / 1e6:.1f} eval, '
-               f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]')
+               f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]'
+               + (f', {calls} steps per call' if calls > 1 else ''))
   for line in data.pipeline.source_report(srcs):
     logger.write(f'data {line}')
   if start:
@@ -165,36 +204,43 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
                              'flops': {'train': 0.0, 'eval': 0.0}}
   last_time = time.perf_counter()
   bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
+  tripped: list[tuple[int, dict]] = []  # the first streak that reached max_bad_steps
   max_bad = config.train.max_bad_steps
   variants = train_step if isinstance(train_step, curriculum.Variants) else None  # a context-length curriculum
 
-  def emit(step: int, device_metrics: dict, data_wait: float, provenance: dict, sources_seen: dict) -> None:
+  def emit(call: tuple[dict, list[tuple]]) -> None:
+    """Logs the steps of a finished call: (its metrics on device, one (step, data_wait, provenance,
+    sources_seen) per step it ran); they share the call's time equally."""
     nonlocal last_time
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    values.update(sources_seen)
-    flops_step, flops_so_far = flops_token, flops_token * step  # per token: this step, steps 0..step-1
-    if variants is not None:  # the attention window, and with it the FLOPs, follow the step
-      flops_step, flops_so_far = variants.flops_per_token(step - 1), variants.flops_total(step)
-      values['attn_window'] = variants.window(step - 1)
+    fetched = jax.device_get(call[0])
     now = time.perf_counter()
-    step_time, last_time = now - last_time, now
-    values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
-                  mfu=flops_step * tokens_per_step / step_time / (peak * jax.device_count()),
-                  train_flops_total=flops_so_far * tokens_per_step)
-    summary['flops']['train'] += flops_step * tokens_per_step
-    summary['losses'][step] = values['loss']
-    note = recorder.observe(step, values)
-    if note:
-      logger.write(note)
-    if values['skipped']:
-      bad.append((step, provenance))
-      logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
-                   'update skipped')
-    else:
-      bad.clear()
-    if step % config.log.every == 0 or step == total or values['skipped']:
-      logger.log(step, values)
-    logger.advance()
+    step_time, last_time = (now - last_time) / len(call[1]), now
+    for i, (step, data_wait, provenance, sources_seen) in enumerate(call[1]):
+      values = {k: float(v[i] if calls > 1 else v) for k, v in fetched.items()}
+      values.update(sources_seen)
+      flops_step, flops_so_far = flops_token, flops_token * step  # per token: this step, steps 0..step-1
+      if variants is not None:  # the attention window, and with it the FLOPs, follow the step
+        flops_step, flops_so_far = variants.flops_per_token(step - 1), variants.flops_total(step)
+        values['attn_window'] = variants.window(step - 1)
+      values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
+                    mfu=flops_step * tokens_per_step / step_time / (peak * jax.device_count()),
+                    train_flops_total=flops_so_far * tokens_per_step)
+      summary['flops']['train'] += flops_step * tokens_per_step
+      summary['losses'][step] = values['loss']
+      note = recorder.observe(step, values)
+      if note:
+        logger.write(note)
+      if values['skipped']:
+        bad.append((step, provenance))
+        if len(bad) == max_bad:
+          tripped[:] = bad  # the streak to stop for, even if the steps already run after it recover
+        logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
+                     'update skipped')
+      else:
+        bad.clear()
+      if step % config.log.every == 0 or step == total or values['skipped']:
+        logger.log(step, values)
+      logger.advance()
 
   def run_eval() -> tuple[dict, dict]:
     """(eval metrics, their cost): the cost is logged but kept out of summary['eval'], which is reproducible."""
@@ -211,46 +257,64 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
     ckpt.wait()
     return f'{ckpt.directory}/{step}'
 
-  pending = None
+  def call_end(step: int) -> int:
+    """Where the call starting after `step` completed steps ends: at most `calls` steps, never past a
+    checkpoint, an evaluation or a change of attention window; one step inside a non-finite streak."""
+    end = min(total, step + (1 if bad else calls))
+    for every in (ckpt.every, config.train.eval_every):
+      if every:
+        end = min(end, (step // every + 1) * every)
+    return min(end, variants.segment_end(step)) if variants is not None else end
+
+  def flush() -> None:
+    nonlocal pending
+    if pending is not None:
+      emit(pending)
+      pending = None
+
+  pending = None  # the last call, logged while the next one runs
+  done, data_ended = start, False
   with stopping.StopRequests(workdir) as stop:
-    for step in range(start, total):
-      t0 = time.perf_counter()
-      try:
-        host_batch = next(data_iter)
-      except StopIteration:  # a source with on_end='stop' ran out (or every source was dropped)
-        if pending is not None:
-          emit(*pending)
-          pending = None
-        summary['data_ended'] = step
-        logger.write(f'the training data ended after step {step} (a source with on_end=stop ran out, or every '
+    while done < total and not data_ended:
+      step, host_batches, records = done, [], []
+      for s in range(step, call_end(step)):
+        t0 = time.perf_counter()
+        try:
+          host_batch = next(data_iter)
+        except StopIteration:  # a source with on_end='stop' ran out (or every source was dropped)
+          data_ended = True
+          break
+        # Provenance (which documents fill each row) stays on the host unless the step asks for it.
+        provenance = {k: host_batch[k] if k in job.keep_keys else host_batch.pop(k)
+                      for k in list(host_batch) if k.startswith('doc_')}
+        data_wait = time.perf_counter() - t0
+        seen.add(provenance['doc_ids'])  # counted now, so a checkpoint saved after this step includes it
+        recorder.record(s + 1, host_batch, provenance)  # before to_global: the dump decodes these tokens
+        host_batches.append(host_batch)
+        records.append((s + 1, data_wait, provenance, seen.metrics()))
+      if host_batches:
+        step_fn = variants.at(step) if variants is not None else train_step
+        state, step_metrics = run_steps(step_fn, state, host_batches, calls, mesh)
+        flush()  # the previous call's metrics, fetched while this one runs
+        pending = (step_metrics, records)
+        done = step + len(host_batches)
+      if bad or tripped:  # inside a non-finite streak, look at each call at once: the state stays known
+        flush()
+      if tripped:
+        streak = bad if bad and bad[0][0] == tripped[0][0] else tripped  # all of it, if still going on
+        raise NonFiniteError(_nonfinite_message(streak, done, save_and_wait(done), config, workdir))
+      if data_ended:
+        flush()
+        summary['data_ended'] = done
+        logger.write(f'the training data ended after step {done} (a source with on_end=stop ran out, or every '
                      f'source was dropped); saving and evaluating')
-        if step and step not in ckpt.all_steps():
-          ckpt.save(step, checkpointed(state), data_iter)
-          _save_source_tokens(workdir, step, seen.state(), ckpt.all_steps())
+        if done and done not in ckpt.all_steps():
+          ckpt.save(done, checkpointed(state), data_iter)
+          _save_source_tokens(workdir, done, seen.state(), ckpt.all_steps())
         break
-      # Provenance (which documents fill each row) stays on the host unless the step asks for it.
-      provenance = {k: host_batch[k] if k in job.keep_keys else host_batch.pop(k)
-                    for k in list(host_batch) if k.startswith('doc_')}
-      data_wait = time.perf_counter() - t0
-      seen.add(provenance['doc_ids'])  # counted now, so a checkpoint saved after this step includes it
-      recorder.record(step + 1, host_batch, provenance)  # before to_global: the dump decodes these tokens
-      step_fn = variants.at(step) if variants is not None else train_step
-      state, step_metrics = step_fn(state, sharding.to_global(host_batch, mesh))
-      if pending is not None:  # fetch the previous step's metrics while this one runs
-        emit(*pending)
-      pending = (step + 1, step_metrics, data_wait, provenance, seen.metrics())
-      if bad and len(bad) < max_bad:  # inside a streak, look at each step at once: the state stays known
-        emit(*pending)
-        pending = None
-      done = step + 1
-      if max_bad and len(bad) >= max_bad:
-        if pending is not None:
-          emit(*pending)
-        raise NonFiniteError(_nonfinite_message(bad, save_and_wait(done), config, workdir))
       reason = stop.reason()
       if reason:
-        if pending is not None:
-          emit(*pending)
+        flush()
         summary['stopped'] = (reason, save_and_wait(done))
         break
       if ckpt.should_save(done) or done == total:
@@ -258,13 +322,11 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
         ckpt.save(done, checkpointed(state), data_iter)
         _save_source_tokens(workdir, done, seen.state(), ckpt.all_steps())
       if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-        emit(*pending)
-        pending = None
+        flush()
         values, cost = run_eval()
         logger.log(done, values | cost)
         last_time = time.perf_counter()
-    if pending is not None:
-      emit(*pending)
+    flush()
     if not summary['stopped']:
       summary['eval'], cost = run_eval()
       logger.log(total, summary['eval'] | cost)
@@ -311,9 +373,10 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite steps; the message says where the last good state was saved."""
 
 
-def _nonfinite_message(bad: list[tuple[int, dict]], checkpoint: str, config: ml_collections.ConfigDict,
+def _nonfinite_message(bad: list[tuple[int, dict]], done: int, checkpoint: str, config: ml_collections.ConfigDict,
                        workdir: str) -> str:
-  """One paragraph for the user, plus WORKDIR/nonfinite_steps.json with every sample id of the bad steps."""
+  """One paragraph for the user, plus WORKDIR/nonfinite_steps.json with every sample id of the bad steps.
+  `done`: the steps run when the streak was seen (later than its end when steps ran before the check)."""
   records = []
   for step, provenance in bad:
     names = data.sample_ids(config.data, 'train', provenance) if provenance else []
@@ -323,10 +386,12 @@ def _nonfinite_message(bad: list[tuple[int, dict]], checkpoint: str, config: ml_
       json.dump(records, f, indent=1)
   first, last = bad[0][0], bad[-1][0]
   shown = ', '.join(records[-1]['samples'][:6]) or 'unknown'
+  held = (f'so {checkpoint} holds the parameters and optimizer state from before step {first}' if done == last else
+          f'but steps {last + 1}..{done} had already run when the streak was read (train.steps_per_call='
+          f'{steps_per_call(config)}), so {checkpoint} holds the state after step {done}')
   return (f'stopping: {len(bad)} consecutive steps ({first}..{last}) had a non-finite loss or gradients '
-          f'(train.max_bad_steps={config.train.max_bad_steps}). Their updates were skipped, so {checkpoint} holds '
-          f'the parameters and optimizer state from before step {first}. Samples of step {last}: {shown}; all '
-          f'samples of the bad steps are in {workdir}/nonfinite_steps.json.')
+          f'(train.max_bad_steps={config.train.max_bad_steps}). Their updates were skipped, {held}. Samples of '
+          f'step {last}: {shown}; all samples of the bad steps are in {workdir}/nonfinite_steps.json.')
 
 
 def _summary_line(summary: dict[str, Any], workdir: str, checkpoint: str, total: int, label: str = '') -> str:

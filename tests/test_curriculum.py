@@ -138,6 +138,8 @@ def test_variants_build_lazily_and_reuse_the_full_step():
   assert [v.flops_per_token(i) for i in range(12)] == [per[0]] * 3 + [per[1]] * 3 + [per[2]] * 6
   assert v.flops_total(5) == pytest.approx(3 * per[0] + 2 * per[1])
   assert v.flops_total(12) == pytest.approx(sum(v.flops_per_token(i) for i in range(12)))
+  # A call of several steps ends where the window changes.
+  assert [v.segment_end(i) for i in range(12)] == [3] * 3 + [6] * 3 + [12] * 6
 
 
 def test_window_config():

@@ -301,15 +301,20 @@ def tiny_config():
 
 
 class HugeLossAt:
-  """The jitted train step, reporting 100x the loss on its `at`-th call (the state is untouched)."""
+  """The jitted train step, reporting 100x the loss of its `at`-th step (the state is untouched); either
+  kind `train.jit_steps` builds: one step per call, or several (metrics stacked, an active mask last)."""
 
   def __init__(self, step, at):
-    self._step, self._at, self._calls = step, at, 0
+    self._step, self._at, self._done = step, at, 0
 
-  def __call__(self, state, batch):
-    self._calls += 1
-    state, metrics = self._step(state, batch)
-    return state, (dict(metrics, loss=metrics['loss'] * 100.0) if self._calls == self._at else metrics)
+  def __call__(self, state, *args):
+    state, metrics = self._step(state, *args)
+    ran = int(np.sum(args[1])) if len(args) > 1 else 1
+    index, self._done = self._at - self._done - 1, self._done + ran  # the `at`-th step's place in this call
+    if 0 <= index < ran:
+      loss = metrics['loss']
+      metrics = dict(metrics, loss=loss.at[index].multiply(100.0) if len(args) > 1 else loss * 100.0)
+    return state, metrics
 
   def _cache_size(self):
     return self._step._cache_size()  # pylint: disable=protected-access

@@ -169,7 +169,11 @@ main.run_main()
 '''
 
 
-def test_non_finite_steps_are_skipped_then_stop_with_a_clean_checkpoint(tmp_path):
+@pytest.mark.parametrize('calls', [1, 4])
+def test_non_finite_steps_are_skipped_then_stop_with_a_clean_checkpoint(tmp_path, calls):
+  """Steps 5-7 are non-finite and max_bad_steps is 3. One step per call: the run stops at 7 with the state of
+  step 4. Four per call: step 8 recovers and steps 8-12 have run when the streak is read; the run still stops,
+  saying so, with the state after step 12."""
   import jax
   import numpy as np
   import optax
@@ -182,17 +186,24 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clean_checkpoint(tmp_path
   workdir = str(tmp_path / 'run')
   proc = subprocess.run(
       [sys.executable, str(script), '--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=30',
-       '--config.checkpoint.every=4', '--config.train.max_bad_steps=3', '--config.data.prefetch=0'],
+       '--config.checkpoint.every=4', '--config.train.max_bad_steps=3', '--config.data.prefetch=0',
+       f'--config.train.steps_per_call={calls}'],
       cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode == 1, proc.stderr[-3000:]
   message = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(message) == 1 and '3 consecutive steps (5..7)' in message[0], proc.stderr[-3000:]
-  assert 'from before step 5' in message[0] and 'Samples of step 7:' in message[0]
+  assert 'Samples of step 7:' in message[0]
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['step'] for r in records if r.get('skipped')] == [5, 6, 7]
   with open(os.path.join(workdir, 'nonfinite_steps.json')) as f:
     bad = json.load(f)
   assert [b['step'] for b in bad] == [5, 6, 7] and all(b['samples'] for b in bad)
+  if calls > 1:
+    assert 'steps 8..12 had already run' in message[0] and 'holds the state after step 12' in message[0], message
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=4, keep=3)
+    assert 12 in ckpt.all_steps() and max(r['step'] for r in records if 'loss' in r) == 12
+    return
+  assert 'from before step 5' in message[0]
   # The checkpoint written at the stop holds exactly the state of step 4: the bad updates were skipped.
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   config = json.load(open(os.path.join(workdir, 'config.json')))

@@ -124,3 +124,29 @@ def test_non_finite_step_is_skipped_and_counted():
     assert int(after['step']) == int(before['step']) + 1
     state, m = step(state, sharding.to_global(batch, mesh))  # a clean batch trains normally again
   assert float(m['skipped']) == 0.0 and np.isfinite(float(m['loss']))
+
+
+def test_multi_step_runs_its_active_slots_in_order_and_leaves_the_rest():
+  """Three batches in a 4-slot call: the same states and metrics as three single steps; the fourth slot
+  (a copy of the third batch, inactive) changes nothing, step counter included, and reports zeros."""
+  tx = optax.adamw(1e-2)
+  mesh, _, single_state, state_sh, single = build(tx, {'data': -1, 'fsdp': 1, 'tensor': 1})
+  _, graphdef, multi_state, _, _ = build(tx, {'data': -1, 'fsdp': 1, 'tensor': 1})
+  batches = [packed_batch([[16], [8, 8], [4], [16]] * 2, 16, seed=s) for s in range(3)]
+  with jax.set_mesh(mesh):
+    multi = jax.jit(steps.make_multi_step(steps.make_train_step(train.make_loss_fn(graphdef, 0.0), tx)),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh, stacked=True), None),
+                    out_shardings=(state_sh, None), donate_argnums=0)
+    stacked = {k: np.stack([b[k] for b in batches + batches[-1:]]) for k in batches[0]}
+    multi_state, m = multi(multi_state, sharding.to_global(stacked, mesh, stacked=True),
+                           np.array([True, True, True, False]))
+    losses = []
+    for b in batches:
+      single_state, s = single(single_state, sharding.to_global(b, mesh))
+      losses.append(float(s['loss']))
+  assert m['loss'].shape == (4,) and float(m['loss'][3]) == 0.0 and float(m['loss_tokens'][3]) == 0.0
+  np.testing.assert_allclose(np.asarray(m['loss'][:3]), losses, rtol=1e-5)
+  assert len(set(losses)) == 3  # three different batches, so the order is checked
+  assert int(multi_state['step']) == int(single_state['step']) == 3
+  for a, b in zip(jax.tree.leaves(multi_state['params']), jax.tree.leaves(single_state['params']), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

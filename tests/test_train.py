@@ -114,3 +114,18 @@ def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
   assert again['start_step'] == keep and again['data_ended'] == ended
   resumed = {r['step']: r for r in metrics.read_metrics(workdir) if 'loss' in r}
   assert resumed[ended]['tokens/essays'] == at[ended]['tokens/essays']
+
+
+def test_steps_per_call_changes_neither_losses_nor_outputs(full_run, tmp_path):
+  """The default run (4 steps per call on CPU) and one step per call: the same losses, evaluations, logged
+  steps and checkpoints (calls end at every checkpoint and evaluation step)."""
+  workdir, summary = full_run
+  assert train.steps_per_call(tiny_config()) == (4 if train.jax.default_backend() == 'cpu' else 1)
+  one = train.run(tiny_config(**{'train.steps_per_call': 1}), str(tmp_path))
+  assert sorted(one['losses']) == sorted(summary['losses'])
+  for s, loss in one['losses'].items():
+    assert abs(loss - summary['losses'][s]) <= 1e-5 * abs(loss), (s, loss, summary['losses'][s])
+  assert abs(one['eval']['eval_loss'] - summary['eval']['eval_loss']) <= 1e-5 * one['eval']['eval_loss']
+  logged = [[(r['step'], 'eval_loss' in r) for r in metrics.read_metrics(w)] for w in (workdir, str(tmp_path))]
+  assert logged[0] == logged[1]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == sorted(os.listdir(tmp_path / 'checkpoints'))
