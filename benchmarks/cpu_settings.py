@@ -7,7 +7,8 @@
 XLA reads XLA_FLAGS once, when the backend starts, so every variant runs in its own child process (this
 script with --child). Each child builds the same step as benchmarks/throughput.py (as shipped: 4 train
 steps per compiled call on CPU), calls it twice untimed, then times whole calls covering at least --steps
-steps; rounds alternate between the variants so load from other work on a shared machine hits all alike. Prints the median step time per variant and its ratio to the shipped defaults (what
+steps; rounds alternate between the variants so load from other work on a shared machine hits all alike.
+Prints the median step time per variant and its ratio to the shipped defaults (what
 `python -m jaxtrain.main` uses on CPU: XLA's own options, which no flag here beat, and the model defaults
 resolved for CPU), as a Markdown table with each variant's page faults and kernel CPU time per step. A variant
 XLA rejects is reported as failed.
@@ -141,7 +142,8 @@ def main() -> None:
       shown = out if isinstance(out, str) else f'{statistics.median(out["times"]):.3f} s'
       print(f'round {r + 1}: {n}: {shown}', flush=True)
   size = '5.5M Llama, batch 8 x 256' if a.quick else '31.5M Llama, batch 8 x 512'
-  print(f'\n{size}, float32, AdamW; median per step of {a.rounds} rounds of at least {a.steps} steps per variant after 2 untimed calls\n')
+  print(f'\n{size}, float32, AdamW; median per step of {a.rounds} rounds of at least {a.steps} steps per variant '
+        'after 2 untimed calls\n')
   print('| variant | what changes | XLA_FLAGS / model setting | step time (s) | slowest step (s) | '
         'vs shipped defaults | page faults / step | kernel CPU / step (s) |')
   print('|---|---|---|---|---|---|---|---|')
