@@ -89,14 +89,8 @@ def make_jax_step(cfg: ModelConfig, tokens: np.ndarray, steps_per_call: int = 1)
            'positions': np.tile(np.arange(t, dtype=np.int32), (b, 1)), 'loss_mask': np.ones((b, t), np.int32)}
   with jax.set_mesh(mesh):
     graphdef, state, state_sh = train.init_state(cfg, tx, 0, mesh)
-    step = steps.make_train_step(train.make_loss_fn(graphdef, 0.0), tx)
-    if steps_per_call > 1:
-      step = jax.jit(steps.make_multi_step(step), donate_argnums=0,
-                     in_shardings=(state_sh, sharding.batch_sharding(mesh, stacked=True), None),
-                     out_shardings=(state_sh, None))
-    else:
-      step = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None),
-                     donate_argnums=0)
+    step = train.jit_train_step(steps.make_train_step(train.make_loss_fn(graphdef, 0.0), tx), steps_per_call,
+                                state_sh, mesh)
   holder = {'state': state}
 
   def one() -> None:

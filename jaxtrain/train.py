@@ -47,16 +47,22 @@ def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule
   loss_fn = loss_fn or make_loss_fn(built.graphdef, config.train.z_loss)
   step = steps.make_train_step(loss_fn, tx, schedule=schedule, accum_steps=config.train.accum_steps,
                                param_transform=built.transform)
-  if steps_per_call(config) > 1:
-    train_step = jax.jit(steps.make_multi_step(step), donate_argnums=0,
-                         in_shardings=(built.shardings, sharding.batch_sharding(mesh, stacked=True), replicated),
-                         out_shardings=(built.shardings, replicated))
-  else:
-    train_step = jax.jit(step, in_shardings=(built.shardings, batch_sh), out_shardings=(built.shardings, replicated),
-                         donate_argnums=0)
+  train_step = jit_train_step(step, steps_per_call(config), built.shardings, mesh)
   eval_step = jax.jit(steps.make_eval_step(loss_fn, built.transform), in_shardings=(built.shardings, batch_sh),
                       out_shardings=replicated)
   return train_step, eval_step
+
+
+def jit_train_step(step: Any, k: int, state_sh: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`step` (a pure train step) jitted with the state donated and metrics replicated: as it is for k == 1,
+  else as `steps.make_multi_step`'s k steps per call."""
+  replicated = NamedSharding(mesh, P())
+  if k > 1:
+    return jax.jit(steps.make_multi_step(step), donate_argnums=0,
+                   in_shardings=(state_sh, sharding.batch_sharding(mesh, stacked=True), replicated),
+                   out_shardings=(state_sh, replicated))
+  return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, replicated),
+                 donate_argnums=0)
 
 
 def run_steps(train_step: Any, state: dict, host_batches: list[dict[str, Any]], k: int,
