@@ -106,3 +106,44 @@ def test_async_save_errors_surface(tmp_path, monkeypatch):
     ckpt.wait()
   monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', original)
   assert Checkpointer(str(tmp_path), every=1, keep=2).latest_step() == 1  # the failed one never counts
+
+
+def _count_host_copies(monkeypatch, array_type) -> list[int]:
+  calls = [0]
+  original = array_type.copy_to_host_async
+
+  def counted(self):
+    calls[0] += 1
+    return original(self)
+
+  monkeypatch.setattr(array_type, 'copy_to_host_async', counted)
+  return calls
+
+
+def test_one_process_copies_each_shard_once_and_reads_orbax_default_checkpoints(tmp_path, monkeypatch):
+  """A one-process save starts one device-to-host copy per distinct shard (orbax's replica-parallel default
+  copies a slice from every replica of a replicated array), and the checkpoints read both ways with orbax's
+  default handler."""
+  import orbax.checkpoint as ocp
+
+  _, state, state_sh = make_state({'data': -1, 'fsdp': 1, 'tensor': 1})
+  leaves = jax.tree.leaves(state)
+  shards = sum(len({str(s.index) for s in x.addressable_shards}) for x in leaves)
+  assert shards < sum(len(x.addressable_shards) for x in leaves)  # some leaves are replicated on 8 devices
+  calls = _count_host_copies(monkeypatch, type(leaves[0]))
+  ckpt = Checkpointer(str(tmp_path / 'ours'), every=1, keep=1)
+  ckpt.save(1, state, None)
+  ckpt.close()
+  assert calls[0] == shards
+
+  calls[0] = 0
+  with ocp.StandardCheckpointer() as default:
+    default.save(tmp_path / 'default' / '1' / 'state', state)
+  assert calls[0] > shards  # what the one-process setting saves
+  _, fresh, _ = make_state({'data': -1, 'fsdp': 1, 'tensor': 1}, seed=3)
+  restored = Checkpointer(str(tmp_path / 'default'), every=1, keep=1).restore(
+      1, abstract_with_shardings(fresh, state_sh), None)
+  assert_trees_equal(restored, state)
+  with ocp.StandardCheckpointer() as default:
+    assert_trees_equal(default.restore(tmp_path / 'ours' / '1' / 'state', abstract_with_shardings(fresh, state_sh)),
+                       state)
