@@ -206,18 +206,35 @@ def attention_mask(segment_ids: Array, causal: bool, key_segment_ids: Array | No
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, library: bool = True) -> Array:
   """Attention scaled by 1/sqrt(q's head dim). With `library` and equal q/k and v head dims (not MLA, which
-  jax refuses), `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU); otherwise plain einsums
-  with `softmax` in float32, masked the same way: on XLA CPU, in causal blocks, 0.75-0.9x the library's time
-  (docs/benchmarks.md)."""
+  jax refuses), `jax.nn.dot_product_attention` (which may dispatch to cuDNN on GPU); otherwise `einsum_core`
+  on head-major copies."""
   if library and k.shape[-1] == v.shape[-1]:
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  qh, kh, vh = head_major(q, k, v)
+  return from_head_major(einsum_core(qh, kh, vh, mask))
+
+
+def head_major(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+  """q (B,T,N,H) scaled by 1/sqrt(H) as (B,K,G,T,H) for K kv heads of G query heads each; k, v (B,S,K,H)
+  as (B,K,S,H). Scaling q is T*H work, not T*S."""
   b, t, n, h = q.shape
-  groups = n // k.shape[2]
-  qg = (q * (1 / math.sqrt(h))).reshape(b, t, k.shape[2], groups, h)  # scaling q is T*H work, not T*S
-  scores = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32)
+  kv = k.shape[2]
+  qh = (q * (1 / math.sqrt(h))).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def from_head_major(o: Array) -> Array:
+  """(B,K,G,T,H) back to (B,T,K*G,H)."""
+  b, kv, g, t, h = o.shape
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
+
+
+def einsum_core(qh: Array, kh: Array, vh: Array, mask: Array) -> Array:
+  """Masked softmax attention on `head_major` operands (mask (B,1,T,S)), scores and `softmax` in float32:
+  on XLA CPU, in causal blocks, 0.75-0.9x the time of `jax.nn.dot_product_attention` (docs/benchmarks.md)."""
+  scores = jnp.einsum('bkgth,bksh->bkgts', qh, kh, preferred_element_type=jnp.float32)
   scores = jnp.where(mask[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)  # as jax's masking
-  probs = softmax(scores).astype(v.dtype)
-  return jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, n, v.shape[-1])
+  return jnp.einsum('bkgts,bksh->bkgth', softmax(scores).astype(vh.dtype), vh)
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, block: int,
@@ -232,13 +249,16 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, bl
   t = q.shape[1]
   if not causal or block <= 0 or block >= t:
     return dot_product_attention(q, k, v, attention_mask(segment_ids, causal, window=window))
+  # Head-major once for all blocks: a block's products then read contiguous slices (0.94-0.96x the step time
+  # of transposing each block's q, k and v slices; docs/benchmarks.md).
+  qh, kh, vh = head_major(q, k, v)
   outs = []
   for start in range(0, t, block):
     end = min(start + block, t)
     first = max(0, start - window + 1) if window else 0
     mask = attention_mask(segment_ids[:, start:end], causal, segment_ids[:, first:end], start, window, first)
-    outs.append(dot_product_attention(q[:, start:end], k[:, first:end], v[:, first:end], mask, library=False))
-  return jnp.concatenate(outs, axis=1)
+    outs.append(einsum_core(qh[:, :, :, start:end], kh[:, :, first:end], vh[:, :, first:end], mask))
+  return from_head_major(jnp.concatenate(outs, axis=3))
 
 
 def write_cache(cache: dict[str, Array], new: dict[str, Array], index: Array) -> dict[str, Array]:
