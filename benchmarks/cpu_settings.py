@@ -68,8 +68,12 @@ VARIANTS = (
     Variant('scan', 'layers in lax.scan (the accelerator default) instead of unrolled', model=(('scan_layers', True),)),
     Variant('remat_full', 'remat full', model=(('remat', 'full'),)),
     Variant('remat_dots', 'remat save_dots', model=(('remat', 'save_dots'),)),
-    Variant('attn_one_call', 'attention as one call (attention_block=0)', model=(('attention_block', 0),)),
-    Variant('attn_block_256', 'attention in blocks of 256', model=(('attention_block', 256),)),
+    Variant('attn_xla', "XLA's attention in causal blocks of 128 instead of the fused kernel (attention_impl=xla)",
+            model=(('attention_impl', 'xla'),)),
+    Variant('attn_xla_one_call', "XLA's attention as one call (attention_impl=xla, attention_block=0)",
+            model=(('attention_impl', 'xla'), ('attention_block', 0))),
+    Variant('attn_xla_block_256', "XLA's attention in blocks of 256", model=(('attention_impl', 'xla'),
+                                                                           ('attention_block', 256))),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 

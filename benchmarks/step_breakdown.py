@@ -3,10 +3,11 @@
   .venv/bin/python benchmarks/step_breakdown.py
 
 Same model and batch as benchmarks/throughput.py (31.5M Llama, batch 8 x 512, float32). Times the shipped
-step, the step with layers in lax.scan, the forward pass alone, and the step with the attention core replaced
-by the identity on V (to isolate its cost); then one attention layer forward + backward in
-`jax.nn.dot_product_attention` (one call and in causal blocks), in jaxtrain's causal blocks (its einsum core),
-in einsum + softmax, and in torch `scaled_dot_product_attention`; and the SwiGLU MLP (jaxtrain's own backward
+step (the fused CPU attention kernel), the step with XLA's attention (in causal blocks and as one call), with
+layers in lax.scan, the forward pass alone, and with the attention core replaced by the identity on V (to
+isolate its cost); then one attention layer forward + backward in the fused kernel,
+`jax.nn.dot_product_attention` (one call and in causal blocks), in jaxtrain's XLA causal blocks (its einsum
+core), in einsum + softmax, and in torch `scaled_dot_product_attention`; and the SwiGLU MLP (jaxtrain's own backward
 pass against autodiff and torch) and the cross-entropy against torch.
 Prints Markdown tables for docs/benchmarks.md. Needs the dev extra (torch).
 """
@@ -25,10 +26,10 @@ import optax
 
 from jaxtrain import losses, sharding, steps, train
 import throughput
-from jaxtrain.models import ModelConfig, transformer
+from jaxtrain.models import ModelConfig, cpu_attention, transformer
 from timing import time_calls
 
-MODEL = throughput.default_model(8192, 512, 8, 8, 8, 1536)  # the CPU defaults: blocks of 128, layers unrolled
+MODEL = throughput.default_model(8192, 512, 8, 8, 8, 1536)  # the CPU defaults: fused attention, layers unrolled
 B, T = 8, 512
 
 
@@ -85,11 +86,15 @@ def attention_times() -> dict[str, float]:
     s = jnp.where(mask, jnp.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(h), -1e30)
     return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(s, axis=-1), v)
 
+  def fused(q, k, v):
+    return cpu_attention.attention(q, k, v, segments, causal=True)
+
   out = {}
-  for name, f in [('jax.nn.dot_product_attention (mask), one call', library),
+  for name, f in [('jaxtrain fused CPU kernel (cpu_attention; the CPU default where g++ is on PATH)', fused),
+                  ('jax.nn.dot_product_attention (mask), one call', library),
                   ('jax.nn.dot_product_attention in causal blocks of 128', blocked_library),
-                  ('jaxtrain attention: einsum core with its own softmax in causal blocks of 128 (the CPU default)',
-                   blocked),
+                  ('jaxtrain XLA attention: einsum core with its own softmax in causal blocks of 128 '
+                   '(attention_impl=xla)', blocked),
                   ('einsum + softmax', einsum_softmax)]:
     grad = jax.jit(jax.grad(lambda q, k, v, f=f: f(q, k, v).sum(), argnums=(0, 1, 2)))
     out[name] = median_time(lambda grad=grad: jax.block_until_ready(grad(q, k, v)))
@@ -149,9 +154,11 @@ def piece_times() -> dict[str, float]:
 
 
 def main() -> None:
-  single_call = dataclasses.replace(MODEL, attention_block=0)
-  rows = [('CPU default (layers unrolled, causal attention in blocks of 128)', step_time(MODEL)),
-          ('attention as one call over the row (attention_block=0)', step_time(single_call)),
+  xla_blocks = dataclasses.replace(MODEL, attention_impl='xla')
+  single_call = dataclasses.replace(xla_blocks, attention_block=0)
+  rows = [(f'CPU default (layers unrolled, attention_impl={MODEL.attention_impl})', step_time(MODEL)),
+          ('XLA attention in causal blocks of 128 (attention_impl=xla)', step_time(xla_blocks)),
+          ('XLA attention as one call over the row (attention_impl=xla, attention_block=0)', step_time(single_call)),
           ('layers in lax.scan', step_time(dataclasses.replace(MODEL, scan_layers=True))),
           ('forward pass only', step_time(MODEL, forward_only=True))]
   with mock.patch.object(jax.nn, 'dot_product_attention', lambda q, k, v, mask=None: v):

@@ -171,7 +171,8 @@ def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: in
     (N + 2K)H + NH     q, k, v and the attention output before the o projection
     6F                 gate, up, silu(gate) * up and the pieces of silu's derivative (six F-wide stacks)
   times c, plus 2 * N * seq_len float32 values per token: XLA's attention keeps the masked scores and the
-  softmax (a fused kernel such as cuDNN's keeps none, so this term is an upper bound on GPU).
+  softmax (a fused kernel such as cuDNN's keeps none, so this term is an upper bound on GPU); with
+  `attention_impl='cpu_fused'` N float32 values per token instead (the kernel keeps the rows' log-sum-exp).
   Across L layers:
     remat none:       L * block, plus with fsdp > 1 each layer's gathered weights, L * ((2N + 2K)HD + 3DF) * c
                       (the scan saves what the forward gathered rather than gathering again)
@@ -191,7 +192,8 @@ def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: in
 
   tokens = rows * seq_len
   nq, nkv = split(n), split(k)  # heads one device holds
-  block = tokens * c * (6 * d + (2 * nq + 2 * nkv) * h + 6 * split(f)) + tokens * nq * seq_len * 2 * 4
+  scores = nq * 4 if mc.attention_impl == 'cpu_fused' else nq * seq_len * 2 * 4
+  block = tokens * c * (6 * d + (2 * nq + 2 * nkv) * h + 6 * split(f)) + tokens * scores
   gathered = 0
   if mc.remat == 'none':
     layers = mc.num_layers * block

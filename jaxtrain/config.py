@@ -26,6 +26,7 @@ CHOICES = {
     'model.mlp': ('swiglu', 'gelu', 'gelu_tanh'),
     'model.rope_scaling': ('none', 'linear', 'llama3'),
     'model.attention': ('gqa', 'mla'),
+    'model.attention_impl': ('auto', 'xla', 'cpu_fused'),
     'optim.schedule': ('constant', 'linear', 'cosine', 'wsd'),
     'optim.decay_shape': ('linear', 'cosine', 'sqrt'),
     'log.wandb': ('disabled', 'offline', 'online'),

@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   # on accelerators, where compile time stays flat in depth. True/False force one.
   m.scan_layers = config_dict.placeholder(bool)
   m.attention_block = -1  # causal attention in query blocks of this size; 0: one call; -1: 128 on CPU, else 0.
+  # auto: the fused C++ kernel on CPU (jaxtrain/models/cpu_attention.py) where a C++ compiler is on PATH, else
+  # XLA's ops (attention_block applies to those). xla | cpu_fused force one.
+  m.attention_impl = 'auto'
   # Architecture switches for imported Hugging Face families (jaxtrain.hf); the defaults are Llama.
   m.norm = 'rmsnorm'  # rmsnorm | layernorm (GPT-2: with bias)
   m.positions = 'rope'  # rope | learned (GPT-2: absolute positions, a max_positions x d_model table)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -127,6 +127,19 @@ def constrain(x: jax.Array, logical: tuple[str, ...]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh))
+
+
+def per_batch_shard(fn: Callable[..., jax.Array], args: tuple[jax.Array, ...], out_ndim: int) -> jax.Array:
+  """fn(*args) run by each batch shard of the current mesh on its own rows (`shard_map` over the batch axes),
+  for functions XLA cannot partition itself (a custom call); every arg and the result lead with the batch.
+  Outside a mesh, or when the mesh's batch axes do not divide the batch, fn runs on whole arrays."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or args[0].shape[0] % data_parallel_size(mesh) or data_parallel_size(mesh) == 1:
+    return fn(*args)
+  spec = lambda ndim: P(BATCH_AXES, *(None,) * (ndim - 1))  # noqa: E731
+  # check_vma off: a custom call's results carry no record of the mesh axes they vary over.
+  return jax.shard_map(fn, in_specs=tuple(spec(a.ndim) for a in args), out_specs=spec(out_ndim),
+                       check_vma=False)(*args)
 
 
 def describe(tree_sh: Any, params: Any, pattern: str = '.*') -> dict[str, P]:

@@ -6,13 +6,15 @@ arrays; `apply(graphdef, params, batch)` runs it. Training code sees only plain 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.models import mla, transformer
+from jaxtrain.config import ConfigError
+from jaxtrain.models import cpu_attention, mla, transformer
 from jaxtrain.models.transformer import ModelConfig, Transformer
 
 __all__ = ['ModelConfig', 'Transformer', 'model_config', 'describe', 'init_params', 'apply', 'count_params',
@@ -28,6 +30,7 @@ def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
     compute = 'float32' if cpu else 'bfloat16'
   # Blocked causal attention halves XLA CPU's attention time; on accelerators one call lets cuDNN fuse it.
   block = model.attention_block if model.attention_block >= 0 else (128 if cpu else 0)
+  impl = _attention_impl(model, cpu)
   # Unrolled layers are faster on CPU; with remat (asked for to save memory) the scan keeps its bound.
   scan = (not cpu or model.remat != 'none') if model.scan_layers is None else model.scan_layers
   return ModelConfig(
@@ -36,7 +39,7 @@ def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
       mlp_dim=model.mlp_dim, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
       tie_embeddings=model.tie_embeddings, qkv_bias=model.qkv_bias, qk_norm=model.qk_norm,
       init_std=model.init_std, param_dtype=model.param_dtype, compute_dtype=compute, remat=model.remat,
-      scan_layers=scan, attention_block=block, norm=model.norm, positions=model.positions,
+      scan_layers=scan, attention_block=block, attention_impl=impl, norm=model.norm, positions=model.positions,
       max_positions=model.max_positions, mlp=model.mlp, mlp_bias=model.mlp_bias, attn_out_bias=model.attn_out_bias,
       rope_scaling=model.rope_scaling, rope_factor=model.rope_factor, rope_low_freq_factor=model.rope_low_freq_factor,
       rope_high_freq_factor=model.rope_high_freq_factor,
@@ -44,6 +47,25 @@ def model_config(model: Any, tokenizer_vocab: int) -> ModelConfig:
       residual_gain=model.residual_gain, attention=model.attention, mla_q_rank=model.mla_q_rank,
       mla_kv_rank=model.mla_kv_rank, mla_nope_dim=model.mla_nope_dim, mla_rope_dim=model.mla_rope_dim,
       mla_v_dim=model.mla_v_dim)
+
+
+def _attention_impl(model: Any, cpu: bool) -> str:
+  """`model.attention_impl` resolved: auto takes the fused CPU kernel on CPU for GQA attention where it
+  builds (2x faster than XLA's ops forward + backward: docs/benchmarks.md), else XLA's ops (with a warning
+  saying why)."""
+  want = model.attention_impl
+  if want == 'xla' or (want == 'auto' and (not cpu or model.attention != 'gqa')):
+    return 'xla'
+  if want == 'cpu_fused' and (not cpu or model.attention != 'gqa'):
+    raise ConfigError('model.attention_impl', want, f'needs the CPU backend and GQA attention; this run has '
+                      f'backend {jax.default_backend()!r}, model.attention={model.attention!r} (use auto or xla)')
+  why = cpu_attention.unavailable()
+  if want == 'cpu_fused' and why:
+    raise ConfigError('model.attention_impl', want, f'the kernel does not build here ({why}); use auto or xla')
+  if why:
+    warnings.warn(f'model.attention_impl=auto: XLA attention, the fused CPU kernel does not build here: {why}',
+                  stacklevel=2)
+  return 'xla' if why else 'cpu_fused'
 
 
 def describe(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:

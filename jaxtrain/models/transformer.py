@@ -28,6 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtrain import sharding
+from jaxtrain.models import cpu_attention
 from jaxtrain.models.ops import computed_once, linear, rotate, softmax, swiglu
 
 Array = jax.Array
@@ -56,6 +57,7 @@ class ModelConfig:
   scan_layers: bool = True
   causal: bool = True
   attention_block: int = 0  # causal attention in query blocks of this size (0: one call over the row)
+  attention_impl: str = 'xla'  # xla: XLA's ops (per attention_block); cpu_fused: the C++ kernel (cpu_attention)
   norm: str = 'rmsnorm'  # rmsnorm | layernorm (with bias)
   positions: str = 'rope'  # rope | learned (absolute, a max_positions x D table)
   max_positions: int = 0  # rows of the learned position table; informational for rope
@@ -238,14 +240,17 @@ def einsum_core(qh: Array, kh: Array, vh: Array, mask: Array) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, block: int,
-              window: int = 0) -> Array:
+              window: int = 0, impl: str = 'xla') -> Array:
   """Masked attention: one `dot_product_attention` call over the row (the library's, which may dispatch to
   cuDNN on GPU), or with causal masking and `block` > 0 (the CPU default) in query blocks of the einsum
   core that each see only the keys up to the block's end, skipping the fully masked upper triangle: about
   half the work on long rows, and on CPU twice as fast for T=512 (benchmarks/step_breakdown.py). The result
   is the same as one call over the whole row. With a sliding `window`, a block also skips the keys that fell
-  out of the window of its first query.
+  out of the window of its first query. `impl` 'cpu_fused' runs the fused C++ kernel instead (any mask,
+  equal q/k/v head dims; `cpu_attention.attention`).
   """
+  if impl == 'cpu_fused':
+    return cpu_attention.attention(q, k, v, segment_ids, causal, window)
   t = q.shape[1]
   if not causal or block <= 0 or block >= t:
     return dot_product_attention(q, k, v, attention_mask(segment_ids, causal, window=window))
@@ -332,7 +337,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     q, k, v = self._qkv(x, positions)
     # dot_product_attention handles K < N (GQA) itself.
-    out = attention(q, k, v, segment_ids, cfg.causal, cfg.attention_block, cfg.sliding_window)  # (B,T,N,H)
+    out = attention(q, k, v, segment_ids, cfg.causal, cfg.attention_block, cfg.sliding_window,
+                    cfg.attention_impl)  # (B,T,N,H)
     return self._out(out)
 
   def decode(self, x: Array, positions: Array, cache: dict[str, Array], index: Array

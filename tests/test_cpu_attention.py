@@ -1,0 +1,159 @@
+"""The fused CPU attention kernel against the einsum reference: values and gradients under every mask the
+model uses, GQA, odd lengths, dtype casting, meshes, and how `model.attention_impl` resolves."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtrain import models, sharding
+from jaxtrain.config import ConfigError
+from jaxtrain.defaults import base_config
+from jaxtrain.models import cpu_attention, transformer
+from tests.helpers import packed_batch, tiny
+
+
+@pytest.fixture(autouse=True, scope='module')
+def kernel():
+  assert cpu_attention.unavailable() is None  # the test machines have g++
+
+
+def reference(q, k, v, seg, causal, window):
+  mask = transformer.attention_mask(seg, causal, window=window)
+  return transformer.dot_product_attention(q, k, v, mask, library=False)
+
+
+def operands(b, t, n, kv, h, docs, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v, g = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                for s in ((b, t, n, h), (b, t, kv, h), (b, t, kv, h), (b, t, n, h)))
+  if docs:  # documents of random lengths, then padding (segment 0)
+    seg = np.sort(rng.integers(1, 4, (b, t)), axis=1)
+    seg[:, t - t // 9:] = 0
+  else:
+    seg = np.ones((b, t), np.int32)
+  return q, k, v, g, jnp.asarray(seg, jnp.int32)
+
+
+CASES = {  # name: (batch, length, query heads, kv heads, head dim, causal, window, documents)
+    'causal GQA, length not a multiple of the tile': (2, 100, 4, 2, 64, True, 0, False),
+    'causal, packed documents and padding': (2, 130, 4, 4, 32, True, 0, True),
+    'bidirectional MQA, documents (diffusion objectives)': (1, 200, 2, 1, 64, False, 0, True),
+    'causal sliding window across tiles': (2, 150, 4, 2, 64, True, 37, True),
+    'bidirectional window, head dim not a multiple of 16': (1, 70, 2, 2, 24, False, 20, False),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_matches_reference_values_and_gradients(case):
+  b, t, n, kv, h, causal, window, docs = CASES[case]
+  q, k, v, g, seg = operands(b, t, n, kv, h, docs)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.vdot(fn(q, k, v, seg, causal, window), g), (0, 1, 2)))
+
+  out = jax.jit(cpu_attention.attention, static_argnums=(4, 5))(q, k, v, seg, causal, window)
+  np.testing.assert_allclose(out, reference(q, k, v, seg, causal, window), atol=3e-6)
+  (val, grads), (ref_val, ref_grads) = loss(cpu_attention.attention)(q, k, v), loss(reference)(q, k, v)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+  for got, want in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_other_documents_and_future_tokens_have_no_influence():
+  """Changing the keys of document 2 leaves document 1's outputs bitwise equal; changing a later token of
+  document 2 leaves its earlier positions equal (causal)."""
+  q, k, v, _, _ = operands(1, 96, 2, 2, 32, False)
+  seg = jnp.asarray(np.r_[np.ones(40), np.full(56, 2)][None], jnp.int32)
+  out = cpu_attention.attention(q, k, v, seg, True)
+  k2 = k.at[0, 70].add(1.0)
+  out2 = cpu_attention.attention(q, k2, v.at[0, 70].add(1.0), seg, True)
+  np.testing.assert_array_equal(out[0, :70], out2[0, :70])
+  assert float(jnp.abs(out[0, 70:] - out2[0, 70:]).max()) > 1e-3
+
+
+def test_bfloat16_inputs_are_computed_in_float32_and_returned_in_bfloat16():
+  q, k, v, _, seg = operands(1, 64, 2, 2, 32, True)
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = cpu_attention.attention(*bf, seg, True)
+  assert out.dtype == jnp.bfloat16
+  want = reference(*[x.astype(jnp.float32) for x in bf], seg, True, 0)
+  np.testing.assert_allclose(out.astype(jnp.float32), want, atol=2e-2)
+
+
+def test_each_batch_shard_runs_its_own_rows_under_a_mesh():
+  """Inside jit under a data x fsdp mesh the kernel runs per batch shard (shard_map) and gives the
+  single-device values and gradients; the compiled step keeps the batch sharded instead of gathering it."""
+  q, k, v, g, seg = operands(8, 64, 4, 2, 32, True)
+  f = jax.value_and_grad(lambda q, k, v: jnp.vdot(cpu_attention.attention(q, k, v, seg, True), g), (0, 1, 2))
+  want_val, want_grads = jax.jit(f)(q, k, v)
+  mesh = sharding.make_mesh({'data': 4, 'fsdp': 2, 'tensor': 1})
+  with jax.set_mesh(mesh):
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+    args = [jax.device_put(x, spec) for x in (q, k, v)]
+    lowered = jax.jit(f).lower(*args)
+    val, grads = lowered.compile()(*args)
+  assert 'all-gather' not in lowered.compile().as_text()
+  np.testing.assert_allclose(val, want_val, rtol=1e-6)
+  for got, want in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_cross_attention_and_unequal_head_dims():
+  q, k, v, _, seg = operands(1, 32, 2, 2, 16, False)
+  with pytest.raises(ValueError, match='equal head dims'):
+    cpu_attention.attention(q, k, v[..., :8], seg, True)
+  with pytest.raises(ValueError, match='self-attention'):
+    cpu_attention.attention(q, k[:, :16], v[:, :16], seg, True)
+
+
+@pytest.mark.parametrize('causal,window', [(True, 0), (False, 0), (True, 5)])
+def test_model_with_fused_attention_matches_xla_attention(causal, window):
+  """The decoder's logits and parameter gradients with `attention_impl='cpu_fused'` equal the XLA path's
+  (packed documents, padding, causal or bidirectional, sliding window)."""
+  batch = packed_batch([[5, 8], [16], [3, 3, 3]], 16, seed=4)
+  params = models.init_params(tiny(), jax.random.PRNGKey(2))
+
+  def value_and_grad(cfg):
+    graphdef, _, _ = models.describe(cfg)
+    real = batch['segment_ids'] > 0
+    return jax.jit(jax.value_and_grad(lambda p: models.apply(graphdef, p, batch)[real].std()))(params)
+
+  base = tiny(causal=causal, sliding_window=window)
+  ref_val, ref_grad = value_and_grad(base)
+  val, grad = value_and_grad(dataclasses.replace(base, attention_impl='cpu_fused'))
+  np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_resolves_to_the_kernel_on_cpu_and_xla_for_mla():
+  m = base_config().model
+  assert models.model_config(m, 100).attention_impl == 'cpu_fused'  # tests run on CPU with g++
+  m.attention_impl = 'xla'
+  assert models.model_config(m, 100).attention_impl == 'xla'
+  m.attention_impl, m.attention = 'auto', 'mla'
+  assert models.model_config(m, 100).attention_impl == 'xla'  # value heads narrower than keys: einsum path
+  m.attention_impl = 'cpu_fused'
+  with pytest.raises(ConfigError, match='needs the CPU backend and GQA attention'):
+    models.model_config(m, 100)
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_fused_is_a_config_error(monkeypatch, tmp_path):
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  monkeypatch.setenv('JAXTRAIN_CACHE', str(tmp_path))  # nothing built here yet
+  cpu_attention.unavailable.cache_clear()
+  try:
+    assert 'no-such-compiler' in cpu_attention.unavailable()
+    m = base_config().model
+    with pytest.warns(UserWarning, match='does not build here'):
+      assert models.model_config(m, 100).attention_impl == 'xla'
+    m.attention_impl = 'cpu_fused'
+    with pytest.raises(ConfigError, match="model.attention_impl.*no C\\+\\+ compiler 'no-such-compiler'"):
+      models.model_config(m, 100)
+  finally:
+    monkeypatch.undo()
+    cpu_attention.unavailable.cache_clear()
+    assert cpu_attention.unavailable() is None  # registers the (cached) kernel again
