@@ -12,7 +12,7 @@ from jaxtrain import models, sharding
 from jaxtrain.config import ConfigError
 from jaxtrain.defaults import base_config
 from jaxtrain.models import cpu_attention, transformer
-from tests.helpers import packed_batch, tiny
+from tests.helpers import packed_loss_and_grads, tiny
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -113,17 +113,9 @@ def test_rejects_cross_attention_and_unequal_head_dims():
 def test_model_with_fused_attention_matches_xla_attention(causal, window):
   """The decoder's logits and parameter gradients with `attention_impl='cpu_fused'` equal the XLA path's
   (packed documents, padding, causal or bidirectional, sliding window)."""
-  batch = packed_batch([[5, 8], [16], [3, 3, 3]], 16, seed=4)
-  params = models.init_params(tiny(), jax.random.PRNGKey(2))
-
-  def value_and_grad(cfg):
-    graphdef, _, _ = models.describe(cfg)
-    real = batch['segment_ids'] > 0
-    return jax.jit(jax.value_and_grad(lambda p: models.apply(graphdef, p, batch)[real].std()))(params)
-
   base = tiny(causal=causal, sliding_window=window)
-  ref_val, ref_grad = value_and_grad(base)
-  val, grad = value_and_grad(dataclasses.replace(base, attention_impl='cpu_fused'))
+  ref_val, ref_grad = packed_loss_and_grads(base)
+  val, grad = packed_loss_and_grads(dataclasses.replace(base, attention_impl='cpu_fused'))
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxtrain import models
 from jaxtrain.models import transformer
-from tests.helpers import packed_batch, tiny
+from tests.helpers import packed_batch, packed_loss_and_grads, tiny
 
 
 def logits_fn(cfg, seed=0):
@@ -152,16 +152,8 @@ def test_scan_unrolled_and_remat_agree(remat):
 def test_blocked_causal_attention_equals_one_call(block):
   """Query blocks that skip the masked upper triangle give the single call's logits and gradients, with
   several documents and padding in a row and a block size that does not divide it."""
-  batch = packed_batch([[5, 8], [16], [3, 3, 3]], 16, seed=4)
-  params = models.init_params(tiny(), jax.random.PRNGKey(2))
-
-  def value_and_grad(cfg):
-    graphdef, _, _ = models.describe(cfg)
-    real = batch['segment_ids'] > 0
-    return jax.jit(jax.value_and_grad(lambda p: models.apply(graphdef, p, batch)[real].std()))(params)
-
-  ref_val, ref_grad = value_and_grad(tiny())
-  val, grad = value_and_grad(tiny(attention_block=block))
+  ref_val, ref_grad = packed_loss_and_grads(tiny())
+  val, grad = packed_loss_and_grads(tiny(attention_block=block))
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -53,10 +53,10 @@ def _attention_impl(model: Any, cpu: bool) -> str:
   """`model.attention_impl` resolved: auto takes the fused CPU kernel on CPU for GQA attention where it
   builds (2x faster than XLA's ops forward + backward: docs/benchmarks.md), else XLA's ops (with a warning
   saying why)."""
-  want = model.attention_impl
-  if want == 'xla' or (want == 'auto' and (not cpu or model.attention != 'gqa')):
+  want, fits = model.attention_impl, cpu and model.attention == 'gqa'
+  if want == 'xla' or (want == 'auto' and not fits):
     return 'xla'
-  if want == 'cpu_fused' and (not cpu or model.attention != 'gqa'):
+  if not fits:
     raise ConfigError('model.attention_impl', want, f'needs the CPU backend and GQA attention; this run has '
                       f'backend {jax.default_backend()!r}, model.attention={model.attention!r} (use auto or xla)')
   why = cpu_attention.unavailable()

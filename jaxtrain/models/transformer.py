@@ -242,7 +242,7 @@ def einsum_core(qh: Array, kh: Array, vh: Array, mask: Array) -> Array:
 def attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool, block: int,
               window: int = 0, impl: str = 'xla') -> Array:
   """Masked attention: one `dot_product_attention` call over the row (the library's, which may dispatch to
-  cuDNN on GPU), or with causal masking and `block` > 0 (the CPU default) in query blocks of the einsum
+  cuDNN on GPU), or with causal masking and `block` > 0 (XLA's CPU default) in query blocks of the einsum
   core that each see only the keys up to the block's end, skipping the fully masked upper triangle: about
   half the work on long rows, and on CPU twice as fast for T=512 (benchmarks/step_breakdown.py). The result
   is the same as one call over the whole row. With a sliding `window`, a block also skips the keys that fell
