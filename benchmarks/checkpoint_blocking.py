@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtrain import sharding, train
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain import sharding
+from jaxtrain.train import loop as train
+from jaxtrain.train.checkpoint import Checkpointer
 from jaxtrain.models import ModelConfig
 
 

@@ -57,8 +57,9 @@ def main() -> None:
   sys.path.insert(0, REPO)
   import jax
 
-  from jaxtrain import config as config_lib
-  from jaxtrain import data, train
+  from jaxtrain.config import validate as config_lib
+  from jaxtrain import data
+  from jaxtrain.train import loop as train
 
   probes: dict[str, float] = {}
   real_fit = train.fit
@@ -107,7 +108,7 @@ def main() -> None:
       config_lib.validate(config, workdir, jax.device_count())
       probes.clear()
       if config.stackwise.num_stacks:
-        from jaxtrain import stackwise_run
+        from jaxtrain.stackwise import job as stackwise_run
         stackwise_run.run(config, workdir)
       else:
         train.run(config, workdir)

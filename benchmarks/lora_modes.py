@@ -17,7 +17,10 @@ import jax
 import numpy as np
 import optax
 
-from jaxtrain import defaults, models, quant, sharding, state, steps, train
+from jaxtrain.config import defaults
+from jaxtrain import models, sharding
+from jaxtrain.adapters import quant
+from jaxtrain.train import loop as train, state, steps
 from timing import time_calls
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxtrain.data import list_files  # noqa: E402
 from jaxtrain.data.packing import BestFitPack  # noqa: E402
-from jaxtrain.defaults import base_config  # noqa: E402
+from jaxtrain.config.defaults import base_config  # noqa: E402
 
 PAD = {'tokens': 0, 'loss_mask': 0, 'origin': -1}
 BYTES_PER_TOKEN = 3.5

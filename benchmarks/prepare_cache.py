@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from jaxtrain.data import load_tokenizer, prepare, sources
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 
 
 def parse_args() -> argparse.Namespace:

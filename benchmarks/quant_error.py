@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain import quant
+from jaxtrain.adapters import quant
 
 
 def parse_args() -> argparse.Namespace:

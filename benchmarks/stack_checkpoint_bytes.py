@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.stack_checkpoint import StackCheckpointer
+from jaxtrain.stackwise.checkpoint import StackCheckpointer
 
 MB = 1e6
 

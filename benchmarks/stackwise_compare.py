@@ -146,9 +146,10 @@ def reeval(run: dict, sets: list[str], batches: int) -> tuple[float, float | Non
 
   sys.path.insert(0, REPO)
   from configs import stackwise as sw_config
-  from jaxtrain import data, objectives, stackwise, stackwise_run
+  from jaxtrain import data
+  from jaxtrain.stackwise import job as stackwise_run, objectives, plan as stackwise
   from jaxtrain.models import rack
-  from jaxtrain.stack_checkpoint import StackCheckpointer
+  from jaxtrain.stackwise.checkpoint import StackCheckpointer
 
   config = override(sw_config.get_config(run['arg']), sets)
   tokenizer = data.load_tokenizer(config.data)

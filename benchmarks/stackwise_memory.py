@@ -34,7 +34,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxtrain import optim, sharding, stackwise, train
+from jaxtrain.train import loop as train, optim
+from jaxtrain import sharding
+from jaxtrain.stackwise import plan as stackwise
 from jaxtrain.models import rack
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ is not installed

@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtrain import losses, sharding, steps, train
+from jaxtrain.train import loop as train, losses, steps
+from jaxtrain import sharding
 import throughput
-from jaxtrain.models import ModelConfig, cpu_attention, transformer
+from jaxtrain.models import ModelConfig, transformer
+from jaxtrain.kernels import cpu_attention
 from timing import time_calls
 
 MODEL = throughput.default_model(8192, 512, 8, 8, 8, 1536)  # the CPU defaults: fused attention, layers unrolled

@@ -37,7 +37,9 @@ import jax
 import numpy as np
 import optax
 
-from jaxtrain import metrics, models, sharding, steps, train
+from jaxtrain import models, sharding
+from jaxtrain.train import loop as train, steps
+from jaxtrain.models import flops
 from jaxtrain.models import ModelConfig
 from timing import run_json_child, time_calls
 
@@ -70,7 +72,7 @@ def parse_args() -> argparse.Namespace:
 def default_model(vocab: int, d_model: int, layers: int, heads: int, kv_heads: int, mlp: int) -> ModelConfig:
   """The model as `python -m jaxtrain.main` builds it here: the config defaults resolved for this backend
   (on CPU: float32, causal attention in blocks of 128, layers unrolled)."""
-  from jaxtrain.defaults import base_config
+  from jaxtrain.config.defaults import base_config
   m = base_config().model
   m.update(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp)
   return models.model_config(m, vocab)
@@ -78,7 +80,7 @@ def default_model(vocab: int, d_model: int, layers: int, heads: int, kv_heads: i
 
 def shipped_steps_per_call() -> int:
   """Train steps per compiled call as `python -m jaxtrain.main` resolves it here (4 on CPU)."""
-  from jaxtrain.defaults import base_config
+  from jaxtrain.config.defaults import base_config
   return train.steps_per_call(base_config())
 
 
@@ -157,7 +159,7 @@ def child(a: argparse.Namespace) -> None:
   k = 1
   if a.child == 'jax':
     k = shipped_steps_per_call()
-    probe, fn = metrics.measure_matmul_peak, make_jax_step(cfg, tokens, k)
+    probe, fn = flops.measure_matmul_peak, make_jax_step(cfg, tokens, k)
   else:
     backend = a.torch_compile if a.child == 'compile' else None
     probe, fn = torch_matmul_peak, make_torch_step(cfg, tokens, a.threads, backend)
@@ -179,7 +181,7 @@ def main() -> None:
     return
   cfg = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
   n_tokens = a.batch * a.seq_len
-  flops = metrics.flops_per_token(cfg, a.seq_len) * n_tokens
+  step_flops = flops.flops_per_token(cfg, a.seq_len) * n_tokens
   backend = None if a.torch_compile in ('', 'none') else a.torch_compile
   if backend == 'inductor' and not (shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')):
     print('warning: no C++ compiler on PATH; inductor on CPU needs one (try --torch_compile=aot_eager)')
@@ -220,7 +222,7 @@ def main() -> None:
     if first.get('steps_per_call', 1) > 1:
       name = name.replace(')', f', {first["steps_per_call"]} steps per call)')
     print(f'| {name} | {first["warm"][0]:.1f} / {first["warm"][1]:.2f} | {t:.3f} | {rounds} | {n_tokens / t:.0f} | '
-          f'{peak / 1e9:.0f} | {flops / t / peak:.1%} |')
+          f'{peak / 1e9:.0f} | {step_flops / t / peak:.1%} |')
   for w, why in failed.items():
     print(f'| {NAMES[w]} | failed: {why} | | | | | |')
   best = max(o['peak'] for rs in runs.values() for o in rs) if med else 0.0
@@ -228,7 +230,7 @@ def main() -> None:
     print(f'\n| framework | MFU vs the machine peak: the best probe of this run, {best / 1e9:.0f} GFLOP/s | goal |'
           '\n|---|---|---|')
     for w, t in med.items():
-      print(f'| {NAMES[w].split(" (")[0]} | {flops / t / best:.1%} | {">= 60%" if w == "jax" else ""} |')
+      print(f'| {NAMES[w].split(" (")[0]} | {step_flops / t / best:.1%} | {">= 60%" if w == "jax" else ""} |')
   goals = {'eager': '>= 1.0x', 'compile': '>= 0.8x'}
   if 'jax' in med:
     print('\n| comparison (same run) | jaxtrain tokens/s over theirs | goal |\n|---|---|---|')

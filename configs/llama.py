@@ -15,8 +15,8 @@ Sizes (arg `size=`):
 Accelerator figures are not yet measured (no GPU was available to the session that wrote this).
 """
 
-from jaxtrain import configargs
-from jaxtrain.defaults import base_config
+from jaxtrain.config import args as configargs
+from jaxtrain.config.defaults import base_config
 
 SIZES = {
     #        layers d_model heads kv  mlp   vocab  seq   batch steps  lr

@@ -27,9 +27,9 @@ alone learn the answers' statistics; the randomly initialised base never changes
 
 import os
 
-from jaxtrain import configargs
+from jaxtrain.config import args as configargs
 from jaxtrain.data.sources import source
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'sft_demo.jsonl')
 

@@ -29,8 +29,8 @@ Samples are still mostly repeated tokens. The same job with 150
 steps per stage took 3 min 48 s. A rerun gives the same losses (tested on tiny racks).
 """
 
-from jaxtrain import configargs
-from jaxtrain.defaults import base_config
+from jaxtrain.config import args as configargs
+from jaxtrain.config.defaults import base_config
 
 SIZES = {
     #        stacks blocks d_model heads kv  mlp   vocab  seq   batch steps/stage lr

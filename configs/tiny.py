@@ -6,7 +6,7 @@ Expected on a 2-core CPU (1 device): about 17 s wall time including tokenizer bu
 train loss 6.22 -> 5.28 in 30 steps, eval loss 5.41 (ppl 223). Not measured on a GPU.
 """
 
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -110,18 +110,24 @@ def main(argv: list[str]) -> None:
   config, workdir = setup(argv)
   # Imported here so that `--help` and flag errors answer without initialising JAX.
   import jax
-  from jaxtrain import check, checkpoint, config as config_lib, data, hf, lora, peft_io, stack_checkpoint, train
+  from jaxtrain.cli import check
+  from jaxtrain.train import checkpoint, loop as train
+  from jaxtrain.config import validate as config_lib
+  from jaxtrain import data
+  from jaxtrain.adapters import lora
+  from jaxtrain.hf import config as hf_config, peft as peft_io
+  from jaxtrain.stackwise import checkpoint as stack_checkpoint
 
   try:
     config_lib.validate(config, workdir, jax.device_count())
     if _PREFLIGHT.value:
       check.preflight(config)
     if config.stackwise.num_stacks:
-      from jaxtrain import stackwise_run  # the StackWise job: a rack trained stage by stage
+      from jaxtrain.stackwise import job as stackwise_run  # the StackWise job: a rack trained stage by stage
       stackwise_run.run(config, workdir)
     else:
       train.run(config, workdir)
-  except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.HfError, lora.LoraError,
+  except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf_config.HfError, lora.LoraError,
           peft_io.PeftError, stack_checkpoint.StackCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -12,7 +12,9 @@ import time
 import jax
 import numpy as np
 
-from jaxtrain import check, data, models, optim, sharding
+from jaxtrain.cli import check
+from jaxtrain import data, models, sharding
+from jaxtrain.train import optim
 from jaxtrain.data import sources
 from tests.conftest import REPO
 
@@ -80,8 +82,8 @@ def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
   # run is the one measured.
   env = dict(os.environ, JAXTRAIN_CACHE=str(tmp_path / 'cache'),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache' / 'jax'))
-  run('jaxtrain.check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
-  code, out, err, seconds, peak_rss = run('jaxtrain.check', '--config=configs/llama.py:size=1b',
+  run('jaxtrain.cli.check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
+  code, out, err, seconds, peak_rss = run('jaxtrain.cli.check', '--config=configs/llama.py:size=1b',
                                           f'--workdir={tmp_path}/run', env=env)
   assert code == 0, err[-2000:]
   assert seconds < 60

@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import data, sharding, train
-from jaxtrain.checkpoint import Checkpointer, abstract_with_shardings
-from jaxtrain.defaults import base_config
+from jaxtrain import data, sharding
+from jaxtrain.train import loop as train
+from jaxtrain.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxtrain.config.defaults import base_config
 from tests.helpers import tiny
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from jaxtrain import models, sharding
-from jaxtrain.config import ConfigError
-from jaxtrain.defaults import base_config
-from jaxtrain.models import cpu_attention, transformer
+from jaxtrain.config.validate import ConfigError
+from jaxtrain.config.defaults import base_config
+from jaxtrain.kernels import cpu_attention
+from jaxtrain.models import transformer
 from tests.helpers import packed_loss_and_grads, tiny
 
 

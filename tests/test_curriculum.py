@@ -9,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain import config as config_lib, curriculum, metrics, models, train
-from jaxtrain.curriculum import Schedule
+from jaxtrain.config import validate as config_lib
+from jaxtrain.train import curriculum, loop as train, metrics
+from jaxtrain import models
+from jaxtrain.models import flops
+from jaxtrain.train.curriculum import Schedule
 from jaxtrain.data.sources import DataError
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 from tests.helpers import packed_batch, tiny
 
 
@@ -127,14 +130,14 @@ def test_variants_build_lazily_and_reuse_the_full_step():
   full = _FakeJit(mc)
   made = []
   v = curriculum.Variants(Schedule('linear', 8, 64, 12, 0.5, 0, 3), mc, lambda m: made.append(_FakeJit(m)) or made[-1],
-                          lambda m: metrics.flops_per_token(m, 64), full)
+                          lambda m: flops.flops_per_token(m, 64), full)
   assert v.built_windows() == (64,) and not made
   assert v.at(11) is full  # the end of training runs the no-curriculum step object itself
   assert v.at(4) is v.at(5) and v.at(4).mc.sliding_window == 36 and v.at(0).mc.sliding_window == 8
   assert v.built_windows() == (8, 36, 64) and len(made) == 2
   # FLOPs follow the window: attention over min(w, position) keys, the rest unchanged.
-  per = [metrics.flops_per_token(curriculum.window_config(mc, w, 64), 64) for w in (8, 36, 64)]
-  assert per[0] < per[1] < per[2] == metrics.flops_per_token(mc, 64)
+  per = [flops.flops_per_token(curriculum.window_config(mc, w, 64), 64) for w in (8, 36, 64)]
+  assert per[0] < per[1] < per[2] == flops.flops_per_token(mc, 64)
   assert [v.flops_per_token(i) for i in range(12)] == [per[0]] * 3 + [per[1]] * 3 + [per[2]] * 6
   assert v.flops_total(5) == pytest.approx(3 * per[0] + 2 * per[1])
   assert v.flops_total(12) == pytest.approx(sum(v.flops_per_token(i) for i in range(12)))
@@ -212,8 +215,8 @@ def test_run_compiles_one_step_per_window_and_logs_it(curriculum_run):
   # train_flops_total adds each step's own FLOPs, which grow with the window.
   tokens = 8 * 64
   mc = models.model_config(tiny_run_config().model, 512)
-  per = {w: metrics.flops_per_token(curriculum.window_config(mc, w, 64), 64) for w in (8, 64)}
-  assert per[8] < per[64] == metrics.flops_per_token(mc, 64)
+  per = {w: flops.flops_per_token(curriculum.window_config(mc, w, 64), 64) for w in (8, 64)}
+  assert per[8] < per[64] == flops.flops_per_token(mc, 64)
   expected = np.cumsum([per[w] * tokens for w in windows])
   assert [r['train_flops_total'] for r in records] == pytest.approx(list(expected), rel=1e-12)
   assert summary['flops']['train'] == pytest.approx(expected[-1], rel=1e-12)

@@ -12,7 +12,7 @@ import pytest
 from jaxtrain.data import DataError, Tokenizer, list_files, load_tokenizer, make_dataset, sample_ids
 from jaxtrain.data import pipeline, sources
 from jaxtrain.data.tokenizer import EOS
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 
 SEQ_LEN = 64
 VOCAB = 300

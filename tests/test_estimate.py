@@ -7,8 +7,11 @@ import math
 import jax
 import pytest
 
-from jaxtrain import config as config_lib, data, estimate, metrics, models, sharding
-from jaxtrain.defaults import base_config
+from jaxtrain.config import validate as config_lib
+from jaxtrain import data, models, sharding
+from jaxtrain.cli import estimate
+from jaxtrain.models import flops
+from jaxtrain.config.defaults import base_config
 from tests.test_check import run
 from tests.test_train import tiny_config
 
@@ -131,7 +134,7 @@ def test_cost_arithmetic_by_hand():
 
 def test_every_priced_kind_has_a_peak_and_device_kinds_map_to_it():
   for key in base_config().estimate.price_per_hour.keys():
-    assert estimate.KINDS[key][1] in metrics.PEAK_FLOPS, key
+    assert estimate.KINDS[key][1] in flops.PEAK_FLOPS, key
   for kind, key in (('NVIDIA H100 80GB HBM3', 'h100'), ('NVIDIA H200', 'h200'), ('NVIDIA A100-SXM4-80GB', 'a100'),
                     ('TPU v4', 'v4'), ('TPU v5 lite', 'v5e'), ('TPU v5', 'v5p'), ('TPU v6 lite', 'v6e'),
                     ('cpu', None), ('NVIDIA L4', None)):
@@ -155,7 +158,7 @@ def test_cli_prints_the_search_breakdown_and_cost_table(full, tmp_path):
 
 
 def test_cli_bad_budget_exits_2_in_one_line(tmp_path):
-  code, out, err, _, _ = run('jaxtrain.estimate', '--config=configs/tiny.py', '--memory-budget=80XB',
+  code, out, err, _, _ = run('jaxtrain.cli.estimate', '--config=configs/tiny.py', '--memory-budget=80XB',
                              f'--workdir={tmp_path}/run')
   lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
   assert code == 2 and len(lines) == 1, err[-2000:]

@@ -18,8 +18,10 @@ import safetensors.numpy
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from jaxtrain import config as config_lib, export, hf, models  # noqa: E402
-from jaxtrain.defaults import base_config  # noqa: E402
+from jaxtrain.config import validate as config_lib  # noqa: E402
+from jaxtrain.hf import config as hf_config, export, weights as hf_weights # noqa: E402
+from jaxtrain import models  # noqa: E402
+from jaxtrain.config.defaults import base_config  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.helpers import tiny  # noqa: E402
 
@@ -91,9 +93,9 @@ def test_import_matches_transformers(name, tmp_path):
   config_cls, model_cls, kw, shard, block = IMPORTS[name]
   model = random_hf(getattr(transformers, config_cls), getattr(transformers, model_cls), str(tmp_path), shard, **kw)
   if shard:
-    assert os.path.exists(tmp_path / hf.INDEX) and len(hf.safetensors_files(str(tmp_path))) >= 2
-  mc = hf.model_config(str(tmp_path), compute_dtype='float32', attention_block=block)
-  params = hf.load_params(str(tmp_path), mc)
+    assert os.path.exists(tmp_path / hf_weights.INDEX) and len(hf_weights.safetensors_files(str(tmp_path))) >= 2
+  mc = hf_config.model_config(str(tmp_path), compute_dtype='float32', attention_block=block)
+  params = hf_weights.load_params(str(tmp_path), mc)
   assert jax.tree.structure(params) == jax.tree.structure(models.init_params(mc, jax.random.PRNGKey(0)))
   tok = tokens(mc.vocab_size)
   ours, ref = jax_logits(mc, params, tok), torch_logits(model, tok)
@@ -138,8 +140,8 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path, bpe):
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params)  # norms, biases too
   out = str(tmp_path / 'hf')
   tokenizer = bpe if 'tokenizer' in name else None
-  files = hf.save(params, mc, tokenizer, out, max_shard_bytes=20_000)
-  assert len(files) >= 2 and os.path.exists(os.path.join(out, hf.INDEX))
+  files = hf_weights.save(params, mc, tokenizer, out, max_shard_bytes=20_000)
+  assert len(files) >= 2 and os.path.exists(os.path.join(out, hf_weights.INDEX))
   model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
   assert type(model).__name__ == architecture
   assert not any(info.values()), info  # no missing, unexpected or mismatched keys
@@ -149,7 +151,7 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path, bpe):
   print(f'\nexport {name}: max |logit diff| {diff:.2e}')
   assert diff <= TOL
   # and back: the directory imports to the same parameters (plus zero biases where the class has them)
-  back = flat(hf.load_params(out, hf.model_config(out)))
+  back = flat(hf_weights.load_params(out, hf_config.model_config(out)))
   for path, value in flat(params).items():
     np.testing.assert_array_equal(back.pop(path), value)
   assert all(not np.any(v) for v in back.values()), list(back)
@@ -166,16 +168,16 @@ def test_half_precision_checkpoints(tmp_path):
   """bfloat16 export and float16 checkpoints read back exactly (bf16 safetensors need ml_dtypes, not torch)."""
   mc = tiny()
   params = models.init_params(mc, jax.random.PRNGKey(3))
-  hf.save(params, mc, None, str(tmp_path / 'bf16'), dtype='bfloat16')
+  hf_weights.save(params, mc, None, str(tmp_path / 'bf16'), dtype='bfloat16')
   with open(tmp_path / 'bf16' / 'config.json') as f:
     assert json.load(f)['dtype'] == 'bfloat16'
-  back = hf.load_params(str(tmp_path / 'bf16'), mc)
+  back = hf_weights.load_params(str(tmp_path / 'bf16'), mc)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, np.asarray(b).astype(jax.numpy.bfloat16).astype(np.float32))
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'bf16'))
   model.half().save_pretrained(str(tmp_path / 'f16'))
-  f16 = hf.load_params(str(tmp_path / 'f16'), dataclasses.replace(mc, param_dtype='bfloat16'))
+  f16 = hf_weights.load_params(str(tmp_path / 'f16'), dataclasses.replace(mc, param_dtype='bfloat16'))
   assert f16['embed'].dtype == jax.numpy.bfloat16
   np.testing.assert_array_equal(np.asarray(f16['embed'], np.float32),
                                 model.model.embed_tokens.weight.detach().float().numpy().astype(jax.numpy.bfloat16))
@@ -202,12 +204,12 @@ def edited_copy(src: str, dst, edit) -> str:
 
 def test_load_params_places_each_parameter_with_its_sharding(llama_dir):
   from jaxtrain import sharding
-  mc = hf.model_config(llama_dir)
+  mc = hf_config.model_config(llama_dir)
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   _, specs, shapes = models.describe(mc)
   target = sharding.param_shardings(specs, shapes, mesh)
-  placed = hf.load_params(llama_dir, mc, target)
-  plain = hf.load_params(llama_dir, mc)
+  placed = hf_weights.load_params(llama_dir, mc, target)
+  plain = hf_weights.load_params(llama_dir, mc)
   for a, b, sh in zip(jax.tree.leaves(placed), jax.tree.leaves(plain), jax.tree.leaves(target), strict=True):
     assert a.sharding == sh
     np.testing.assert_array_equal(a, b)
@@ -216,8 +218,8 @@ def test_load_params_places_each_parameter_with_its_sharding(llama_dir):
 
 def test_unsupported_model_type(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
-  with pytest.raises(hf.HfError, match=r"model_type 'bert' is not supported; supported: llama, mistral, qwen2"):
-    hf.model_overrides(str(tmp_path))
+  with pytest.raises(hf_config.HfError, match=r"model_type 'bert' is not supported; supported: llama, mistral, qwen2"):
+    hf_config.model_overrides(str(tmp_path))
 
 
 def test_unsupported_config_features(llama_dir, tmp_path):
@@ -231,8 +233,8 @@ def test_unsupported_config_features(llama_dir, tmp_path):
     path = tmp_path / str(i)
     path.mkdir()
     (path / 'config.json').write_text(json.dumps({**config, **change}))
-    with pytest.raises(hf.HfError, match=needle):
-      hf.model_overrides(str(path))
+    with pytest.raises(hf_config.HfError, match=needle):
+      hf_config.model_overrides(str(path))
 
 
 @pytest.mark.parametrize('edit, needle', [
@@ -245,23 +247,23 @@ def test_unsupported_config_features(llama_dir, tmp_path):
 ], ids=['missing', 'misshaped', 'unknown'])
 def test_bad_tensors_fail_before_loading(llama_dir, tmp_path, edit, needle):
   path = edited_copy(llama_dir, tmp_path / 'bad', edit)
-  mc = hf.model_config(path)
-  with pytest.raises(hf.HfError, match=needle):
-    hf.check_weights(path, mc)
-  with pytest.raises(hf.HfError, match=needle):
-    hf.load_params(path, mc)
+  mc = hf_config.model_config(path)
+  with pytest.raises(hf_config.HfError, match=needle):
+    hf_weights.check_weights(path, mc)
+  with pytest.raises(hf_config.HfError, match=needle):
+    hf_weights.load_params(path, mc)
 
 
 def test_untied_model_needs_its_head(llama_dir, tmp_path):
   path = edited_copy(llama_dir, tmp_path / 'headless', lambda t: t.pop('lm_head.weight'))  # config: untied
-  with pytest.raises(hf.HfError, match=r'missing tensor lm_head.weight, expected shape \[256, 64\].*tie_word'):
-    hf.check_weights(path, hf.model_config(path))
+  with pytest.raises(hf_config.HfError, match=r'missing tensor lm_head.weight, expected shape \[256, 64\].*tie_word'):
+    hf_weights.check_weights(path, hf_config.model_config(path))
 
 
 def test_unrepresentable_export(tmp_path):
   mc = tiny(sliding_window=4, mlp_bias=True)
-  with pytest.raises(hf.HfError, match='Mistral has no biases'):
-    hf.save(models.init_params(mc, jax.random.PRNGKey(0)), mc, None, str(tmp_path / 'x'))
+  with pytest.raises(hf_config.HfError, match='Mistral has no biases'):
+    hf_weights.save(models.init_params(mc, jax.random.PRNGKey(0)), mc, None, str(tmp_path / 'x'))
 
 
 def test_init_from_hf_sets_the_architecture(llama_dir, tmp_path):
@@ -283,7 +285,7 @@ def test_init_from_hf_sets_the_architecture(llama_dir, tmp_path):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  from jaxtrain import train
+  from jaxtrain.train import loop as train
   from tests.test_train import tiny_config
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny_config(**{'train.steps': 2, 'train.eval_every': 0, 'train.eval_batches': 1, 'checkpoint.every': 0,
@@ -321,7 +323,7 @@ def test_export_command_round_trip(trained, tmp_path):
 
 def test_export_command_missing_workdir(tmp_path):
   missing = str(tmp_path / 'no-such-run')
-  proc = subprocess.run([sys.executable, '-m', 'jaxtrain.export', f'--workdir={missing}', f'--out={tmp_path}/o'],
+  proc = subprocess.run([sys.executable, '-m', 'jaxtrain.hf.export', f'--workdir={missing}', f'--out={tmp_path}/o'],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip() == f'error: --workdir={missing} does not exist'

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import lora, models, sharding, state, steps, train
+from jaxtrain.adapters import lora
+from jaxtrain import models, sharding
+from jaxtrain.train import loop as train, state, steps
 from tests.helpers import packed_batch, tiny
 from tests.test_train import tiny_config
 
@@ -189,7 +191,8 @@ def test_qlora_run_exports_merged_into_the_unquantized_base(tmp_path):
   import transformers
   from peft import PeftModel
 
-  from jaxtrain import data, export, hf
+  from jaxtrain import data
+  from jaxtrain.hf import export, weights as hf_weights
 
   overrides = {'lora.rank': 4, 'lora.quantize': 'nf4', 'lora.targets': ALL, 'train.steps': 3, 'optim.lr': 5e-2,
                'optim.warmup_steps': 0, 'train.eval_every': 0, 'checkpoint.every': 0}
@@ -223,7 +226,7 @@ def test_qlora_run_exports_merged_into_the_unquantized_base(tmp_path):
 
   merged = transformers.AutoModelForCausalLM.from_pretrained(f'{tmp_path}/hf', dtype=torch.float32)
   assert np.abs(torch_logits(merged) - expected).max() < 1e-4
-  hf.save(jax.device_get(full['frozen']), mc, tok, f'{tmp_path}/base')
+  hf_weights.save(jax.device_get(full['frozen']), mc, tok, f'{tmp_path}/base')
   base = transformers.AutoModelForCausalLM.from_pretrained(f'{tmp_path}/base', dtype=torch.float32)
   with_adapter = PeftModel.from_pretrained(base, f'{tmp_path}/peft')
   assert np.abs(torch_logits(with_adapter) - expected).max() < 1e-4

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from jaxtrain import losses
+from jaxtrain.train import losses
 from tests.helpers import packed_batch
 
 

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_collections
 import pytest
 
-from jaxtrain import config as config_lib
-from jaxtrain.defaults import base_config
+from jaxtrain.config import validate as config_lib
+from jaxtrain.config.defaults import base_config
 from jaxtrain.main import default_workdir
 from tests.conftest import REPO
 
 BAD_FILE = '''
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 def get_config(arg=None):
   c = base_config()
   c.train.{line}

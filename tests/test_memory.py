@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import check, models, optim, sharding, steps, train
-from jaxtrain.defaults import base_config
+from jaxtrain.cli import check
+from jaxtrain import models, sharding
+from jaxtrain.train import loop as train, optim, steps
+from jaxtrain.config.defaults import base_config
 
 TOLERANCE = 0.15
 BIG = dict(d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=768)  # configs/llama.py:size=cpu

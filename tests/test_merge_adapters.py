@@ -16,7 +16,8 @@ from peft.utils import get_peft_model_state_dict, merge_utils  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from jaxtrain import merge_adapters, peft_io  # noqa: E402
+from jaxtrain.adapters import merge as merge_adapters  # noqa: E402
+from jaxtrain.hf import peft as peft_io  # noqa: E402
 
 # Three adapters of one rank over different modules and layers, one with rsLoRA: the union of targets, the
 # per-adapter scales and the skipped layers are all exercised.

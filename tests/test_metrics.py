@@ -7,7 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from jaxtrain import metrics
+from jaxtrain.models import flops
+from jaxtrain.train import metrics
 from tests.helpers import tiny
 
 
@@ -16,20 +17,20 @@ def test_flops_per_token_by_hand():
   per_layer = 32 * 8 * (4 + 2 * 2) + 4 * 8 * 32 + 3 * 32 * 64  # q,k,v + o + gate/up/down
   matmul = 2 * per_layer + 32 * 64  # LM head counts; the embedding lookup does not
   attention = 4 * 2 * 16 * 4 * 8 * 0.5  # QK^T and AV over 16 positions, causal half
-  assert metrics.flops_per_token(cfg, 16, training=False) == 2 * matmul + attention
-  assert metrics.flops_per_token(cfg, 16) == 3 * (2 * matmul + attention)
-  gelu = metrics.flops_per_token(tiny(mlp='gelu'), 16, training=False)
+  assert flops.flops_per_token(cfg, 16, training=False) == 2 * matmul + attention
+  assert flops.flops_per_token(cfg, 16) == 3 * (2 * matmul + attention)
+  gelu = flops.flops_per_token(tiny(mlp='gelu'), 16, training=False)
   assert gelu == 2 * (matmul - 2 * 32 * 64) + attention  # no gate matrix
-  assert metrics.flops_per_token(tiny(causal=False), 16, training=False) == 2 * matmul + 2 * attention
+  assert flops.flops_per_token(tiny(causal=False), 16, training=False) == 2 * matmul + 2 * attention
 
 
 def test_sliding_window_counts_keys_in_the_window():
   # Keys per query min(window, position): over 16 positions with window 4, 4 - 4^2 / (2 * 16) = 3.5 on average.
-  full = metrics.flops_per_token(tiny(), 16, training=False)
-  windowed = metrics.flops_per_token(tiny(sliding_window=4), 16, training=False)
+  full = flops.flops_per_token(tiny(), 16, training=False)
+  windowed = flops.flops_per_token(tiny(sliding_window=4), 16, training=False)
   assert full - windowed == 4 * 2 * 4 * 8 * (8 - 3.5)
-  assert metrics.flops_per_token(tiny(sliding_window=16), 16) == metrics.flops_per_token(tiny(), 16)
-  assert metrics.keys_per_query(tiny(sliding_window=4, causal=False), 16) == 7.0  # both sides
+  assert flops.flops_per_token(tiny(sliding_window=16), 16) == flops.flops_per_token(tiny(), 16)
+  assert flops.keys_per_query(tiny(sliding_window=4, causal=False), 16) == 7.0  # both sides
 
 
 def test_lora_flops_by_hand():
@@ -39,11 +40,11 @@ def test_lora_flops_by_hand():
   weights = 2 * (2 * per_layer + 32 * 64)
   attention = 4 * 2 * 16 * 4 * 8 * 0.5
   adapters = 2 * 2 * 4 * ((32 + 32) + (32 + 16))  # rank 4 on q (32 -> 32) and v (32 -> 16), both layers
-  spec = metrics.LoraFlops(4, ('blocks/attn/q', 'blocks/attn/v'))
-  assert metrics.flops_per_token(cfg, 16, training=False, lora=spec) == weights + adapters + attention
-  assert metrics.flops_per_token(cfg, 16, lora=spec) == 2 * weights + 3 * (adapters + attention)
+  spec = flops.LoraFlops(4, ('blocks/attn/q', 'blocks/attn/v'))
+  assert flops.flops_per_token(cfg, 16, training=False, lora=spec) == weights + adapters + attention
+  assert flops.flops_per_token(cfg, 16, lora=spec) == 2 * weights + 3 * (adapters + attention)
   adapters_tree = {'blocks': {'attn': {'q': {'a': np.zeros((2, 32, 4)), 'b': np.zeros((2, 4, 4, 8))}}}}
-  assert metrics.LoraFlops.of(adapters_tree) == metrics.LoraFlops(4, ('blocks/attn/q',))
+  assert flops.LoraFlops.of(adapters_tree) == flops.LoraFlops(4, ('blocks/attn/q',))
 
 
 def test_mla_flops_by_hand():
@@ -54,10 +55,10 @@ def test_mla_flops_by_hand():
                + 32 * 12 + 12 * 4 * 8 + 12 * 4 * 6  # kv_down, k_up, v_up
                + 32 * 4 + 4 * 6 * 32 + 3 * 32 * 64)  # k_rope, o, MLP
   attention = 2 * 2 * 4 * (12 + 6) * 8  # layers, heads, QK^T over 12 dims + AV over 6, 8 keys (causal half of 16)
-  assert metrics.flops_per_token(tiny(**mla), 16, training=False) == 2 * (2 * per_layer + 32 * 64) + attention
+  assert flops.flops_per_token(tiny(**mla), 16, training=False) == 2 * (2 * per_layer + 32 * 64) + attention
   direct = dict(mla, mla_q_rank=0, mla_kv_rank=0)
   per_layer = 32 * 4 * 12 + 32 * 4 * 8 + 32 * 4 * 6 + 32 * 4 + 4 * 6 * 32 + 3 * 32 * 64  # q, k, v, k_rope, o, MLP
-  assert metrics.flops_per_token(tiny(**direct), 16, training=False) == 2 * (2 * per_layer + 32 * 64) + attention
+  assert flops.flops_per_token(tiny(**direct), 16, training=False) == 2 * (2 * per_layer + 32 * 64) + attention
 
 
 def test_plot_uses_last_record_per_step(tmp_path):
@@ -90,7 +91,8 @@ def _xla_flops(cfg, batch: int, seq: int, training: bool, lora_rank: int = 0) ->
   import jax.numpy as jnp
   import optax
 
-  from jaxtrain import sharding, state, steps, train
+  from jaxtrain import sharding
+  from jaxtrain.train import loop as train, state, steps
   from tests.test_train import tiny_config
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
   tx = optax.sgd(0.1)
@@ -119,10 +121,10 @@ def test_flops_per_token_matches_xla_cost_analysis(causal, kv, training, lora_ra
   batch, seq = 4, 256
   spec = None
   if lora_rank:
-    spec = metrics.LoraFlops(lora_rank, tuple(p for p in metrics.weight_matrices(cfg) if p.startswith('blocks/')))
+    spec = flops.LoraFlops(lora_rank, tuple(p for p in flops.weight_matrices(cfg) if p.startswith('blocks/')))
   xla = _xla_flops(cfg, batch, seq, training, lora_rank)
-  model = metrics.flops_per_token(cfg, seq, training, spec) * batch * seq
-  executed = metrics.flops_per_token(dataclasses.replace(cfg, causal=False), seq, training, spec) * batch * seq
+  model = flops.flops_per_token(cfg, seq, training, spec) * batch * seq
+  executed = flops.flops_per_token(dataclasses.replace(cfg, causal=False), seq, training, spec) * batch * seq
   print(f'ours / XLA = {model / xla:.3f} (executed {executed / xla:.3f})')
   assert abs(xla / model - 1) <= 0.10, (xla, model)
   assert abs(xla / executed - 1) <= 0.03, (xla, executed)
@@ -138,8 +140,8 @@ def test_mla_flops_per_token_match_xla_cost_analysis(training):
                             mla_nope_dim=64, mla_rope_dim=32, mla_v_dim=48)
   batch, seq = 4, 256
   xla = _xla_flops(cfg, batch, seq, training)
-  model = metrics.flops_per_token(cfg, seq, training) * batch * seq
-  executed = metrics.flops_per_token(dataclasses.replace(cfg, causal=False), seq, training) * batch * seq
+  model = flops.flops_per_token(cfg, seq, training) * batch * seq
+  executed = flops.flops_per_token(dataclasses.replace(cfg, causal=False), seq, training) * batch * seq
   print(f'ours / XLA = {model / xla:.3f} (executed {executed / xla:.3f})')
   assert abs(xla / model - 1) <= 0.10, (xla, model)
   assert abs(xla / executed - 1) <= 0.03, (xla, executed)

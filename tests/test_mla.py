@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtrain import config as config_lib
-from jaxtrain import hf, lora, models
-from jaxtrain.defaults import base_config
+from jaxtrain.config import validate as config_lib
+from jaxtrain.adapters import lora
+from jaxtrain import models
+from jaxtrain.hf import config as hf_config, weights as hf_weights
+from jaxtrain.config.defaults import base_config
 from jaxtrain.models import mla
 from jaxtrain.models.transformer import Attention
 from tests.helpers import packed_batch, tiny
@@ -187,12 +189,12 @@ def test_lora_adapts_mla_projections():
 def test_flops_count_every_mla_projection():
   cfg = tiny(**MLA)
   shapes = models.describe(cfg)[2]
-  from jaxtrain import metrics
-  for path, (times, fan_in, fan_out) in metrics.weight_matrices(cfg).items():
+  from jaxtrain.models import flops
+  for path, (times, fan_in, fan_out) in flops.weight_matrices(cfg).items():
     if path.startswith('blocks/attn/'):
       shape = shapes['blocks']['attn'][path.split('/')[-1]].shape
       assert times == shape[0] and fan_in * fan_out == np.prod(shape[1:]), path
-  names = {p.split('/')[-1] for p in metrics.weight_matrices(cfg) if p.startswith('blocks/attn/')}
+  names = {p.split('/')[-1] for p in flops.weight_matrices(cfg) if p.startswith('blocks/attn/')}
   assert names == {k for k, v in shapes['blocks']['attn'].items() if not isinstance(v, dict)}
 
 
@@ -216,5 +218,5 @@ def test_config_rejects_impossible_mla(overrides, key):
 
 @pytest.mark.parametrize('overrides', [MLA, {'residual_gain': 1.0}])
 def test_hf_export_refuses_mla_and_residual_gain(overrides):
-  with pytest.raises(hf.HfError, match='attention=.*residual_gain'):
-    hf.export_target(tiny(**overrides))
+  with pytest.raises(hf_config.HfError, match='attention=.*residual_gain'):
+    hf_weights.export_target(tiny(**overrides))

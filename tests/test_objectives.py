@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain import losses, objectives
+from jaxtrain.train import losses
+from jaxtrain.stackwise import objectives
 from tests.helpers import packed_batch
 
 MASK = 63

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxtrain import optim
-from jaxtrain.defaults import base_config
+from jaxtrain.train import optim
+from jaxtrain.config.defaults import base_config
 
 
 def sched(kind, **kw):

@@ -16,7 +16,10 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
   Qwen2ForCausalLM  # noqa: E402
 
-from jaxtrain import defaults, hf, lora, models, peft_io  # noqa: E402
+from jaxtrain.config import defaults  # noqa: E402
+from jaxtrain.adapters import lora  # noqa: E402
+from jaxtrain import models  # noqa: E402
+from jaxtrain.hf import config as hf_config, peft as peft_io, weights as hf_weights  # noqa: E402
 
 TOL = 1e-4
 ALL = r'attn/(q|k|v|o)$|mlp/(gate|up|down)$|^lm_head$'
@@ -25,15 +28,15 @@ LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 
 
 class Base:
-  """A tiny Hugging Face model saved to disk and the same model in jaxtrain (through hf.load_params)."""
+  """A tiny Hugging Face model saved to disk and the same model in jaxtrain (through hf_weights.load_params)."""
 
   def __init__(self, model, root):
     self.torch = model.eval()
     self.dir = str(root)
     model.save_pretrained(self.dir)
-    self.mc = hf.model_config(self.dir, compute_dtype='float32', attention_block=0)
+    self.mc = hf_config.model_config(self.dir, compute_dtype='float32', attention_block=0)
     self.graphdef, _, self.shapes = models.describe(self.mc)
-    self.params = hf.load_params(self.dir, self.mc)
+    self.params = hf_weights.load_params(self.dir, self.mc)
     self.type = model.config.model_type
     tokens = np.random.default_rng(0).integers(0, 128, (2, 12))
     self.tokens = tokens
@@ -199,7 +202,7 @@ def test_peft_c_attn_to_jaxtrain(gpt2, tmp_path):
 def test_save_adapters_from_a_run_config(llama, tmp_path):
   config = defaults.base_config()
   config.init.from_hf = llama.dir
-  hf.apply_overrides(config)
+  hf_config.apply_overrides(config)
   config.lora.rank, config.lora.alpha = 2, 4.0
   adapters = random_adapters(llama, config.lora.targets, 2, seed=9)
   peft_io.save_adapters(config, {'params': adapters, 'step': 0}, str(tmp_path / 'hf'))
@@ -278,7 +281,7 @@ def test_missing_files_and_wrong_family(llama, saved, tmp_path):
     peft_io.load_adapters(saved, llama.shapes, 'gpt2')
   with pytest.raises(peft_io.PeftError, match="model_type='gemma' has no PEFT module mapping"):
     peft_io.load_adapters(saved, llama.shapes, 'gemma')
-  tied = models.describe(hf.model_config(llama.dir, tie_embeddings=True))[2]
+  tied = models.describe(hf_config.model_config(llama.dir, tie_embeddings=True))[2]
   head = str(tmp_path / 'head')
   peft_io.save_adapter_dir(random_adapters(llama, r'^lm_head$', 2, seed=4), head, rank=2, alpha=2.0)
   with pytest.raises(peft_io.PeftError, match='tied embeddings have no lm_head'):

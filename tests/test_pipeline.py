@@ -11,7 +11,7 @@ import pytest
 
 from jaxtrain.data import DataError, load_tokenizer, make_dataset, pipeline, sample_ids, sources
 from jaxtrain.data.sources import source
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 
 SEQ_LEN = 64
 

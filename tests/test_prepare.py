@@ -22,7 +22,7 @@ import tokenizers
 from jaxtrain.data import prepare as prep
 from jaxtrain.data import sources
 from jaxtrain.data.tokenizer import EOS, Tokenizer, build_bpe
-from jaxtrain.defaults import base_config
+from jaxtrain.config.defaults import base_config
 from tests.conftest import REPO
 
 

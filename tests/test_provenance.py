@@ -11,10 +11,11 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxtrain import cli, provenance
+from jaxtrain import cli
+from jaxtrain.train import recorder as provenance
 from jaxtrain.data.sources import DataError
-from jaxtrain.defaults import base_config
-from jaxtrain.provenance import SampleLog, SpikeDetector, read_samples
+from jaxtrain.config.defaults import base_config
+from jaxtrain.train.recorder import SampleLog, SpikeDetector, read_samples
 from tests.conftest import REPO
 
 NAN = math.nan
@@ -270,7 +271,7 @@ def test_blocklist_takes_every_process_rows_from_the_sidecar(tmp_path):
 
 
 def test_config_validation_of_the_new_keys(tmp_path):
-  from jaxtrain import config as config_lib
+  from jaxtrain.config import validate as config_lib
   cfg = base_config()
   cfg.provenance.spike_factor = 0.5
   with pytest.raises(config_lib.ConfigError, match=r'provenance.spike_factor=0.5: must be 0 \(off\) or > 1'):
@@ -323,7 +324,8 @@ class HugeLossAt:
 @pytest.fixture(scope='module')
 def poisoned_run(tmp_path_factory):
   """A tiny run whose step NAN_STEP has a NaN loss (from its data) and step HUGE_STEP a 100x loss."""
-  from jaxtrain import data, train
+  from jaxtrain import data
+  from jaxtrain.train import loop as train
   make_dataset, jit_steps = data.make_dataset, train.jit_steps
 
   def poisoned_data(*args, **kwargs):
@@ -426,7 +428,8 @@ def test_the_blocklist_of_the_run(poisoned_run):
 
 
 def test_a_resumed_run_keeps_one_history(poisoned_run, tmp_path):
-  from jaxtrain import data, train
+  from jaxtrain import data
+  from jaxtrain.train import loop as train
   workdir, cfg, _, batches = poisoned_run
   resumed = str(tmp_path / 'resumed')
   shutil.copytree(workdir, resumed)

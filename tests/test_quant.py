@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain import models, quant
+from jaxtrain import models
+from jaxtrain.adapters import quant
 from tests.helpers import packed_batch, tiny
 
 GAP = {'nf4': quant.NF4_MAX_GAP, 'int8': 1 / quant.INT8_MAX}

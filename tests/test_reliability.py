@@ -178,8 +178,9 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clean_checkpoint(tmp_path
   import numpy as np
   import optax
 
-  from jaxtrain import sharding, train
-  from jaxtrain.checkpoint import Checkpointer
+  from jaxtrain import sharding
+  from jaxtrain.train import loop as train
+  from jaxtrain.train.checkpoint import Checkpointer
 
   script = tmp_path / 'nan_run.py'
   script.write_text(NAN_SCRIPT)
@@ -207,8 +208,9 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clean_checkpoint(tmp_path
   # The checkpoint written at the stop holds exactly the state of step 4: the bad updates were skipped.
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   config = json.load(open(os.path.join(workdir, 'config.json')))
-  from jaxtrain import data, models, optim
-  from jaxtrain.defaults import base_config
+  from jaxtrain import data, models
+  from jaxtrain.train import optim
+  from jaxtrain.config.defaults import base_config
   cfg = base_config()
   cfg.update_from_flattened_dict({f'{s}.{k}': v for s, d in config.items() for k, v in d.items()})
   mc = models.model_config(cfg.model, data.load_tokenizer(cfg.data).vocab_size)

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtrain.stack_checkpoint import StackCheckpointer, StackCheckpointError, part_hash
+from jaxtrain.stackwise.checkpoint import StackCheckpointError, StackCheckpointer, part_hash
 
 
 def stack(seed, d=8):

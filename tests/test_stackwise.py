@@ -6,8 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import config as config_lib, sharding, stackwise, steps
-from jaxtrain.stackwise import initial_rack, rack_setup
+from jaxtrain.config import validate as config_lib
+from jaxtrain import sharding
+from jaxtrain.stackwise import plan as stackwise
+from jaxtrain.train import steps
+from jaxtrain.stackwise.plan import initial_rack, rack_setup
 from tests.helpers import packed_batch
 
 TOKENIZER_VOCAB = 120  # the rack's vocabulary is 128: MASK = 120
@@ -221,9 +224,9 @@ def test_stage_flops():
   c = sw_config()
   last = stackwise.plan(c)[2]
   train_f, eval_f = stackwise.stage_flops(rd.rc.block, 32, last, True, 2)
-  from jaxtrain import metrics
+  from jaxtrain.models import flops
   import dataclasses
-  one = metrics.flops_per_token(dataclasses.replace(rd.rc.block, num_layers=1), 32, False)
+  one = flops.flops_per_token(dataclasses.replace(rd.rc.block, num_layers=1), 32, False)
   assert train_f == pytest.approx(eval_f + 2 * one)  # forward + input and weight grads of stack 2 and head
 
 

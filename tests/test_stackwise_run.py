@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxtrain import stackwise_run
-from jaxtrain.stack_checkpoint import StackCheckpointer
+from jaxtrain.stackwise import job as stackwise_run
+from jaxtrain.stackwise.checkpoint import StackCheckpointer
 
 
 def tiny_stackwise(arg='', **overrides):
@@ -46,7 +46,8 @@ def test_diffusion_run_saves_changed_stacks_and_resumes(tmp_path, capsys):
   (prompt, text), = out['samples']
   assert prompt == 'def ' and isinstance(text, str)
   assert all(np.isfinite(r['eval_loss']) for r in out['stages'])
-  from jaxtrain import check, export
+  from jaxtrain.cli import check
+  from jaxtrain.hf import export
   with pytest.raises(export.ExportError, match='StackWise run'):
     export.export(workdir, str(tmp_path / 'out'))
   report = '\n'.join(check.report(tiny_stackwise()))

@@ -6,7 +6,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import sharding, steps, train
+from jaxtrain import sharding
+from jaxtrain.train import loop as train, steps
 from tests.helpers import packed_batch, tiny
 
 CFG = tiny()

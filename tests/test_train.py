@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jaxtrain import metrics, train
+from jaxtrain.train import loop as train, metrics
 from tests.conftest import REPO
 
 

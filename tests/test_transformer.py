@@ -170,7 +170,7 @@ def test_blocked_attention_keeps_document_and_causal_masks():
 
 
 def test_attention_block_auto_is_blocked_on_cpu():
-  from jaxtrain.defaults import base_config
+  from jaxtrain.config.defaults import base_config
   assert models.model_config(base_config().model, 100).attention_block == 128  # tests run on CPU
 
 
@@ -285,7 +285,7 @@ def test_mlp_takes_the_hand_written_backward_only_for_plain_weights(monkeypatch)
 
 
 def test_scan_layers_unset_unrolls_on_cpu_unless_remat():
-  from jaxtrain.defaults import base_config
+  from jaxtrain.config.defaults import base_config
   model = base_config().model
   assert model.scan_layers is None and models.model_config(model, 100).scan_layers is False  # tests run on CPU
   model.remat = 'full'

@@ -278,7 +278,7 @@ def blocklist(cfg: Any) -> frozenset[str]:
   paths = [p.strip() for p in str(getattr(cfg, 'exclude', '') or '').split(',') if p.strip()]
   if not paths:
     return frozenset()
-  from jaxtrain import provenance  # Deferred: only runs with a blocklist read one.
+  from jaxtrain.train import recorder as provenance  # Deferred: only runs with a blocklist read one.
   return frozenset(provenance.load_blocklist(paths))
 
 

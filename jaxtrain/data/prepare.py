@@ -54,7 +54,8 @@ import tokenizers
 
 from jaxtrain.data import sources
 from jaxtrain.data.sources import DataError
-from jaxtrain.data.tokenizer import Tokenizer, cache_root
+from jaxtrain.data.tokenizer import Tokenizer
+from jaxtrain.paths import cache_root
 
 # Bump when the layout or the meaning of the arrays changes: it is hashed into every fingerprint.
 FORMAT_VERSION = 'prepared-v1'

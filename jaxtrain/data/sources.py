@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from jaxtrain.errors import UserError
+
 
 STDLIB = 'stdlib'
 SPLITS = ('train', 'eval')
@@ -30,15 +32,18 @@ _STDLIB_SKIP_DIRS = frozenset({'test', 'tests', 'idlelib', 'lib2to3', '__pycache
 _SPLIT_HINT = 'set data.eval or raise data.eval_fraction'
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A data setting that cannot work; the message names the config key, its value and what is valid."""
 
   def __init__(self, key: str, value: object, problem: str, valid: str):
-    self.key = key
-    self.value = value
-    self.problem = problem
-    self.valid = valid
-    super().__init__(f'{key}={value!r} {problem}; {valid}')
+    self.key, self.problem = key, problem
+    super().__init__(key, value, valid)
+
+  def line(self) -> str:
+    return ' '.join(f'{self.key}={self.value!r} {self.problem}; {self.valid}'.split())
+
+  def __reduce__(self):
+    return type(self), (self.key, self.value, self.problem, self.valid)
 
 
 # ----------------------------------------------------------------------------- file lists

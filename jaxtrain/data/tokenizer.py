@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxtrain.data import sources
 from jaxtrain.data.sources import DataError
+from jaxtrain.paths import cache_root
 
 EOS = '<|endoftext|>'
 # Bump when the build recipe changes, so caches of the old recipe are not reused.
@@ -63,11 +64,6 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})'
-
-
-def cache_root() -> str:
-  """Root of jaxtrain's on-disk caches: $JAXTRAIN_CACHE, else ~/.cache/jaxtrain."""
-  return os.environ.get('JAXTRAIN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'jaxtrain')
 
 
 def load_tokenizer(cfg: Any) -> Tokenizer:

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.config import ConfigError
-from jaxtrain.models import cpu_attention, mla, transformer
+from jaxtrain.errors import ConfigError
+from jaxtrain.kernels import cpu_attention
+from jaxtrain.models import mla, transformer
 from jaxtrain.models.transformer import ModelConfig, Transformer
 
 __all__ = ['ModelConfig', 'Transformer', 'model_config', 'describe', 'init_params', 'apply', 'count_params',

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxtrain import sharding
-from jaxtrain.models import cpu_attention
+from jaxtrain.kernels import cpu_attention
 from jaxtrain.models.ops import computed_once, linear, rotate, softmax, swiglu
 
 Array = jax.Array
@@ -96,7 +96,7 @@ def project(spec: str, x: Array, w: Any, out_dtype: Any = None) -> Array:
   """`einsum(spec, x, w)` in x's dtype (or `out_dtype`), for a weight that is an array or a structured weight.
 
   Structured weights (a frozen base with LoRA factors, a quantized base) are pytrees that compute the
-  product themselves through `w.einsum(spec, x)`; `jaxtrain.lora` and `jaxtrain.quant` build them from the
+  product themselves through `w.einsum(spec, x)`; `jaxtrain.adapters.lora` and `jaxtrain.adapters.quant` build them from the
   parameter tree, so the model never needs to know which one it was given.
   """
   if isinstance(w, jax.Array):

@@ -19,10 +19,11 @@ import sys
 
 import ml_collections
 
-from jaxtrain.defaults import base_config
+from jaxtrain.errors import UserError
+from jaxtrain.config.defaults import base_config
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """A user mistake: the message is one line for the console."""
 
 
@@ -76,7 +77,8 @@ def model_params_for_export(config: ml_collections.ConfigDict, state: dict) -> d
   init.lora_from set) the unquantized base (rebuilt from init.from_hf or the seed) with the adapters merged."""
   if config.lora.rank == 0 and not config.init.lora_from:
     return state['params']
-  from jaxtrain import data, models, state as state_lib  # LoRA runs only
+  from jaxtrain import data, models
+  from jaxtrain.train import state as state_lib  # LoRA runs only
 
   vocab = config.model.vocab_size or data.load_tokenizer(config.data).vocab_size
   return state_lib.merged_params(config, models.model_config(config.model, vocab), state)
@@ -85,12 +87,12 @@ def model_params_for_export(config: ml_collections.ConfigDict, state: dict) -> d
 def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dtype: str = 'float32',
            max_shard_bytes: int = 2 * 2 ** 30) -> str:
   """Exports checkpoint `step` (default: newest) of `workdir` to `out`; returns a one-line summary.
-  Raises ExportError (and hf.HfError) for user mistakes."""
+  Raises ExportError (and hf_config.HfError) for user mistakes."""
   config = load_run_config(workdir)
   if config.stackwise.num_stacks:
     raise ExportError(f'--workdir={workdir} is a StackWise run (saved per stack in {workdir}/rack); exporting '
                       'racks is not supported yet: the per-stack checkpoint there restores with '
-                      'jaxtrain.stack_checkpoint.StackCheckpointer')
+                      'jaxtrain.stackwise.checkpoint.StackCheckpointer')
   steps = checkpoint_steps(workdir)
   if not steps:
     raise ExportError(f'--workdir={workdir} holds no complete checkpoint in {workdir}/checkpoints; train first')
@@ -102,13 +104,14 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
     raise ExportError(f'--out={out} exists and is not an empty directory; choose a new one')
   state = restore_state(workdir, step)
   if fmt == 'peft':
-    from jaxtrain import peft_io  # written for LoRA runs only
+    from jaxtrain.hf import peft as peft_io  # written for LoRA runs only
     peft_io.save_adapters(config, state, out)
     return f'exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT format)'
-  from jaxtrain import data, hf
+  from jaxtrain import data
+  from jaxtrain.hf import weights as hf_weights
   params = model_params_for_export(config, state)
   tokenizer = data.load_tokenizer(config.data)
-  files = hf.save(params, config.model, tokenizer, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
+  files = hf_weights.save(params, config.model, tokenizer, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
   with open(os.path.join(out, 'config.json'), encoding='utf-8') as f:
     architecture = json.load(f)['architectures'][0]
   return (f'exported step {step} of {workdir} to {out} as {architecture} ({dtype}, {len(files)} safetensors '
@@ -141,12 +144,14 @@ def main(argv: list[str] | None = None) -> None:
   args = parser().parse_args(sys.argv[1:] if argv is None else argv)
   # orbax logs warnings about metadata files that a numpy restore does not need.
   logging.getLogger('absl').setLevel(logging.ERROR)
-  from jaxtrain import data, hf, lora, peft_io
+  from jaxtrain import data
+  from jaxtrain.adapters import lora
+  from jaxtrain.hf import config as hf_config, peft as peft_io
 
   shard = args.max_shard_mb * 2 ** 20 if args.max_shard_mb > 0 else sys.maxsize
   try:
     print(export(args.workdir, args.out, args.step, args.format, args.dtype, shard), flush=True)
-  except (ExportError, hf.HfError, data.DataError, lora.LoraError, peft_io.PeftError) as e:
+  except (ExportError, hf_config.HfError, data.DataError, lora.LoraError, peft_io.PeftError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

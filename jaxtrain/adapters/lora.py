@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxtrain.errors import UserError
 from jaxtrain.models.transformer import project
 
 Array = jax.Array
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
   """A LoRA setting that cannot apply to this model (targets, rank, mode); the message names it."""
 
 # Number of leading input dims of each projection weight that LoRA can adapt (after the layers axis).

@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import hf, lora, models, peft_io, quant, sharding, steps
-from jaxtrain.checkpoint import abstract_with_shardings
+from jaxtrain.adapters import lora, quant
+from jaxtrain import models, sharding
+from jaxtrain.hf import peft as peft_io, weights as hf_weights
+from jaxtrain.train import steps
+from jaxtrain.train.checkpoint import abstract_with_shardings
 
 # QLoRA quantizes the block projections; embeddings, norms, biases and the head stay in full precision.
 QUANTIZED = r'^blocks/(attn/(q|k|v|o)|mlp/(gate|up|down))$'
@@ -85,7 +88,7 @@ def load_base(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> Call
   """A `load(shardings) -> params` for `init.from_hf`, or None for a random init."""
   if not config.init.from_hf:
     return None
-  return lambda shardings: hf.load_params(config.init.from_hf, mc, shardings)
+  return lambda shardings: hf_weights.load_params(config.init.from_hf, mc, shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +118,7 @@ def lora_settings(config: ml_collections.ConfigDict, mc: models.ModelConfig, sha
 
 def model_type(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> str:
   """The Hugging Face model_type the base corresponds to (what PEFT module names follow)."""
-  return hf.export_target(mc).model_type
+  return hf_weights.export_target(mc).model_type
 
 
 def build(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> Built:

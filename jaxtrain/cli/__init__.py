@@ -21,10 +21,11 @@ COMMANDS = {
     'samples': 'the sample ids of each row of one train step of a run',
 }
 # The module whose run_main() each command calls ('module:function' names another function).
-ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.check', 'analyze': 'jaxtrain.analyze',
-                'estimate': 'jaxtrain.estimate',
-                'merge-adapters': 'jaxtrain.merge_adapters', 'export': 'jaxtrain.export',
-                'blocklist': 'jaxtrain.provenance:blocklist_main', 'samples': 'jaxtrain.provenance:samples_main'}
+ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.cli.check', 'analyze': 'jaxtrain.data.analyze',
+                'estimate': 'jaxtrain.cli.estimate',
+                'merge-adapters': 'jaxtrain.adapters.merge', 'export': 'jaxtrain.hf.export',
+                'blocklist': 'jaxtrain.train.recorder:blocklist_main',
+                'samples': 'jaxtrain.train.recorder:samples_main'}
 
 
 def main(argv: list[str] | None = None) -> None:

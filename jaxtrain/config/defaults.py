@@ -211,7 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.v5p = 4.20
   p.v6e = 2.70
 
-  # Context-length curriculum (jaxtrain.curriculum, SkyLadder-style): the attention window (a sliding window
+  # Context-length curriculum (jaxtrain.train.curriculum, SkyLadder-style): the attention window (a sliding window
   # within each document) widens from `start` to data.seq_len over the first `fraction` of train.steps.
   c.curriculum = u = ml_collections.ConfigDict()
   u.kind = 'none'  # none | linear | cosine | step
@@ -220,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
   u.steps_per_stage = 0  # step: steps each window is held; 0: the ramp split into max_variants - 1 stages.
   u.max_variants = 4  # at most this many distinct windows (each compiles one train step), evenly spaced; >= 2.
 
-  # Which documents trained each step (jaxtrain.provenance): WORKDIR/samples/ and loss-spike dumps in WORKDIR/spikes/.
+  # Which documents trained each step (jaxtrain.train.recorder): WORKDIR/samples/ and loss-spike dumps in WORKDIR/spikes/.
   c.provenance = v = ml_collections.ConfigDict()
   v.sidecar = True  # record each step's sample ids per row (`jaxtrain samples --workdir=DIR --step=N`).
   v.spike_factor = 3.0  # a step whose loss or grad norm exceeds this x its rolling mean is dumped; 0: off; else > 1.

@@ -31,14 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain import hf, lora, peft_io
+from jaxtrain.errors import UserError
+from jaxtrain.adapters import lora
+from jaxtrain.hf import config as hf_config, peft as peft_io, weights as hf_weights
 
 METHODS = ('linear', 'ties', 'dare_linear', 'dare_ties')
 SIGN_METHODS = ('total', 'frequency')
 Path = tuple[str, ...]
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
   """Adapters or options that cannot be combined; the message is one line for the user."""
 
 
@@ -203,8 +205,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _base_model(base: str) -> tuple[Any, dict, str]:
   """(ModelConfig, parameter shapes, model_type) of a Hugging Face model dir."""
   from jaxtrain import models
-  mc = hf.model_config(base)
-  return mc, models.describe(mc)[2], hf.read_config(base)['model_type']
+  mc = hf_config.model_config(base)
+  return mc, models.describe(mc)[2], hf_config.read_config(base)['model_type']
 
 
 def run(args: argparse.Namespace) -> str:
@@ -232,11 +234,11 @@ def run(args: argparse.Namespace) -> str:
     peft_io.save_adapter_dir(merged, args.out, rank=rank, alpha=rank, rslora=False, dropout=infos[0]['dropout'],
                              model_type=model_type, base_model=infos[0]['base_model'])
     return f'merged {what} a rank-{rank} PEFT adapter on {len(lora.adapter_paths(merged))} weights: {args.out}'
-  params = lora.merge(hf.load_params(args.base, mc), merged, 1.0)  # W + a @ b in float32
-  config = hf.read_config(args.base)
+  params = lora.merge(hf_weights.load_params(args.base, mc), merged, 1.0)  # W + a @ b in float32
+  config = hf_config.read_config(args.base)
   dtype = 'bfloat16' if 'bfloat16' in (config.get('dtype'), config.get('torch_dtype')) else 'float32'
   has_tokenizer = any(f.startswith('tokenizer') for f in os.listdir(args.base))
-  hf.save(params, mc, args.base if has_tokenizer else None, args.out, dtype=dtype)
+  hf_weights.save(params, mc, args.base if has_tokenizer else None, args.out, dtype=dtype)
   return f'merged {what} {args.base} ({dtype}): {args.out}'
 
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     print(run(args))
-  except (MergeError, peft_io.PeftError, hf.HfError) as e:
+  except (MergeError, peft_io.PeftError, hf_config.HfError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -14,11 +14,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import curriculum, data, losses, metrics, models, optim, sharding, steps, stopping
-from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.provenance import Recorder
-from jaxtrain.config import check_vocab, resolve_init
-from jaxtrain.state import Built, build, checkpointed, init_state, state_factory
+from jaxtrain.train import curriculum, losses, metrics, optim, steps, stopping
+from jaxtrain import data, models, sharding
+from jaxtrain.models import flops
+from jaxtrain.train.checkpoint import Checkpointer
+from jaxtrain.train.recorder import Recorder
+from jaxtrain.errors import NonFiniteError
+from jaxtrain.config.validate import check_vocab, resolve_init
+from jaxtrain.train.state import Built, build, checkpointed, init_state, state_factory
 
 __all__ = ['run', 'fit', 'Job', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state', 'NonFiniteError']
 
@@ -144,14 +147,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     built = build(config, mc, tx, mesh)
     train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
     # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
-    trains = metrics.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
+    trains = flops.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
     if curriculum.enabled(config):  # one jitted step per attention window; the full window's is train_step
       train_step = curriculum.variants(config, mc, train_step, lambda m: jit_steps(
           config, built, tx, schedule, mesh, make_loss_fn(models.describe(m)[0], config.train.z_loss))[0],
-          lambda m: metrics.flops_per_token(m, config.data.seq_len, lora=trains))
+          lambda m: flops.flops_per_token(m, config.data.seq_len, lora=trains))
     job = Job(built, train_step, eval_step, config.train.steps, config.train.seed,
-              metrics.flops_per_token(mc, config.data.seq_len, lora=trains),
-              metrics.flops_per_token(mc, config.data.seq_len, False, trains))
+              flops.flops_per_token(mc, config.data.seq_len, lora=trains),
+              flops.flops_per_token(mc, config.data.seq_len, False, trains))
     return fit(config, job, workdir, mesh, tokenizer)
 
 
@@ -168,7 +171,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   """The loop: resume from WORKDIR/checkpoints if possible, step, log, evaluate, save; call under the mesh.
 
   Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles', 'flops'
-  {'train', 'eval'}: model FLOPs spent now by each (metrics.flops_per_token)}. Train records log `mfu` (of
+  {'train', 'eval'}: model FLOPs spent now by each (flops.flops_per_token)}. Train records log `mfu` (of
   what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval records log `eval_flops`
   (that evaluation) and `eval_tflops_per_s`. When `job.train_step` is a `curriculum.Variants`, each step runs
   its window's step, FLOPs follow the window and train records log `attn_window`.
@@ -192,7 +195,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_token = job.flops_per_token
   eval_flops = job.eval_flops_per_token * tokens_per_step * config.train.eval_batches  # padding included
-  peak, peak_source = metrics.device_peak_flops(config.log.peak_flops)
+  peak, peak_source = flops.device_peak_flops(config.log.peak_flops)
   calls = steps_per_call(config)  # train steps per call of the jitted step
   logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
   logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {built.description}, {jax.device_count()} '
@@ -373,10 +376,6 @@ def _save_source_tokens(workdir: str, step: int, counts: dict[str, int], steps: 
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     json.dump(table, f)
   os.replace(path + '.tmp', path)
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive non-finite steps; the message says where the last good state was saved."""
 
 
 def _nonfinite_message(bad: list[tuple[int, dict]], done: int, checkpoint: str, config: ml_collections.ConfigDict,

@@ -41,13 +41,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxtrain.checkpoint import _state_handler
+from jaxtrain.errors import UserError
+from jaxtrain.train.checkpoint import _state_handler
 
 _MANIFEST = re.compile(r'stage_(\d+)\.json')
 _HASH_PREFIX = b'jaxtrain-stack-part-v1\0'  # bump if the hashed encoding ever changes
 
 
-class StackCheckpointError(ValueError):
+class StackCheckpointError(UserError):
   """A stage, part or blob that is missing, or an abstract that does not match what was saved."""
 
 

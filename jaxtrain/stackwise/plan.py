@@ -13,7 +13,7 @@ through LoRA / QLoRA adapters of a smaller rank than the new stack's own optiona
 - `joint`: one stage that trains every stack: the end-to-end baseline of the same architecture.
 
 A stage is a `train.Job` run by `train.fit`, so resuming, logging, evaluation and checkpoints work as in
-any run; between stages the rack is held on the host and saved per stack (`jaxtrain.stack_checkpoint`),
+any run; between stages the rack is held on the host and saved per stack (`jaxtrain.stackwise.checkpoint`),
 writing only the stacks whose contents changed.
 
 Train state of a stage: `params` = {'shared': the shared parameters this stage trains, 'stack': the new
@@ -33,11 +33,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain import lora, metrics, models, objectives, quant, sharding, steps
-from jaxtrain.checkpoint import abstract_with_shardings
-from jaxtrain.config import ConfigError
+from jaxtrain.adapters import lora, quant
+from jaxtrain import models, sharding
+from jaxtrain.stackwise import objectives
+from jaxtrain.train import steps
+from jaxtrain.models import flops
+from jaxtrain.train.checkpoint import abstract_with_shardings
+from jaxtrain.errors import ConfigError
 from jaxtrain.models import ModelConfig, rack
-from jaxtrain.state import QUANTIZED, Built
+from jaxtrain.train.state import Built, QUANTIZED
 
 DIRECTIONS = ('append', 'prepend', 'joint')
 TRUNKS = ('frozen', 'lora', 'qlora')
@@ -256,8 +260,8 @@ def stage_flops(mc: ModelConfig, seq_len: int, stage: Stage, trains_head: bool,
   n = mc.num_layers
 
   def fwd(layers: int, head: bool) -> float:
-    with_head = metrics.flops_per_token(dataclasses.replace(mc, num_layers=max(layers, 0)), seq_len, False)
-    no_blocks = metrics.flops_per_token(dataclasses.replace(mc, num_layers=0), seq_len, False)
+    with_head = flops.flops_per_token(dataclasses.replace(mc, num_layers=max(layers, 0)), seq_len, False)
+    no_blocks = flops.flops_per_token(dataclasses.replace(mc, num_layers=0), seq_len, False)
     return with_head if head else with_head - no_blocks
 
   active = len(stage.order) * n

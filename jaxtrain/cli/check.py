@@ -20,8 +20,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxtrain import data, metrics, models, optim, sharding
-from jaxtrain.config import ConfigError, check_vocab
+from jaxtrain import data, models, sharding
+from jaxtrain.train import optim
+from jaxtrain.models import flops
+from jaxtrain.errors import ConfigError
+from jaxtrain.config.validate import check_vocab
 from jaxtrain.data import sources
 
 PREVIEW_TOKENS = 24
@@ -271,7 +274,7 @@ def report(config: ml_collections.ConfigDict) -> list[str]:
   mesh = sharding.make_mesh(config.mesh)
   mem = estimate_memory(config, mc, mesh)
   tokens_step = config.data.batch_size * config.data.seq_len
-  flops = metrics.flops_per_token(mc, config.data.seq_len)
+  per_token = flops.flops_per_token(mc, config.data.seq_len)
   lines += [f'memory per device: mesh {dict(mesh.shape)} over {jax.device_count()} device(s); micro-batch of '
             f'{mem.micro_rows} x {config.data.seq_len} tokens per device, accum_steps {config.train.accum_steps}',
             f'  parameters      {_gib(mem.params)}',
@@ -279,8 +282,8 @@ def report(config: ml_collections.ConfigDict) -> list[str]:
             f'  optimizer state {_gib(mem.opt_state)}',
             f'  activations     {_gib(mem.activations)}  (estimate, remat {mc.remat})',
             f'  total           {_gib(mem.total)}',
-            f'FLOPs (training, metrics.flops_per_token): {_flops(flops)} per token, '
-            f'{_flops(flops * tokens_step)} per step of {tokens_step:,d} tokens']
+            f'FLOPs (training, flops.flops_per_token): {_flops(per_token)} per token, '
+            f'{_flops(per_token * tokens_step)} per step of {tokens_step:,d} tokens']
   if config.stackwise.num_stacks:
     lines += stackwise_lines(config, tokenizer.vocab_size)
   return lines
@@ -289,7 +292,7 @@ def report(config: ml_collections.ConfigDict) -> list[str]:
 def stackwise_lines(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> list[str]:
   """The stage plan of a StackWise config: the model above is the rack trained end to end; each stage trains
   only its new stack (plus shared parameters / adapters), so its memory is far below that figure."""
-  from jaxtrain import stackwise  # only StackWise configs pay for it
+  from jaxtrain.stackwise import plan as stackwise  # only StackWise configs pay for it
   rd, obj = stackwise.rack_setup(config, tokenizer_vocab)
   lines = [f'stackwise: {config.stackwise.num_stacks} stacks of {rd.rc.blocks_per_stack} block(s), objective '
            f'{obj.kind}, direction {config.stackwise.direction}, trunk {config.stackwise.trunk}; the figures above '
@@ -308,7 +311,8 @@ def preflight(config: ml_collections.ConfigDict) -> None:
 
 
 def _main(argv: list[str]) -> None:
-  from jaxtrain import config as config_lib, main as entry
+  from jaxtrain.config import validate as config_lib
+  from jaxtrain import main as entry
   config, workdir = entry.setup(argv)
   try:
     config_lib.validate(config, workdir, jax.device_count())

@@ -30,12 +30,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtrain import check, data, metrics, models, optim, sharding, state, train
-from jaxtrain.checkpoint import abstract_with_shardings
-from jaxtrain.config import ConfigError, check_vocab, parse_bytes, resolve_init
+from jaxtrain.cli import check
+from jaxtrain import data, models, sharding
+from jaxtrain.train import loop as train, optim, state
+from jaxtrain.models import flops
+from jaxtrain.train.checkpoint import abstract_with_shardings
+from jaxtrain.errors import ConfigError
+from jaxtrain.config.validate import check_vocab, parse_bytes, resolve_init
 
 BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask')
-# Price-table key -> (substring of jax's device_kind, key of metrics.PEAK_FLOPS). 'TPU v5 lite' must be tried
+# Price-table key -> (substring of jax's device_kind, key of flops.PEAK_FLOPS). 'TPU v5 lite' must be tried
 # before 'TPU v5' (v5p reports itself as 'TPU v5').
 KINDS = {
     'h100': ('H100', 'H100'), 'h200': ('H200', 'H200'), 'a100': ('A100', 'A100'), 'v4': ('TPU v4', 'TPU v4'),
@@ -234,11 +238,11 @@ def cost(kind: str, peak: float, price: float | None, tokens: float, flops_token
 
 def cost_table(e: ml_collections.ConfigDict, flops_token: float, gpus: int,
                local: tuple[str, float] | None = None) -> list[Cost]:
-  """One Cost per kind of `e.price_per_hour` (peaks from metrics.PEAK_FLOPS), after `local` (name, peak) when
+  """One Cost per kind of `e.price_per_hour` (peaks from flops.PEAK_FLOPS), after `local` (name, peak) when
   the local device has no price."""
   rows = [cost(*local, None, e.tokens, flops_token, e.mfu, gpus)] if local else []
   for key, price in e.price_per_hour.items():
-    rows.append(cost(key, metrics.PEAK_FLOPS[KINDS[key][1]], price, e.tokens, flops_token, e.mfu, gpus))
+    rows.append(cost(key, flops.PEAK_FLOPS[KINDS[key][1]], price, e.tokens, flops_token, e.mfu, gpus))
   return rows
 
 
@@ -314,21 +318,21 @@ def memory_lines(sm: StepMemory, result: Search, config: ml_collections.ConfigDi
 
 
 def cost_lines(e: ml_collections.ConfigDict, mc: models.ModelConfig, seq_len: int, tokens_step: int,
-               lora: metrics.LoraFlops | None = None) -> list[str]:
+               lora: flops.LoraFlops | None = None) -> list[str]:
   """The time/cost table for e.tokens, the selected kind marked with '*', and what the memory figures are."""
   gpus = e.num_gpus or jax.device_count()
-  flops_token = metrics.flops_per_token(mc, seq_len, lora=lora)
+  flops_token = flops.flops_per_token(mc, seq_len, lora=lora)
   device_kind = jax.devices()[0].device_kind
   local_kind = detected_kind(device_kind)
-  local, peak_note = None, 'dense bf16 peaks from metrics.PEAK_FLOPS'
+  local, peak_note = None, 'dense bf16 peaks from flops.PEAK_FLOPS'
   if not e.gpu and local_kind is None:  # e.g. CPU: nothing to price, but show what this machine would take
-    peak, source = metrics.device_peak_flops()
+    peak, source = flops.device_peak_flops()
     local, peak_note = ('this machine', peak), f'this machine: {source}; the others: {peak_note}'
   selected = e.gpu or local_kind or 'this machine'
   steps_needed = f'{math.ceil(e.tokens / tokens_step):,d} steps of {tokens_step:,d} tokens' if tokens_step else \
       'no batch fits'
   lines = [f'time and cost of {e.tokens:,.0f} tokens ({steps_needed}) at MFU {e.mfu:g} on {gpus} device(s), '
-           f'{flops_token / 1e6:,.2f} MFLOP per token (training, metrics.flops_per_token):',
+           f'{flops_token / 1e6:,.2f} MFLOP per token (training, flops.flops_per_token):',
            f'    {"device":<14} {"peak TFLOP/s":>12} {"$/h":>6} {"tokens/s":>14} {"time":>18} {"cost":>12}']
   for c in cost_table(e, flops_token, gpus, local):
     price = '-' if c.price is None else f'{c.price:.2f}'
@@ -366,7 +370,7 @@ def report(config: ml_collections.ConfigDict) -> tuple[list[str], Search]:
   if e.tokens > 0:
     tokens_step = sm.global_batch(result.rows) * sm.seq_len if result.rows else 0
     lines += cost_lines(e, mc, sm.seq_len, tokens_step,
-                        metrics.LoraFlops.of(sm.state['params']) if sm.lora else None)
+                        flops.LoraFlops.of(sm.state['params']) if sm.lora else None)
   return lines, result
 
 
@@ -380,14 +384,17 @@ def apply_flags(config: ml_collections.ConfigDict, values: Mapping[str, Any]) ->
 def _main(argv: list[str]) -> None:
   from absl import flags
 
-  from jaxtrain import config as config_lib, hf, lora, main as entry, peft_io
+  from jaxtrain.config import validate as config_lib
+  from jaxtrain.adapters import lora
+  from jaxtrain import main as entry
+  from jaxtrain.hf import config as hf_config, peft as peft_io
   config, workdir = entry.setup(argv)
   apply_flags(config, {'memory_budget': flags.FLAGS['memory-budget'].value, 'tokens': flags.FLAGS['tokens'].value,
                        'gpu': flags.FLAGS['gpu'].value})
   try:
     config_lib.validate(config, workdir, jax.device_count())
     lines, result = report(config)
-  except (ConfigError, data.DataError, hf.HfError, lora.LoraError, peft_io.PeftError) as e:
+  except (ConfigError, data.DataError, hf_config.HfError, lora.LoraError, peft_io.PeftError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:

@@ -547,7 +547,8 @@ def main(argv: list[str]) -> None:
   import jax
   from absl import flags
 
-  from jaxtrain import config as config_lib, data, main as entry
+  from jaxtrain.config import validate as config_lib
+  from jaxtrain import data, main as entry
   config, workdir = entry.setup(argv)
   out = (flags.FLAGS['out'].value if 'out' in flags.FLAGS else None) or os.path.join(workdir, 'analysis')
   try:

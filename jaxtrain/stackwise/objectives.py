@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain import losses
+from jaxtrain.train import losses
 
 Array = jax.Array
 KINDS = ('diffusion', 'mlm', 'clm')

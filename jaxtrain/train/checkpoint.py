@@ -20,9 +20,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jaxtrain.errors import UserError
 
 
-class TopologyError(ValueError):
+
+class TopologyError(UserError):
   """A checkpoint that is intact but cannot be resumed with this many processes."""
 
 

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtrain import data, objectives, optim, sampling, sharding, stackwise, train
-from jaxtrain.config import check_vocab
+from jaxtrain import data, sampling, sharding
+from jaxtrain.stackwise import objectives, plan as stackwise
+from jaxtrain.train import loop as train, optim
+from jaxtrain.config.validate import check_vocab
 from jaxtrain.models import rack
-from jaxtrain.stack_checkpoint import StackCheckpointer
+from jaxtrain.stackwise.checkpoint import StackCheckpointer
 
 KEEP_KEYS = ('doc_ids', 'doc_chunks')  # masks are keyed by sample id
 

@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain import lora
+from jaxtrain.errors import UserError
+from jaxtrain.adapters import lora
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -85,7 +86,7 @@ def nest(flat: dict[Path, Any]) -> dict:
   return out
 
 
-class PeftError(ValueError):
+class PeftError(UserError):
   """An adapter directory jaxtrain cannot read or write exactly; the message is one line for the user."""
 
 
@@ -426,7 +427,7 @@ def save_adapter_dir(adapters: dict, out_dir: str, *, rank: int, alpha: float, r
 
 def run_lora_settings(config: Any) -> tuple[int, float, bool]:
   """(rank, alpha, rslora) a run trained with: `config.lora`, or the adapter dir it started from
-  (`init.lora_from`), whose settings win as in `jaxtrain.state.lora_settings`."""
+  (`init.lora_from`), whose settings win as in `jaxtrain.train.state.lora_settings`."""
   if config.init.lora_from:
     cfg = read_config(config.init.lora_from)
     return int(cfg['r']), float(cfg['lora_alpha']), bool(cfg.get('use_rslora', False))
@@ -434,13 +435,14 @@ def run_lora_settings(config: Any) -> tuple[int, float, bool]:
 
 
 def run_model_type(config: Any) -> str:
-  """The Hugging Face model_type of a run's base: init.from_hf's config.json, or the class `hf.save` would
+  """The Hugging Face model_type of a run's base: init.from_hf's config.json, or the class `hf_weights.save` would
   export a jaxtrain-initialised model as (GPT-2 for learned positions, else the Llama family)."""
-  from jaxtrain import hf, models
+  from jaxtrain import models
+  from jaxtrain.hf import config as hf_config, weights as hf_weights
   if config.init.from_hf:
-    return hf.read_config(config.init.from_hf).get('model_type', 'llama')
+    return hf_config.read_config(config.init.from_hf).get('model_type', 'llama')
   # The family does not depend on the vocabulary size, which may wait for the tokenizer (vocab_size 0).
-  return hf.export_target(models.model_config(config.model, 128)).model_type
+  return hf_weights.export_target(models.model_config(config.model, 128)).model_type
 
 
 def save_adapters(config: Any, state: dict, out_dir: str, base_model: str | None = None) -> None:
@@ -457,8 +459,8 @@ def save_adapters(config: Any, state: dict, out_dir: str, base_model: str | None
   model_type = run_model_type(config)
   head = adapters.get('lm_head') if isinstance(adapters, dict) else None
   if head is not None and config.init.from_hf:
-    from jaxtrain import hf
-    vocab = hf.read_config(config.init.from_hf).get('vocab_size')
+    from jaxtrain.hf import config as hf_config
+    vocab = hf_config.read_config(config.init.from_hf).get('vocab_size')
     if vocab and head['b'].shape[-1] != vocab:
       raise PeftError(f'the lm_head adapter has {head["b"].shape[-1]} outputs but the base {config.init.from_hf} '
                       f'has vocab_size={vocab}; export the resized base and pass it as base_model')

@@ -15,7 +15,8 @@ from typing import Any
 import ml_collections
 
 from jaxtrain import data, sharding
-from jaxtrain.defaults import base_config
+from jaxtrain.errors import ConfigError
+from jaxtrain.config.defaults import base_config
 
 CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -62,14 +63,6 @@ UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2', 'lora.dropout')  
 UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction', 'data.max_bad_fraction')  # [0, 1]
 
 
-class ConfigError(ValueError):
-  """A user mistake in the config: `key`, `value` and what would be `valid`."""
-
-  def __init__(self, key: str, value: Any, valid: str):
-    self.key, self.value, self.valid = key, value, valid
-    super().__init__(f'config.{key}={value!r}: {valid}')
-
-
 def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
   node = cfg
   for part in dotted.split('.'):
@@ -111,7 +104,7 @@ def check_schema(cfg: ml_collections.ConfigDict, reference: ml_collections.Confi
       raise ConfigError(path, value, 'must be a string')
   for key in reference.keys():
     if key not in cfg:
-      raise ConfigError(f'{prefix}{key}', None, 'is missing; start config files from jaxtrain.defaults.base_config()')
+      raise ConfigError(f'{prefix}{key}', None, 'is missing; start config files from jaxtrain.config.defaults.base_config()')
 
 
 def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -172,7 +165,7 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def check_provenance(v: ml_collections.ConfigDict) -> None:
-  """The `provenance` section (jaxtrain.provenance): spike detection settings."""
+  """The `provenance` section (jaxtrain.train.recorder): spike detection settings."""
   if not (v.spike_factor == 0 or v.spike_factor > 1):
     raise ConfigError('provenance.spike_factor', v.spike_factor, 'must be 0 (off) or > 1 (a multiple of the '
                       'rolling mean that makes a spike)')
@@ -184,7 +177,7 @@ def check_provenance(v: ml_collections.ConfigDict) -> None:
 
 
 def check_curriculum(cfg: ml_collections.ConfigDict) -> None:
-  """The context-length curriculum's cross-field rules (jaxtrain.curriculum)."""
+  """The context-length curriculum's cross-field rules (jaxtrain.train.curriculum)."""
   u = cfg.curriculum
   if not 0 < u.fraction <= 1:
     raise ConfigError('curriculum.fraction', u.fraction, 'must be in (0, 1]: the share of train.steps spent widening')
@@ -217,7 +210,7 @@ def check_objective(cfg: ml_collections.ConfigDict) -> None:
   if cfg.init.from_hf or cfg.init.lora_from or cfg.lora.rank:
     raise ConfigError('stackwise.num_stacks', w.num_stacks, 'a StackWise rack starts from a random init and takes '
                       'its adapters from the stackwise section: leave init.from_hf, init.lora_from and lora.rank unset')
-  from jaxtrain import stackwise  # the stage plan checks directions, ranks, schedules and step counts
+  from jaxtrain.stackwise import plan as stackwise  # the stage plan checks directions, ranks, schedules and step counts
   stackwise.plan(cfg)  # raises StackwiseError, a ConfigError
 
 
@@ -331,12 +324,14 @@ def resolve_init(cfg: ml_collections.ConfigDict) -> None:
     return
   if not os.path.isfile(os.path.join(where, 'config.json')):
     raise ConfigError('init.from_hf', where, 'must be a local directory holding config.json and *.safetensors')
-  from jaxtrain import hf, models  # only runs that import a checkpoint pay for reading it
+  # Only runs that import a checkpoint pay for reading it.
+  from jaxtrain import models
+  from jaxtrain.hf import config as hf_config, weights as hf_weights
   try:
-    hf.apply_overrides(cfg)
+    hf_config.apply_overrides(cfg)
     # The safetensors headers only: a missing, unknown or mis-shaped tensor fails before anything is written.
-    hf.check_weights(where, models.model_config(cfg.model, cfg.model.vocab_size))
-  except hf.HfError as e:
+    hf_weights.check_weights(where, models.model_config(cfg.model, cfg.model.vocab_size))
+  except hf_config.HfError as e:
     raise ConfigError('init.from_hf', where, str(e)) from None
 
 

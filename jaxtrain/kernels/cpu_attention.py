@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from jaxtrain import sharding
-from jaxtrain.data.tokenizer import cache_root
+from jaxtrain.paths import cache_root
 
 Array = jax.Array
 

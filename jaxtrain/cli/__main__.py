@@ -1,0 +1,5 @@
+"""`python -m jaxtrain.cli COMMAND ...`: the same as the `jaxtrain` console script."""
+
+from jaxtrain.cli import main
+
+main()

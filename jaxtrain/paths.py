@@ -1,0 +1,44 @@
+"""Where jaxtrain keeps things: the cache root, and the layout of a run directory (the one place that
+knows it).
+
+  WORKDIR/config.json            the resolved config the run trained with
+  WORKDIR/metrics.jsonl          one JSON object per logged step; loss.png beside it
+  WORKDIR/checkpoints/N/         orbax checkpoints (state + data-iterator position)
+  WORKDIR/source_tokens.json     tokens per data source at each kept checkpoint
+  WORKDIR/samples/               the sample ids of every row of every step
+  WORKDIR/spikes/                loss-spike dumps
+  WORKDIR/nonfinite_steps.json   the samples of a non-finite streak that stopped the run
+  WORKDIR/STOP                   touch it to stop the run at the next step (saved, resumable)
+  WORKDIR/stages/K/              a StackWise stage: a run directory of its own
+  WORKDIR/rack/                  the StackWise rack after each stage (per-stack content-hash saves)
+"""
+
+from __future__ import annotations
+
+import os
+
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+CHECKPOINTS = 'checkpoints'
+SOURCE_TOKENS = 'source_tokens.json'
+SAMPLES = 'samples'
+SPIKES = 'spikes'
+NONFINITE = 'nonfinite_steps.json'
+STOP = 'STOP'
+STAGES = 'stages'
+RACK = 'rack'
+
+
+def cache_root() -> str:
+  """Root of jaxtrain's on-disk caches: $JAXTRAIN_CACHE, else ~/.cache/jaxtrain."""
+  return os.environ.get('JAXTRAIN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'jaxtrain')
+
+
+def in_run(workdir: str, name: str) -> str:
+  """WORKDIR/name for one of the names above."""
+  return os.path.join(workdir, name)
+
+
+def stage_dir(workdir: str, stage: int) -> str:
+  """WORKDIR/stages/K: the run directory of StackWise stage K."""
+  return os.path.join(workdir, STAGES, str(stage))
