@@ -1,12 +1,13 @@
 # `make run`: install and train the main job on the embedded corpus. `make test`: install with the dev
-# extra and run the whole suite. Both create .venv with the python3 on PATH (3.10+; tested on 3.11).
+# extra and run the whole suite; `make test-fast`: the unit tests only (the `slow` end-to-end tests, which
+# train or start jaxtrain processes, left out). All create .venv with the python3 on PATH (3.10+; tested on 3.11).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/stackwise.py
 ARGS ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -n 2 --dist loadfile -m 'not slow' tests
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check jaxtrain tests configs benchmarks

@@ -96,11 +96,11 @@ def child(a: argparse.Namespace) -> None:
   from timing import time_calls
   v = BY_NAME[a.child]
   size = throughput.QUICK if a.quick else dict(d_model=512, layers=8, heads=8, mlp=1536, batch=8, seq_len=512)
-  cfg = throughput.default_model(8192, size['d_model'], size['layers'], size['heads'], size['heads'], size['mlp'])
-  cfg = dataclasses.replace(cfg, **dict(v.model))
+  cfg, ex = throughput.default_model(8192, size['d_model'], size['layers'], size['heads'], size['heads'], size['mlp'],
+                                     **dict(v.model))
   tokens = np.random.default_rng(0).integers(0, 8192, (size['batch'], size['seq_len'])).astype(np.int32)
   k = v.steps_per_call or throughput.shipped_steps_per_call()
-  one = throughput.make_jax_step(cfg, tokens, k)
+  one = throughput.make_jax_step(cfg, tokens, k, ex)
   one()
   one()
   calls = -(-a.steps // k)

@@ -57,7 +57,6 @@ def main() -> None:
   sys.path.insert(0, REPO)
   import jax
 
-  from jaxtrain.config import validate as config_lib
   from jaxtrain import data
   from jaxtrain.train import loop as train
 
@@ -74,18 +73,18 @@ def main() -> None:
 
     def back_to_back(state):
       for _ in range(2):  # compile (the first time), then one warm call
-        state, m = train.run_steps(job.train_step, state, [batch] * k, k, mesh)
+        state, m = train.run_steps(job.train_step.at(0), state, [batch] * k, k, mesh)
       jax.block_until_ready(m)
       n = max(5, a.steps // 2 // k)
       t = time.perf_counter()
       for _ in range(n):
-        state, m = train.run_steps(job.train_step, state, [batch] * k, k, mesh)
+        state, m = train.run_steps(job.train_step.at(0), state, [batch] * k, k, mesh)
       jax.block_until_ready((state, m))
       return (time.perf_counter() - t) / (n * k)
 
     before = back_to_back(job.built.create())
     summary = real_fit(config, job, workdir, mesh, tokenizer)
-    after = back_to_back(jax.tree.map(lambda x: x.copy(), summary['state']))  # the step donates its input
+    after = back_to_back(jax.tree.map(lambda x: x.copy(), summary.state))  # the step donates its input
     probes['device'] = (before + after) / 2
     return summary
 
@@ -105,8 +104,7 @@ def main() -> None:
       config.train.steps = a.steps
       override(config, a.set)
     with tempfile.TemporaryDirectory() as workdir:
-      config_lib.validate(config, workdir, jax.device_count())
-      probes.clear()
+      probes.clear()  # the runners validate the config first (jaxtrain.config.validate.prepare)
       if config.stackwise.num_stacks:
         from jaxtrain.stackwise import job as stackwise_run
         stackwise_run.run(config, workdir)

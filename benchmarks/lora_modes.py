@@ -20,7 +20,7 @@ import optax
 from jaxtrain.config import defaults
 from jaxtrain import models, sharding
 from jaxtrain.adapters import quant
-from jaxtrain.train import loop as train, state, steps
+from jaxtrain.train import execution, loop as train, state, steps
 from timing import time_calls
 
 
@@ -44,7 +44,7 @@ def measure(config, b: int, t: int, repeats: int) -> tuple[float, float, float]:
            'segment_ids': np.ones((b, t), np.int32), 'positions': np.tile(np.arange(t, dtype=np.int32), (b, 1)),
            'loss_mask': np.ones((b, t), np.int32)}
   with jax.set_mesh(mesh):
-    built = state.build(config, mc, tx, mesh)
+    built = state.build(config, mc, tx, mesh, execution.plan(config, mc))
     step = jax.jit(steps.make_train_step(train.make_loss_fn(built.graphdef, 0.0), tx, param_transform=built.transform),
                    donate_argnums=0)
     holder = {'state': built.create()}

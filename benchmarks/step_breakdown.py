@@ -27,11 +27,11 @@ import optax
 from jaxtrain.train import loop as train, losses, steps
 from jaxtrain import sharding
 import throughput
-from jaxtrain.models import ModelConfig, transformer
+from jaxtrain.models import Execution, ModelConfig, transformer
 from jaxtrain.kernels import cpu_attention
 from timing import time_calls
 
-MODEL = throughput.default_model(8192, 512, 8, 8, 8, 1536)  # the CPU defaults: fused attention, layers unrolled
+MODEL, EXECUTION = throughput.default_model(8192, 512, 8, 8, 8, 1536)  # CPU defaults: fused attention, unrolled
 B, T = 8, 512
 
 
@@ -39,14 +39,14 @@ def median_time(fn: Callable[[], object], repeats: int = 4) -> float:
   return statistics.median(time_calls(fn, repeats))
 
 
-def step_time(cfg: ModelConfig, forward_only: bool = False) -> float:
+def step_time(ex: Execution, forward_only: bool = False, cfg: ModelConfig = MODEL) -> float:
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
   batch = {'tokens': tokens, 'segment_ids': np.ones((B, T), np.int32),
            'positions': np.tile(np.arange(T, dtype=np.int32), (B, 1)), 'loss_mask': np.ones((B, T), np.int32)}
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   tx = optax.adamw(1e-4)
   with jax.set_mesh(mesh):
-    graphdef, state, _ = train.init_state(cfg, tx, 0, mesh)
+    graphdef, state, _ = train.init_state(cfg, tx, 0, mesh, ex)
     loss_fn = train.make_loss_fn(graphdef, 0.0)
     gb = sharding.to_global(batch, mesh)
     if forward_only:
@@ -156,13 +156,13 @@ def piece_times() -> dict[str, float]:
 
 
 def main() -> None:
-  xla_blocks = dataclasses.replace(MODEL, attention_impl='xla')
+  xla_blocks = dataclasses.replace(EXECUTION, attention_impl='xla')
   single_call = dataclasses.replace(xla_blocks, attention_block=0)
-  rows = [(f'CPU default (layers unrolled, attention_impl={MODEL.attention_impl})', step_time(MODEL)),
+  rows = [(f'CPU default (layers unrolled, attention_impl={EXECUTION.attention_impl})', step_time(EXECUTION)),
           ('XLA attention in causal blocks of 128 (attention_impl=xla)', step_time(xla_blocks)),
           ('XLA attention as one call over the row (attention_impl=xla, attention_block=0)', step_time(single_call)),
-          ('layers in lax.scan', step_time(dataclasses.replace(MODEL, scan_layers=True))),
-          ('forward pass only', step_time(MODEL, forward_only=True))]
+          ('layers in lax.scan', step_time(dataclasses.replace(EXECUTION, scan_layers=True))),
+          ('forward pass only', step_time(EXECUTION, forward_only=True))]
   with mock.patch.object(jax.nn, 'dot_product_attention', lambda q, k, v, mask=None: v):
     rows.append(('attention core replaced by identity on V', step_time(single_call)))
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}; 31.5M Llama, batch {B} x {T}, float32\n')

@@ -38,9 +38,9 @@ import numpy as np
 import optax
 
 from jaxtrain import models, sharding
-from jaxtrain.train import loop as train, steps
+from jaxtrain.train import execution, loop as train, steps
 from jaxtrain.models import flops
-from jaxtrain.models import ModelConfig
+from jaxtrain.models import Execution, ModelConfig
 from timing import run_json_child, time_calls
 
 QUICK = dict(d_model=256, layers=4, heads=4, kv_heads=4, mlp=768, vocab=8192, batch=8, seq_len=256, steps=5)
@@ -69,22 +69,28 @@ def parse_args() -> argparse.Namespace:
   return a
 
 
-def default_model(vocab: int, d_model: int, layers: int, heads: int, kv_heads: int, mlp: int) -> ModelConfig:
-  """The model as `python -m jaxtrain.main` builds it here: the config defaults resolved for this backend
-  (on CPU: float32, causal attention in blocks of 128, layers unrolled)."""
+def default_model(vocab: int, d_model: int, layers: int, heads: int, kv_heads: int, mlp: int,
+                  **model: object) -> tuple[ModelConfig, Execution]:
+  """The model and its execution as `python -m jaxtrain.main` builds them here: the config defaults (with
+  `model` overrides of config.model) resolved for this backend by `execution.plan` (on CPU: float32, the
+  fused attention kernel where it builds, else causal XLA attention in blocks of 128, layers unrolled)."""
   from jaxtrain.config.defaults import base_config
-  m = base_config().model
+  config = base_config()
+  m = config.model
   m.update(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, mlp_dim=mlp)
-  return models.model_config(m, vocab)
+  m.update(model)
+  mc = models.model_config(m, vocab)
+  return mc, execution.plan(config, mc)
 
 
 def shipped_steps_per_call() -> int:
   """Train steps per compiled call as `python -m jaxtrain.main` resolves it here (4 on CPU)."""
   from jaxtrain.config.defaults import base_config
-  return train.steps_per_call(base_config())
+  return execution.steps_per_call(base_config())
 
 
-def make_jax_step(cfg: ModelConfig, tokens: np.ndarray, steps_per_call: int = 1) -> Callable[[], None]:
+def make_jax_step(cfg: ModelConfig, tokens: np.ndarray, steps_per_call: int = 1,
+                  ex: Execution | None = None) -> Callable[[], None]:
   """One call of the train step as `train.run` compiles it: `steps_per_call` steps on the same batch."""
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   tx = optax.adamw(1e-4, weight_decay=0.0)
@@ -92,7 +98,7 @@ def make_jax_step(cfg: ModelConfig, tokens: np.ndarray, steps_per_call: int = 1)
   batch = {'tokens': tokens, 'segment_ids': np.ones((b, t), np.int32),
            'positions': np.tile(np.arange(t, dtype=np.int32), (b, 1)), 'loss_mask': np.ones((b, t), np.int32)}
   with jax.set_mesh(mesh):
-    graphdef, state, state_sh = train.init_state(cfg, tx, 0, mesh)
+    graphdef, state, state_sh = train.init_state(cfg, tx, 0, mesh, ex)
     step = train.jit_train_step(steps.make_train_step(train.make_loss_fn(graphdef, 0.0), tx), steps_per_call,
                                 state_sh, mesh)
   holder = {'state': state}
@@ -154,12 +160,12 @@ NAMES = {'jax': 'jaxtrain (XLA CPU)', 'eager': 'torch eager (transformers LlamaF
 
 def child(a: argparse.Namespace) -> None:
   """One framework in this process: its matmul peak, two untimed calls, then --steps timed ones (JSON)."""
-  cfg = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
+  cfg, ex = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
   tokens = np.random.default_rng(0).integers(0, a.vocab, (a.batch, a.seq_len)).astype(np.int32)
   k = 1
   if a.child == 'jax':
     k = shipped_steps_per_call()
-    probe, fn = flops.measure_matmul_peak, make_jax_step(cfg, tokens, k)
+    probe, fn = flops.measure_matmul_peak, make_jax_step(cfg, tokens, k, ex)
   else:
     backend = a.torch_compile if a.child == 'compile' else None
     probe, fn = torch_matmul_peak, make_torch_step(cfg, tokens, a.threads, backend)
@@ -179,7 +185,7 @@ def main() -> None:
   if a.child:
     child(a)
     return
-  cfg = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
+  cfg, _ = default_model(a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.mlp)
   n_tokens = a.batch * a.seq_len
   step_flops = flops.flops_per_token(cfg, a.seq_len) * n_tokens
   backend = None if a.torch_compile in ('', 'none') else a.torch_compile

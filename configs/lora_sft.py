@@ -4,8 +4,8 @@ about Python's standard library made from its docstrings by configs/data/make_sf
   python -m jaxtrain.main --config=configs/lora_sft.py --workdir=runs/lora_sft
   python -m jaxtrain.main --config=configs/lora_sft.py:hf=/models/Qwen2.5-0.5B,data=/data/chat.jsonl
   python -m jaxtrain.main --config=configs/lora_sft.py:quantize=nf4          # QLoRA (NF4 + double quant)
-  python -m jaxtrain.export --workdir=runs/lora_sft --format=peft --out=runs/lora_sft/adapter
-  python -m jaxtrain.export --workdir=runs/lora_sft --format=hf --out=runs/lora_sft/merged
+  python -m jaxtrain export --workdir=runs/lora_sft --format=peft --out=runs/lora_sft/adapter
+  python -m jaxtrain export --workdir=runs/lora_sft --format=hf --out=runs/lora_sft/merged
 
 Arguments: `hf=DIR` a local Hugging Face model directory (Llama, Mistral, Qwen2, Qwen3, GPT-2) whose weights
 and tokenizer are imported; without it the base is a small Llama-style model initialised by jaxtrain from the

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxtrain.errors import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
@@ -53,6 +55,22 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
     raise ValueError(f'mesh {named} uses {math.prod(sizes)} devices but {num_devices} are present: make the '
                      'product equal the device count or set one axis to -1')
   return tuple(sizes)  # type: ignore[return-value]
+
+
+def check(mesh_cfg: Mapping[str, int], batch_size: int, accum_steps: int, num_devices: int) -> None:
+  """The `mesh` section against the device count, and the batch (data.batch_size split into
+  train.accum_steps micro-batches) against the data-parallel size. Raises ConfigError."""
+  try:
+    shape = mesh_shape(mesh_cfg, num_devices)
+  except ValueError as e:
+    raise ConfigError('mesh', dict(mesh_cfg), str(e)) from None
+  dp = shape[0] * shape[1]
+  b, accum = batch_size, accum_steps
+  if b % accum:
+    raise ConfigError('data.batch_size', b, f'must be divisible by train.accum_steps={accum}')
+  if (b // accum) % dp:
+    raise ConfigError('data.batch_size', b, f'micro-batch {b // accum} (batch_size / train.accum_steps) must be '
+                      f'divisible by the data-parallel size {dp} (mesh data={shape[0]} x fsdp={shape[1]})')
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: list | None = None) -> Mesh:

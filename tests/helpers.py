@@ -15,15 +15,16 @@ def tiny(**overrides) -> ModelConfig:
   return dataclasses.replace(TINY, **overrides)
 
 
-def packed_loss_and_grads(cfg: ModelConfig) -> tuple:
-  """(value, parameter gradients) of the std of the real tokens' logits under `cfg`, for one packed batch
-  (several documents and padding in a row) and one set of parameters: compares attention paths."""
+def packed_loss_and_grads(cfg: ModelConfig, execution=None) -> tuple:
+  """(value, parameter gradients) of the std of the real tokens' logits under `cfg` run as `execution`, for
+  one packed batch (several documents and padding in a row) and one set of parameters: compares attention
+  paths."""
   import jax
 
   from jaxtrain import models
   batch = packed_batch([[5, 8], [16], [3, 3, 3]], 16, seed=4)
   params = models.init_params(tiny(), jax.random.PRNGKey(2))
-  graphdef, _, _ = models.describe(cfg)
+  graphdef, _, _ = models.describe(cfg, execution)
   real = batch['segment_ids'] > 0
   return jax.jit(jax.value_and_grad(lambda p: models.apply(graphdef, p, batch)[real].std()))(params)
 

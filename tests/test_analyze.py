@@ -208,7 +208,7 @@ def test_cli_prints_the_report_in_seconds_and_writes_the_figures(tmp_path, monke
 
   env = dict(os.environ, JAXTRAIN_CACHE=str(tmp_path / 'cache'))
   start = time.perf_counter()
-  proc = subprocess.run([sys.executable, '-m', 'jaxtrain.data.analyze', '--config=configs/tiny.py',
+  proc = subprocess.run([sys.executable, '-m', 'jaxtrain.cli', 'analyze', '--config=configs/tiny.py',
                          f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True, text=True, env=env)
   seconds = time.perf_counter() - start
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,7 +229,7 @@ def test_cli_prints_the_report_in_seconds_and_writes_the_figures(tmp_path, monke
     assert fig['suggested_seq_len'] == analyze.suggest_seq_len(fig['percentiles']['p95'])
     assert (tmp_path / 'run' / 'analysis' / f'{split}_lengths.png').stat().st_size > 5000
 
-  bad = subprocess.run([sys.executable, '-m', 'jaxtrain.data.analyze', '--config=configs/tiny.py',
+  bad = subprocess.run([sys.executable, '-m', 'jaxtrain.cli', 'analyze', '--config=configs/tiny.py',
                         f'--workdir={tmp_path / "run2"}', f'--config.data.train={tmp_path}/none/*.jsonl'], cwd=REPO,
                        capture_output=True, text=True, env=env)
   assert bad.returncode == 2 and re.match(r'error: (config\.)?data\.train=', bad.stderr.strip()), bad.stderr

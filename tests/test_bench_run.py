@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location('bench_run', os.path.join(REPO, 'benchmarks', 'run.py'))
@@ -40,6 +42,7 @@ def test_every_registered_script_exists_and_documents_its_quick_flags():
       assert f"'{arg.split('=')[0]}'" in source or f'"{arg.split("=")[0]}"' in source, (b.name, arg)
 
 
+@pytest.mark.slow
 def test_runs_a_benchmark_and_rewrites_its_block(tmp_path):
   doc = tmp_path / 'b.md'
   doc.write_text('# Benchmarks\n\nhand-written prose\n\n<!-- bench:packing -->\nstale\n<!-- /bench:packing -->\n'

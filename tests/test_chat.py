@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxtrain.data import chat, prepare
+from jaxtrain.data import chat, chat_templates, prepare
 from jaxtrain.data.sources import DataError
 from jaxtrain.data.tokenizer import EOS, Tokenizer, build_bpe
 
-NAMES = tuple(chat.TEMPLATES)
+NAMES = tuple(chat_templates.TEMPLATES)
 QWEN_SYSTEM = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.'
 ADD = {'type': 'function', 'function': {
     'name': 'add', 'description': 'Add two integers.',
@@ -197,8 +197,8 @@ def _check_mask(tok: Tokenizer, ids: np.ndarray, mask: np.ndarray, segments) -> 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_special_tokens_are_added_once_after_the_vocabulary(base, toks, name):
-  wanted = chat.special_tokens(name)
-  assert all(t in chat.TEMPLATES[name] for t in wanted)
+  wanted = chat_templates.special_tokens(name)
+  assert all(t in chat_templates.TEMPLATES[name] for t in wanted)
   tok = toks[name]
   assert tok.vocab_size == base.vocab_size + len(wanted) and tok.eos_id == base.eos_id
   assert [tok.encode(t) for t in wanted] == [[base.vocab_size + k] for k in range(len(wanted))]
@@ -242,7 +242,7 @@ def test_llama3_rejects_two_calls_in_one_turn(toks):
 @pytest.mark.parametrize('name', NAMES)
 def test_hf_apply_chat_template_gives_the_mask_in_one_pass(base, toks, name):
   hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[name]._backend)
-  hf.chat_template = chat.TEMPLATES[name]
+  hf.chat_template = chat_templates.TEMPLATES[name]
   out = hf.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
   ids, mask = chat.ChatEncoder(toks[name], name).encode(CONV)
   assert out['input_ids'] == ids[:-1].tolist() and out['assistant_masks'] == mask[:-1].tolist()
@@ -279,8 +279,9 @@ def test_turn_by_turn_masks_equal_generation_tags(toks, name, conv):
 @pytest.mark.parametrize('name', NAMES)
 def test_tokenizer_template_without_tags_falls_back_to_turns(base, toks, name):
   hf = transformers.PreTrainedTokenizerFast(tokenizer_object=toks[name]._backend)
-  hf.chat_template = chat.without_generation_tags(chat.TEMPLATES[name])
-  assert chat.TEMPLATES[name].count('generation %}') == 2 * chat.TEMPLATES[name].count('endgeneration %}') > 0
+  hf.chat_template = chat_templates.without_generation_tags(chat_templates.TEMPLATES[name])
+  template = chat_templates.TEMPLATES[name]
+  assert template.count('generation %}') == 2 * template.count('endgeneration %}') > 0
   assert 'generation %}' not in hf.chat_template
   own = chat.ChatEncoder(Tokenizer(hf, eos_id=base.eos_id, path='<hf>'), 'tokenizer')
   assert own.mask == 'turns'
@@ -413,8 +414,8 @@ def test_config_mistakes_raise_data_error(base, toks):
   with pytest.raises(DataError, match='is not valid'):
     chat.ChatEncoder(toks['chatml'], 'chatml', mask='all')
   with pytest.raises(DataError, match='is not a chat template'):
-    chat.special_tokens('alpaca')
-  assert chat.special_tokens('tokenizer') == []
+    chat_templates.special_tokens('alpaca')
+  assert chat_templates.special_tokens('tokenizer') == []
 
 
 # ----------------------------------------------------------------------------- pipeline interfaces

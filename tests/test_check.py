@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jaxtrain.cli import check
 from jaxtrain import data, models, sharding
@@ -82,8 +83,8 @@ def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
   # run is the one measured.
   env = dict(os.environ, JAXTRAIN_CACHE=str(tmp_path / 'cache'),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache' / 'jax'))
-  run('jaxtrain.cli.check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
-  code, out, err, seconds, peak_rss = run('jaxtrain.cli.check', '--config=configs/llama.py:size=1b',
+  run('jaxtrain.cli', 'check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
+  code, out, err, seconds, peak_rss = run('jaxtrain.cli', 'check', '--config=configs/llama.py:size=1b',
                                           f'--workdir={tmp_path}/run', env=env)
   assert code == 0, err[-2000:]
   assert seconds < 60
@@ -96,6 +97,7 @@ def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
   assert peak_rss < 2 * 2**30, f'{peak_rss / 2**30:.1f} GiB peak: were the 4.4 GB of parameters allocated?'
 
 
+@pytest.mark.slow
 def test_preflight_prints_the_report_then_trains(tmp_path):
   code, out, err, _, _ = run('jaxtrain.main', '--config=configs/tiny.py', '--config.train.steps=2',
                              '--config.optim.warmup_steps=0', '--preflight', f'--workdir={tmp_path}/run')

@@ -1,7 +1,7 @@
 """The fused CPU attention kernel against the einsum reference: values and gradients under every mask the
 model uses, GQA, odd lengths, dtype casting, meshes, and how `model.attention_impl` resolves."""
 
-import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from jaxtrain import models, sharding
-from jaxtrain.config.validate import ConfigError
+from jaxtrain.errors import ConfigError
 from jaxtrain.config.defaults import base_config
 from jaxtrain.kernels import cpu_attention
-from jaxtrain.models import transformer
+from jaxtrain.models import Execution, transformer
+from jaxtrain.train import execution
 from tests.helpers import packed_loss_and_grads, tiny
 
 
@@ -115,23 +116,25 @@ def test_model_with_fused_attention_matches_xla_attention(causal, window):
   """The decoder's logits and parameter gradients with `attention_impl='cpu_fused'` equal the XLA path's
   (packed documents, padding, causal or bidirectional, sliding window)."""
   base = tiny(causal=causal, sliding_window=window)
-  ref_val, ref_grad = packed_loss_and_grads(base)
-  val, grad = packed_loss_and_grads(dataclasses.replace(base, attention_impl='cpu_fused'))
+  ref_val, ref_grad = packed_loss_and_grads(base, Execution())
+  val, grad = packed_loss_and_grads(base, Execution(attention_impl='cpu_fused'))
   np.testing.assert_allclose(val, ref_val, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_auto_resolves_to_the_kernel_on_cpu_and_xla_for_mla():
-  m = base_config().model
-  assert models.model_config(m, 100).attention_impl == 'cpu_fused'  # tests run on CPU with g++
+  config = base_config()
+  m = config.model
+  assert execution.plan(config).attention_impl == 'cpu_fused'  # tests run on CPU with g++
+  assert models.execution.default().attention_impl == 'xla'  # what describing/exporting uses: never the kernel
   m.attention_impl = 'xla'
-  assert models.model_config(m, 100).attention_impl == 'xla'
+  assert execution.plan(config).attention_impl == 'xla'
   m.attention_impl, m.attention = 'auto', 'mla'
-  assert models.model_config(m, 100).attention_impl == 'xla'  # value heads narrower than keys: einsum path
+  assert execution.plan(config).attention_impl == 'xla'  # value heads narrower than keys: einsum path
   m.attention_impl = 'cpu_fused'
   with pytest.raises(ConfigError, match='needs the CPU backend and GQA attention'):
-    models.model_config(m, 100)
+    execution.plan(config)
 
 
 def test_without_a_compiler_auto_falls_back_and_cpu_fused_is_a_config_error(monkeypatch, tmp_path):
@@ -140,13 +143,80 @@ def test_without_a_compiler_auto_falls_back_and_cpu_fused_is_a_config_error(monk
   cpu_attention.unavailable.cache_clear()
   try:
     assert 'no-such-compiler' in cpu_attention.unavailable()
-    m = base_config().model
+    config = base_config()
     with pytest.warns(UserWarning, match='does not build here'):
-      assert models.model_config(m, 100).attention_impl == 'xla'
-    m.attention_impl = 'cpu_fused'
+      assert execution.plan(config).attention_impl == 'xla'
+    config.model.attention_impl = 'cpu_fused'
     with pytest.raises(ConfigError, match="model.attention_impl.*no C\\+\\+ compiler 'no-such-compiler'"):
-      models.model_config(m, 100)
+      execution.plan(config)
   finally:
     monkeypatch.undo()
     cpu_attention.unavailable.cache_clear()
     assert cpu_attention.unavailable() is None  # registers the (cached) kernel again
+
+
+def fake_compiler(tmp_path, name: str, version: str, body: str = 'exit 1') -> str:
+  """A shell script standing in for g++: prints `version` for --version, else runs `body`."""
+  path = tmp_path / name
+  path.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; exit 0; fi\n{body}\n')
+  path.chmod(0o755)
+  return str(path)
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch, tmp_path):
+  """An empty kernel cache, nothing loaded, no reason warned yet; the real kernel registered again after."""
+  monkeypatch.setenv('JAXTRAIN_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setattr(cpu_attention, '_loaded', None)
+  monkeypatch.setattr(execution, '_warned', set())
+  cpu_attention.unavailable.cache_clear()
+  yield
+  monkeypatch.undo()
+  cpu_attention.unavailable.cache_clear()
+  assert cpu_attention.unavailable() is None
+
+
+def test_a_hanging_compiler_times_out_as_unavailable(monkeypatch, tmp_path, fresh_kernel_state):
+  monkeypatch.setenv('CXX', fake_compiler(tmp_path, 'slow-g++', 'slow 1.0', 'exec sleep 30'))
+  monkeypatch.setattr(cpu_attention, 'BUILD_TIMEOUT_S', 0.3)
+  why = cpu_attention.unavailable()
+  assert 'took over 0.3 s' in why
+  config = base_config()
+  with pytest.warns(UserWarning, match='took over') as caught:
+    assert execution.plan(config).attention_impl == 'xla'
+    assert execution.plan(config).attention_impl == 'xla'
+  assert len(caught) == 1  # one warning per reason and process, however many jobs plan
+
+
+@pytest.mark.parametrize('library', ['lacks the symbol', 'not a library'])
+def test_a_library_that_does_not_load_falls_back_or_is_a_one_line_config_error(monkeypatch, tmp_path, library,
+                                                                                 fresh_kernel_state):
+  import ctypes.util
+  if library == 'lacks the symbol':
+    path = ctypes.util.find_library('m')  # libm: a shared object without JaxtrainAttentionForward
+  else:
+    path = tmp_path / 'cpu_attention-garbage.so'
+    path.write_bytes(b'not an ELF file')
+  monkeypatch.setattr(cpu_attention, '_build', lambda: pathlib.Path(path))
+  assert 'does not load as the kernel' in cpu_attention.unavailable()
+  config = base_config()
+  with pytest.warns(UserWarning, match='does not load as the kernel'):
+    assert execution.plan(config).attention_impl == 'xla'
+  config.model.attention_impl = 'cpu_fused'
+  with pytest.raises(ConfigError, match='does not load as the kernel') as e:
+    execution.plan(config)
+  assert '\n' not in str(e.value)
+
+
+def test_the_cache_key_holds_the_machine_and_the_compiler(monkeypatch, tmp_path):
+  monkeypatch.setenv('JAXTRAIN_CACHE', str(tmp_path))
+  cxx = fake_compiler(tmp_path, 'g++', 'g++ 13.2')
+  assert 'flags' in cpu_attention.cpu_identity() or 'Features' in cpu_attention.cpu_identity()
+  monkeypatch.setattr(cpu_attention, 'cpu_identity', lambda: 'model name : CPU A\nflags : sse2 avx2')
+  a = cpu_attention.cache_path(cxx)
+  assert a == cpu_attention.cache_path(cxx)  # stable
+  monkeypatch.setattr(cpu_attention, 'cpu_identity', lambda: 'model name : CPU B\nflags : sse2 avx2 avx512f')
+  b = cpu_attention.cache_path(cxx)
+  (tmp_path / 'other').mkdir()
+  newer = cpu_attention.cache_path(fake_compiler(tmp_path / 'other', 'g++', 'g++ 14.1'))
+  assert len({a, b, newer}) == 3 and a.parent == b.parent == tmp_path / 'kernels'

@@ -14,7 +14,7 @@ from jaxtrain.train import curriculum, loop as train, metrics
 from jaxtrain import models
 from jaxtrain.models import flops
 from jaxtrain.train.curriculum import Schedule
-from jaxtrain.data.sources import DataError
+from jaxtrain.errors import ConfigError
 from jaxtrain.config.defaults import base_config
 from tests.helpers import packed_batch, tiny
 
@@ -79,14 +79,14 @@ def test_quantisation_bound_and_invariants(kind):
     assert [w for first, end, w in s.segments() for _ in range(first, end)] == ws
 
 
-def test_bad_schedules_are_data_errors():
-  with pytest.raises(DataError, match=r"curriculum.kind='exp'"):
+def test_bad_schedules_are_config_errors():  # the same rules, and lines, as the config's (test_config_validation)
+  with pytest.raises(ConfigError, match=r"curriculum.kind='exp'"):
     Schedule('exp', 8, 64, 10)
-  with pytest.raises(DataError, match=r'curriculum.start=65 .*data.seq_len=64'):
+  with pytest.raises(ConfigError, match=r'curriculum.start=65: must be <= data.seq_len=64'):
     Schedule('linear', 65, 64, 10)
-  with pytest.raises(DataError, match=r'curriculum.max_variants=1 '):
+  with pytest.raises(ConfigError, match=r'curriculum.max_variants=1: must be >= 2'):
     Schedule('linear', 8, 64, 10, max_variants=1)
-  with pytest.raises(DataError, match=r'curriculum.fraction=0 '):
+  with pytest.raises(ConfigError, match=r'curriculum.fraction=0: must be in \(0, 1\]'):
     Schedule('cosine', 8, 64, 10, fraction=0)
 
 
@@ -102,7 +102,7 @@ def test_config_validation(key, value, message):
   c = base_config()
   c.curriculum.kind = 'linear'
   c.curriculum[key] = value
-  with pytest.raises(config_lib.ConfigError, match=rf'config.curriculum.{key}={value!r}: {message}'):
+  with pytest.raises(ConfigError, match=rf'config.curriculum.{key}={value!r}: {message}'):
     config_lib.check_values(c, 8)
   config_lib.check_values(base_config(), 8)  # the defaults (kind none) pass
 
@@ -110,8 +110,8 @@ def test_config_validation(key, value, message):
 def test_stackwise_runs_refuse_a_curriculum():
   c = base_config()
   c.curriculum.kind, c.stackwise.num_stacks = 'linear', 2
-  with pytest.raises(config_lib.ConfigError, match=r"config.curriculum.kind='linear': applies to plain"):
-    config_lib.check_curriculum(c)
+  with pytest.raises(ConfigError, match=r"config.curriculum.kind='linear': applies to plain"):
+    curriculum.check(c)
 
 
 # ----------------------------------------------------------------------------- variants, mask, FLOPs
@@ -158,8 +158,8 @@ def test_window_config():
 def test_window_constrains_attention(layers, block):
   """With window w, position p sees tokens back to p - L (w - 1) through L layers and nothing before."""
   w, t, p = 4, 16, 13
-  mc = curriculum.window_config(tiny(num_layers=layers, attention_block=block), w, t)
-  graphdef, _, shapes = models.describe(mc)
+  mc = curriculum.window_config(tiny(num_layers=layers), w, t)
+  graphdef, _, shapes = models.describe(mc, models.Execution(attention_block=block))
   rng = np.random.default_rng(0)  # any weights do; numpy skips compiling the initialiser for each shape
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
   batch = {k: jnp.asarray(v) for k, v in packed_batch([[t], [t]], t).items()}
@@ -199,15 +199,15 @@ def tiny_run_config():
 def curriculum_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('curriculum'))
   config = tiny_run_config()
-  config_lib.check_values(config, jax.device_count())
-  return workdir, train.run(config, workdir)
+  return workdir, train.run(config, workdir)  # validates first (config.validate.prepare)
 
 
+@pytest.mark.slow
 def test_run_compiles_one_step_per_window_and_logs_it(curriculum_run):
   workdir, summary = curriculum_run
   windows = [8] * 6 + [64] * 6  # levels 8 and 64; the raw window 8 + 56 i / 5.5 reaches 64 at step 6
   assert [curriculum.window(i, 12, tiny_run_config()) for i in range(12)] == windows
-  assert summary['compiles'] == 2  # <= max_variants: one program per window
+  assert summary.compiles == 2  # <= max_variants: one program per window
   records = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
   assert [r['step'] for r in records] == list(range(1, 13))
   assert [r['attn_window'] for r in records] == windows
@@ -219,9 +219,10 @@ def test_run_compiles_one_step_per_window_and_logs_it(curriculum_run):
   assert per[8] < per[64] == flops.flops_per_token(mc, 64)
   expected = np.cumsum([per[w] * tokens for w in windows])
   assert [r['train_flops_total'] for r in records] == pytest.approx(list(expected), rel=1e-12)
-  assert summary['flops']['train'] == pytest.approx(expected[-1], rel=1e-12)
+  assert summary.flops.train == pytest.approx(expected[-1], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):
   """Stopped after checkpoint 4 (two more 8-token steps, then the full window), the run continues with
   exactly the same losses."""
@@ -231,9 +232,9 @@ def test_resume_mid_curriculum_is_bitwise(curriculum_run, tmp_path):
   for step in ('8', '12'):
     shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
   again = train.run(tiny_run_config(), resumed)
-  assert again['start_step'] == 4
-  assert again['losses'] == {s: loss for s, loss in summary['losses'].items() if s > 4}
-  assert again['eval'] == summary['eval']
-  assert again['compiles'] == 2
+  assert again.start_step == 4
+  assert again.losses == {s: loss for s, loss in summary.losses.items() if s > 4}
+  assert again.eval == summary.eval
+  assert again.compiles == 2
   resumed_windows = [r['attn_window'] for r in metrics.read_metrics(resumed) if 'loss' in r][12:]
   assert resumed_windows == [8, 8] + [64] * 6

@@ -11,6 +11,7 @@ from jaxtrain.config import validate as config_lib
 from jaxtrain import data, models, sharding
 from jaxtrain.cli import estimate
 from jaxtrain.models import flops
+from jaxtrain.train import budget as estimate_budget
 from jaxtrain.config.defaults import base_config
 from tests.test_check import run
 from tests.test_train import tiny_config
@@ -92,7 +93,7 @@ def test_lora_state_is_smaller_than_full_training(full):
 
 
 def test_parse_bytes_decimal_and_binary_units():
-  parse = config_lib.parse_bytes
+  parse = estimate_budget.parse_bytes
   assert parse('80GB') == 80 * 10 ** 9 and parse('80GiB') == 80 * 2 ** 30
   assert parse('512MiB') == 512 * 2 ** 20 and parse('1.5TB') == 1_500_000_000_000
   assert parse(' 2 gb ') == 2 * 10 ** 9 and parse('100B') == 100 and parse('.5KiB') == 512
@@ -158,7 +159,7 @@ def test_cli_prints_the_search_breakdown_and_cost_table(full, tmp_path):
 
 
 def test_cli_bad_budget_exits_2_in_one_line(tmp_path):
-  code, out, err, _, _ = run('jaxtrain.cli.estimate', '--config=configs/tiny.py', '--memory-budget=80XB',
+  code, out, err, _, _ = run('jaxtrain.cli', 'estimate', '--config=configs/tiny.py', '--memory-budget=80XB',
                              f'--workdir={tmp_path}/run')
   lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
   assert code == 2 and len(lines) == 1, err[-2000:]

@@ -18,8 +18,10 @@ import safetensors.numpy
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from jaxtrain.config import validate as config_lib  # noqa: E402
-from jaxtrain.hf import config as hf_config, export, weights as hf_weights # noqa: E402
+from jaxtrain.config import resolve, validate as config_lib  # noqa: E402
+from jaxtrain.errors import ConfigError  # noqa: E402
+from jaxtrain.hf import config as hf_config, weights as hf_weights  # noqa: E402
+from jaxtrain.train import export  # noqa: E402
 from jaxtrain import models  # noqa: E402
 from jaxtrain.config.defaults import base_config  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -37,8 +39,9 @@ def tokens(vocab: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, vocab, (2, T)).astype(np.int32)
 
 
-def jax_logits(mc: models.ModelConfig, params: dict, tok: np.ndarray) -> np.ndarray:
-  graphdef, _, _ = models.describe(mc)
+def jax_logits(mc: models.ModelConfig, params: dict, tok: np.ndarray, block: int = 0) -> np.ndarray:
+  """Float32 logits through XLA's attention (in causal blocks of `block`; 0: one call)."""
+  graphdef, _, _ = models.describe(mc, models.Execution(attention_block=block, compute_dtype='float32'))
   batch = {'tokens': tok, 'segment_ids': np.ones_like(tok), 'positions': np.tile(np.arange(T, dtype=np.int32), (2, 1))}
   return np.asarray(jax.jit(lambda p, b: models.apply(graphdef, p, b))(params, batch))
 
@@ -94,18 +97,18 @@ def test_import_matches_transformers(name, tmp_path):
   model = random_hf(getattr(transformers, config_cls), getattr(transformers, model_cls), str(tmp_path), shard, **kw)
   if shard:
     assert os.path.exists(tmp_path / hf_weights.INDEX) and len(hf_weights.safetensors_files(str(tmp_path))) >= 2
-  mc = hf_config.model_config(str(tmp_path), compute_dtype='float32', attention_block=block)
+  mc = hf_config.model_config(str(tmp_path))
   params = hf_weights.load_params(str(tmp_path), mc)
   assert jax.tree.structure(params) == jax.tree.structure(models.init_params(mc, jax.random.PRNGKey(0)))
   tok = tokens(mc.vocab_size)
-  ours, ref = jax_logits(mc, params, tok), torch_logits(model, tok)
+  ours, ref = jax_logits(mc, params, tok, block), torch_logits(model, tok)
   diff = float(np.abs(ours - ref).max())
   PARITY[f'import {name}'] = diff
   print(f'\nimport {name}: max |logit diff| {diff:.2e}')
   assert diff <= TOL
   if mc.sliding_window or mc.rope_scaling != 'none':  # the feature is live at this length: without it, logits move
     plain = dataclasses.replace(mc, sliding_window=0, rope_scaling='none')
-    assert np.abs(jax_logits(plain, params, tok) - ref).max() > 100 * TOL
+    assert np.abs(jax_logits(plain, params, tok, block) - ref).max() > 100 * TOL
 
 
 # name: (jaxtrain ModelConfig, expected transformers class)
@@ -269,15 +272,26 @@ def test_unrepresentable_export(tmp_path):
 def test_init_from_hf_sets_the_architecture(llama_dir, tmp_path):
   cfg = base_config()
   cfg.init.from_hf = llama_dir
-  config_lib.resolve_init(cfg)
-  assert (cfg.model.d_model, cfg.model.num_kv_heads, cfg.model.vocab_size, cfg.model.tie_embeddings) == (64, 2, 256,
+  out = resolve.resolved(cfg)
+  assert (out.model.d_model, out.model.num_kv_heads, out.model.vocab_size, out.model.tie_embeddings) == (64, 2, 256,
                                                                                                           False)
   cfg.init.from_hf = str(tmp_path / 'nope')
-  with pytest.raises(config_lib.ConfigError, match='init.from_hf'):
-    config_lib.resolve_init(cfg)
+  with pytest.raises(ConfigError, match='init.from_hf'):
+    resolve.resolved(cfg)
   cfg.init.from_hf = edited_copy(llama_dir, tmp_path / 'bad', lambda t: t.pop('model.norm.weight'))
-  with pytest.raises(config_lib.ConfigError, match=r'init.from_hf=.*missing tensor model.norm.weight'):
-    config_lib.resolve_init(cfg)  # from the headers, before a workdir or a weight is touched
+  with pytest.raises(ConfigError, match=r'init.from_hf=.*missing tensor model.norm.weight'):
+    resolve.resolved(cfg)  # from the headers, before a workdir or a weight is touched
+
+
+def test_prepare_from_hf_leaves_its_input_alone(llama_dir, tmp_path):
+  cfg = base_config()
+  cfg.init.from_hf = llama_dir
+  cfg.lock()
+  before = cfg.to_dict()
+  out = config_lib.prepare(cfg, str(tmp_path / 'w'))
+  assert cfg.to_dict() == before  # validation never writes into the config it checks
+  assert out.model.d_model == 64 and out.is_locked and out is not cfg
+  assert config_lib.prepare(out, str(tmp_path / 'w')).to_dict() == out.to_dict()  # idempotent
 
 
 # ----------------------------------------------------------------------------- the export command
@@ -294,6 +308,7 @@ def trained(tmp_path_factory):
   return workdir, config
 
 
+@pytest.mark.slow
 def test_export_command_round_trip(trained, tmp_path):
   workdir, config = trained
   out = str(tmp_path / 'hf')
@@ -303,8 +318,7 @@ def test_export_command_round_trip(trained, tmp_path):
   assert 'as LlamaForCausalLM' in proc.stdout
   state = export.restore_state(workdir, 2)
   params = export.model_params_for_export(config, state)
-  mc = dataclasses.replace(models.model_config(config.model, params['embed'].shape[0]), compute_dtype='float32',
-                           attention_block=0)
+  mc = models.model_config(config.model, params['embed'].shape[0])
   model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   tok = tokens(mc.vocab_size, seed=2)
   diff = float(np.abs(jax_logits(mc, params, tok) - torch_logits(model, tok)).max())
@@ -323,7 +337,7 @@ def test_export_command_round_trip(trained, tmp_path):
 
 def test_export_command_missing_workdir(tmp_path):
   missing = str(tmp_path / 'no-such-run')
-  proc = subprocess.run([sys.executable, '-m', 'jaxtrain.hf.export', f'--workdir={missing}', f'--out={tmp_path}/o'],
+  proc = subprocess.run([sys.executable, '-m', 'jaxtrain.cli', 'export', f'--workdir={missing}', f'--out={tmp_path}/o'],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip() == f'error: --workdir={missing} does not exist'

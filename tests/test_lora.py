@@ -144,19 +144,20 @@ def test_only_adapters_train(lora_steps):
   assert 'LoRA params (rank 4' in built.description
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_bitwise_without_saving_the_base(tmp_path):
   overrides = {'lora.rank': 4, 'lora.alpha': 8.0, 'train.steps': 6, 'checkpoint.every': 3, 'train.eval_every': 0,
                'optim.lr': 3e-2}
   workdir = str(tmp_path / 'run')
   first = train.run(tiny_config(**overrides), workdir)
-  assert first['losses'][6] < first['losses'][1]
+  assert first.losses[6] < first.losses[1]
   saved = os.path.join(workdir, 'checkpoints', '6', 'state')
   assert not any('frozen' in name for _, dirs, files in os.walk(saved) for name in dirs + files)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
   again = train.run(tiny_config(**overrides), workdir)
-  assert again['start_step'] == 3
-  assert [again['losses'][k] for k in (4, 5, 6)] == [first['losses'][k] for k in (4, 5, 6)]
-  assert again['eval'] == first['eval']
+  assert again.start_step == 3
+  assert [again.losses[k] for k in (4, 5, 6)] == [first.losses[k] for k in (4, 5, 6)]
+  assert again.eval == first.eval
 
 
 @pytest.mark.parametrize('kind', ['nf4', 'int8'])
@@ -184,6 +185,7 @@ def test_qlora_trains_adapters_over_a_quantized_base(kind):
   assert kind in built.description
 
 
+@pytest.mark.slow
 def test_qlora_run_exports_merged_into_the_unquantized_base(tmp_path):
   """A QLoRA run exported to transformers (adapters merged into the original float base) and to PEFT (loaded
   over that base) gives the logits of base + adapters; the quantized base would differ."""
@@ -192,15 +194,16 @@ def test_qlora_run_exports_merged_into_the_unquantized_base(tmp_path):
   from peft import PeftModel
 
   from jaxtrain import data
-  from jaxtrain.hf import export, weights as hf_weights
+  from jaxtrain.hf import weights as hf_weights
+  from jaxtrain.train import export
 
   overrides = {'lora.rank': 4, 'lora.quantize': 'nf4', 'lora.targets': ALL, 'train.steps': 3, 'optim.lr': 5e-2,
                'optim.warmup_steps': 0, 'train.eval_every': 0, 'checkpoint.every': 0}
   config = tiny_config(**overrides)
   workdir = str(tmp_path / 'run')
   train.run(config, workdir)
-  export.main([f'--workdir={workdir}', f'--out={tmp_path}/hf', '--format=hf'])
-  export.main([f'--workdir={workdir}', f'--out={tmp_path}/peft', '--format=peft'])
+  export.export(workdir, f'{tmp_path}/hf', fmt='hf')
+  export.export(workdir, f'{tmp_path}/peft', fmt='peft')
 
   tok = data.load_tokenizer(config.data)
   mc = models.model_config(config.model, tok.vocab_size)

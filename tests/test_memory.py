@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain.cli import check
 from jaxtrain import models, sharding
-from jaxtrain.train import loop as train, optim, steps
+from jaxtrain.train import execution, loop as train, optim, steps
 from jaxtrain.config.defaults import base_config
 
 TOLERANCE = 0.15
@@ -39,11 +39,11 @@ def make_config(model: dict, seq_len: int, remat: str, mesh: dict):
   return c
 
 
-def compiled_memory(config, mc: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
+def compiled_memory(config, mc: models.ModelConfig, mesh: jax.sharding.Mesh, ex: models.Execution) -> Any:
   """`memory_analysis()` of the train step built as `train.run` builds it, compiled on abstract inputs."""
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
   with jax.set_mesh(mesh):
-    graphdef, abstract_state, state_sh, _ = train.state_factory(mc, tx, config.train.seed, mesh)
+    graphdef, abstract_state, state_sh, _ = train.state_factory(mc, tx, config.train.seed, mesh, execution=ex)
     batch_sh = sharding.batch_sharding(mesh)
     step = jax.jit(
         steps.make_train_step(train.make_loss_fn(graphdef, config.train.z_loss), tx, schedule=schedule,
@@ -67,7 +67,8 @@ def measured() -> dict[str, tuple[check.MemoryEstimate, Any]]:
     config = make_config(model, seq_len, remat, mesh_cfg)
     mc = models.model_config(config.model, vocab)
     mesh = sharding.make_mesh(config.mesh)
-    out[name] = check.estimate_memory(config, mc, mesh), compiled_memory(config, mc, mesh)
+    ex = execution.plan(config, mc)  # as train.run resolves it: the fused kernel on CPU
+    out[name] = check.estimate_memory(config, mc, mesh, ex), compiled_memory(config, mc, mesh, ex)
   return out
 
 

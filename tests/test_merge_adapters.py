@@ -16,7 +16,8 @@ from peft.utils import get_peft_model_state_dict, merge_utils  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from jaxtrain.adapters import merge as merge_adapters  # noqa: E402
+from jaxtrain import cli  # noqa: E402
+from jaxtrain.hf import merge as merge_adapters  # noqa: E402
 from jaxtrain.hf import peft as peft_io  # noqa: E402
 
 # Three adapters of one rank over different modules and layers, one with rsLoRA: the union of targets, the
@@ -130,6 +131,15 @@ def load_exactly(base, adapter_dir):
   return pm
 
 
+def merge_cli(argv):
+  """`jaxtrain merge-adapters ARGV` in-process; its exit status (0 when it returns)."""
+  try:
+    cli.main(['jaxtrain', 'merge-adapters', *argv])
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
 def test_cli_writes_a_dir_peft_loads(setup, tmp_path):
   s = setup
   out = tmp_path / 'merged'
@@ -153,7 +163,7 @@ def test_cli_base_writes_the_merged_model(setup, tmp_path):
   out = tmp_path / 'model'
   argv = ['--adapters', *s['dirs'].values(), '--weights', *map(str, WEIGHTS), '--method', 'ties', '--density', '0.5',
           '--out', str(out), '--base', str(s['root'] / 'base')]
-  assert merge_adapters.main(argv) == 0
+  assert merge_cli(argv) == 0
   tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 128, (2, 10)))
   pm = s['pm']
   peft_merge(s, 'ties', 0.5, 'total')  # PEFT's merged adapter (alpha = r: scale 1, as ours) over the same base
@@ -169,7 +179,7 @@ def test_cli_base_writes_the_merged_model(setup, tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--weights', '1'], '1 weights for 2 adapters'),
-    (['--weights', '1', '1', '--method', 'average'], "invalid choice: 'average'"),
+    (['--weights', '1', '1', '--method', 'average'], '--method=average: value should be one of'),
     (['--weights', '1', '1', '--method', 'ties', '--density', '1.5'], 'density=1.5: must be in (0, 1]'),
     (['--weights', '1', '1', '--method', 'dare_linear', '--density', '0'], 'density=0.0: must be in (0, 1]'),
     (['--weights', '1', '1', '--method', 'ties'], 'needs a density'),
@@ -178,7 +188,7 @@ def test_cli_base_writes_the_merged_model(setup, tmp_path):
 def test_cli_errors_are_one_line(setup, tmp_path, capsys, args, message):
   argv = ['--adapters', setup['dirs']['a0'], setup['dirs']['a1'], '--out', str(tmp_path / 'o'), *args]
   with pytest.raises(SystemExit) as e:
-    sys.exit(merge_adapters.main(argv))
+    sys.exit(merge_cli(argv))
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1 and message in err, err
 
@@ -186,7 +196,7 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys, args, message):
 def test_missing_adapter_dir(setup, tmp_path, capsys):
   argv = ['--adapters', setup['dirs']['a0'], str(tmp_path / 'nope'), '--weights', '1', '1', '--out',
           str(tmp_path / 'o')]
-  assert merge_adapters.main(argv) == 2
+  assert merge_cli(argv) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'nope' in err and 'does not exist' in err, err
 
@@ -209,10 +219,10 @@ def test_gpt2_fused_qkv_merges_linearly_only(tmp_path, capsys):
       model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=['c_attn'], init_lora_weights=False))
     dirs.append(str(tmp_path / f'g{i}'))
     model.save_pretrained(dirs[-1])
-  argv = ['--adapters', *dirs, '--weights', '1', '1', '--out']
-  assert merge_adapters.main(argv + [str(tmp_path / 'ties'), '--method', 'ties', '--density', '0.5']) == 2
+  argv = [f'--adapters={",".join(dirs)}', '--weights=1,1', '--out']  # absl's comma-separated lists
+  assert merge_cli(argv + [str(tmp_path / 'ties'), '--method', 'ties', '--density', '0.5']) == 2
   assert 'GPT-2 q/k/v adapters are one fused c_attn LoRA' in capsys.readouterr().err
-  assert merge_adapters.main(argv + [str(tmp_path / 'linear')]) == 0
+  assert merge_cli(argv + [str(tmp_path / 'linear')]) == 0
   pm = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name='g0')
   pm.load_adapter(dirs[1], adapter_name='g1')
   pm.add_weighted_adapter(['g0', 'g1'], [1.0, 1.0], 'm', combination_type='linear')

@@ -7,6 +7,8 @@ import types
 import numpy as np
 import pytest
 
+from jaxtrain import models
+from jaxtrain.adapters import lora
 from jaxtrain.models import flops
 from jaxtrain.train import metrics
 from tests.helpers import tiny
@@ -44,7 +46,7 @@ def test_lora_flops_by_hand():
   assert flops.flops_per_token(cfg, 16, training=False, lora=spec) == weights + adapters + attention
   assert flops.flops_per_token(cfg, 16, lora=spec) == 2 * weights + 3 * (adapters + attention)
   adapters_tree = {'blocks': {'attn': {'q': {'a': np.zeros((2, 32, 4)), 'b': np.zeros((2, 4, 4, 8))}}}}
-  assert flops.LoraFlops.of(adapters_tree) == flops.LoraFlops(4, ('blocks/attn/q',))
+  assert lora.flops_of(adapters_tree) == flops.LoraFlops(4, ('blocks/attn/q',))
 
 
 def test_mla_flops_by_hand():
@@ -98,7 +100,8 @@ def _xla_flops(cfg, batch: int, seq: int, training: bool, lora_rank: int = 0) ->
   tx = optax.sgd(0.1)
   config = tiny_config(**{'lora.rank': lora_rank, 'lora.targets': r'attn/(q|k|v|o)$|mlp/(gate|up|down)$'})
   with jax.set_mesh(mesh):
-    built = state.build(config, cfg, tx, mesh)
+    # One attention call over the row, layers unrolled (a scan body is counted once).
+    built = state.build(config, cfg, tx, mesh, models.Execution(attention_block=0, scan_layers=False))
     abstract = jax.eval_shape(built.create)  # with the frozen base, if any
     loss_fn = train.make_loss_fn(built.graphdef, 0.0)
     spec = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ('tokens', 'segment_ids', 'positions',
@@ -117,7 +120,7 @@ def test_flops_per_token_matches_xla_cost_analysis(causal, kv, training, lora_ra
   attention. Layers are unrolled: XLA's cost analysis counts a lax.scan body once, not once per layer."""
   import dataclasses
   cfg = dataclasses.replace(tiny(), vocab_size=2048, d_model=256, num_heads=4, num_kv_heads=kv, head_dim=64,
-                            mlp_dim=1024, scan_layers=False, causal=causal)
+                            mlp_dim=1024, causal=causal)
   batch, seq = 4, 256
   spec = None
   if lora_rank:
@@ -136,7 +139,7 @@ def test_mla_flops_per_token_match_xla_cost_analysis(training):
   query/key heads (64 + 32 vs 48: the einsum attention path), causal as in training."""
   import dataclasses
   cfg = dataclasses.replace(tiny(), vocab_size=2048, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64,
-                            mlp_dim=1024, scan_layers=False, attention='mla', mla_q_rank=128, mla_kv_rank=96,
+                            mlp_dim=1024, attention='mla', mla_q_rank=128, mla_kv_rank=96,
                             mla_nope_dim=64, mla_rope_dim=32, mla_v_dim=48)
   batch, seq = 4, 256
   xla = _xla_flops(cfg, batch, seq, training)

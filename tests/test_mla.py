@@ -124,7 +124,7 @@ DECODE_BATCH = packed_batch([[10], [10]], 10, seed=5)
 def full_forward(name: str) -> np.ndarray:
   """Logits of one causal forward (scanned; test_transformer checks scan == unrolled) of case `name`."""
   cfg = DECODE_CASES[name]
-  graphdef, _, _ = models.describe(cfg)
+  graphdef, _, _ = models.describe(cfg, models.Execution(scan_layers=True))
   return np.asarray(jax.jit(lambda p, b: models.apply(graphdef, p, b))(random_params(cfg), DECODE_BATCH))
 
 
@@ -133,9 +133,9 @@ def full_forward(name: str) -> np.ndarray:
 def test_prefill_then_steps_match_full_forward(name, scan):
   """Prefill 4 prompt tokens, decode the other 6 one at a time into a cache of 12 rows: the logits equal
   those of one causal forward over all 10, and every step reuses one compiled program."""
-  cfg = dataclasses.replace(DECODE_CASES[name], scan_layers=scan)
+  cfg = DECODE_CASES[name]
   params = random_params(cfg)
-  graphdef, _, _ = models.describe(cfg)
+  graphdef, _, _ = models.describe(cfg, models.Execution(scan_layers=scan))
   batch = DECODE_BATCH
   full = full_forward(name)
   traces = []
@@ -165,7 +165,7 @@ def test_mla_caches_the_latent_and_shared_rope_key():
   uncompressed = models.init_cache(tiny(**dict(MLA, mla_kv_rank=0)), batch=3, max_len=7)
   assert {k: v.shape for k, v in uncompressed.items()} == {
       'k': (2, 3, 7, 4, 8), 'v': (2, 3, 7, 4, 6), 'k_rope': (2, 3, 7, 4)}
-  gqa = models.init_cache(tiny(compute_dtype='bfloat16'), batch=3, max_len=7)
+  gqa = models.init_cache(tiny(), batch=3, max_len=7, execution=models.Execution(compute_dtype='bfloat16'))
   assert gqa['k'].shape == (2, 3, 7, 2, 8) and gqa['v'].dtype == jnp.bfloat16
 
 

@@ -4,9 +4,12 @@ import ast
 import json
 import os
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   with open(os.path.join(REPO, 'colab', 'quickstart.ipynb')) as f:
     nb = json.load(f)
@@ -20,6 +23,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   namespace['config'].train.eval_every = 0
   src = code[2].replace("'/tmp/jaxtrain-quickstart'", repr(str(tmp_path)))
   exec(compile(src, 'quickstart', 'exec'), namespace)
-  assert set(namespace['summary']['losses']) == {1, 2, 3, 4}
+  assert set(namespace['summary'].losses) == {1, 2, 3, 4}
   assert "metrics.plot_losses('/tmp/jaxtrain-quickstart')" in code[3]  # needs IPython: checked by parse only
   assert os.path.exists(namespace['metrics'].plot_losses(str(tmp_path)))

@@ -34,8 +34,8 @@ class Base:
     self.torch = model.eval()
     self.dir = str(root)
     model.save_pretrained(self.dir)
-    self.mc = hf_config.model_config(self.dir, compute_dtype='float32', attention_block=0)
-    self.graphdef, _, self.shapes = models.describe(self.mc)
+    self.mc = hf_config.model_config(self.dir)
+    self.graphdef, _, self.shapes = models.describe(self.mc, models.Execution(compute_dtype='float32'))
     self.params = hf_weights.load_params(self.dir, self.mc)
     self.type = model.config.model_type
     tokens = np.random.default_rng(0).integers(0, 128, (2, 12))

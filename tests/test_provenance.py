@@ -13,6 +13,7 @@ import pytest
 
 from jaxtrain import cli
 from jaxtrain.train import recorder as provenance
+from jaxtrain.data import blocklist
 from jaxtrain.data.sources import DataError
 from jaxtrain.config.defaults import base_config
 from jaxtrain.train.recorder import SampleLog, SpikeDetector, read_samples
@@ -243,17 +244,17 @@ def test_blocklist_counts_documents_over_dumps(tmp_path, capsys):
   names, header = blocklisted(out)
   assert names == ['s:a.py:0', 's:b.py:0', 's:c.py:4']  # by count (2, 2, 1), then name
   assert 'spikes/step_3.json, spikes/step_7.json' in header[1] and '--min-count=1' in header[2]
-  provenance.main(['blocklist', f'--workdir={workdir}', f'--out={out}', '--min-count=2'])
+  cli.main(['jaxtrain', 'blocklist', f'--workdir={workdir}', f'--out={out}', '--min-count=2'])
   assert blocklisted(out)[0] == ['s:a.py:0', 's:b.py:0']
   other = str(tmp_path / 'other.txt')
   with open(other, 'w') as f:
     f.write('# a comment\n\n  s:z.py:1  \n')
-  assert provenance.load_blocklist(f'{out}, {other}') == {'s:a.py:0', 's:b.py:0', 's:z.py:1'}
-  assert provenance.load_blocklist([other]) == {'s:z.py:1'}
+  assert blocklist.load_blocklist(f'{out}, {other}') == {'s:a.py:0', 's:b.py:0', 's:z.py:1'}
+  assert blocklist.load_blocklist([other]) == {'s:z.py:1'}
   with pytest.raises(DataError, match=r"data.exclude='/nonexistent' is not a file"):
-    provenance.load_blocklist(['/nonexistent'])
+    blocklist.load_blocklist(['/nonexistent'])
   with pytest.raises(SystemExit) as exit_info:
-    provenance.main(['blocklist', f'--workdir={tmp_path}/missing'])
+    cli.main(['jaxtrain', 'blocklist', f'--workdir={tmp_path}/missing'])
   assert exit_info.value.code == 2 and 'does not exist' in capsys.readouterr().err
 
 
@@ -275,10 +276,10 @@ def test_config_validation_of_the_new_keys(tmp_path):
   cfg = base_config()
   cfg.provenance.spike_factor = 0.5
   with pytest.raises(config_lib.ConfigError, match=r'provenance.spike_factor=0.5: must be 0 \(off\) or > 1'):
-    config_lib.check_provenance(cfg.provenance)
+    provenance.check(cfg.provenance)
   cfg.provenance.spike_factor, cfg.provenance.spike_window = 0.0, 0
   with pytest.raises(config_lib.ConfigError, match='provenance.spike_window=0'):
-    config_lib.check_provenance(cfg.provenance)
+    provenance.check(cfg.provenance)
   cfg = base_config()
   cfg.data.exclude = f'{tmp_path}/missing.txt'
   with pytest.raises(config_lib.ConfigError, match="config.data.exclude=.*missing.txt' does not exist"):
@@ -364,6 +365,7 @@ def logged_losses(workdir):
     return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 
+@pytest.mark.slow
 def test_the_poisoned_steps_and_only_they_are_dumped_with_their_rows(poisoned_run):
   from jaxtrain import data
   workdir, cfg, tokenizer, batches = poisoned_run
@@ -395,6 +397,7 @@ def test_the_poisoned_steps_and_only_they_are_dumped_with_their_rows(poisoned_ru
   assert dumps[NAN_STEP]['rows'][0]['segments'][0]['text'] != dumps[HUGE_STEP]['rows'][0]['segments'][0]['text']
 
 
+@pytest.mark.slow
 def test_the_sidecar_names_every_step_like_sample_ids(poisoned_run, capsys):
   from jaxtrain import data
   workdir, cfg, _, batches = poisoned_run
@@ -407,6 +410,7 @@ def test_the_sidecar_names_every_step_like_sample_ids(poisoned_run, capsys):
                                                                                           batches[3]))]
 
 
+@pytest.mark.slow
 def test_the_blocklist_of_the_run(poisoned_run):
   from jaxtrain import data
   workdir, cfg, tokenizer, batches = poisoned_run
@@ -417,7 +421,7 @@ def test_the_blocklist_of_the_run(poisoned_run):
   both = per_step[0] & per_step[1]
   assert set(names) == per_step[0] | per_step[1] and set(names[:len(both)]) == both
   assert all(':chunk' not in n for n in names) and header[0].startswith(f'# jaxtrain blocklist: {len(names)} ')
-  assert provenance.load_blocklist(os.path.join(workdir, 'blocklist.txt')) == set(names)
+  assert blocklist.load_blocklist(os.path.join(workdir, 'blocklist.txt')) == set(names)
   # The pipeline reads the file through data.exclude: none of its documents comes back.
   excluding = tiny_config()
   excluding.data.exclude = os.path.join(workdir, 'blocklist.txt')
@@ -427,6 +431,7 @@ def test_the_blocklist_of_the_run(poisoned_run):
   assert seen and not seen & set(names)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_one_history(poisoned_run, tmp_path):
   from jaxtrain import data
   from jaxtrain.train import loop as train
@@ -436,7 +441,7 @@ def test_a_resumed_run_keeps_one_history(poisoned_run, tmp_path):
   for step in ('8', '10'):
     shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
   summary = train.run(tiny_config(), resumed)  # no poison this time
-  assert summary['start_step'] == 4
+  assert summary.start_step == 4
   spikes = os.path.join(resumed, 'spikes')
   assert sorted(os.listdir(spikes)) == ['discarded', 'history.bin']  # no spike now; the old dumps kept aside
   assert sorted(os.listdir(os.path.join(spikes, 'discarded'))) == [f'step_{NAN_STEP}.json', f'step_{HUGE_STEP}.json']

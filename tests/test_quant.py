@@ -206,8 +206,8 @@ def test_quantize_tree_selects_by_path_and_rank(model):
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_model_apply_with_quantized_leaves(model, scan_layers):
   cfg, _, params = model
-  cfg = dataclasses.replace(cfg, scan_layers=scan_layers, remat='full')
-  graphdef, _, _ = models.describe(cfg)
+  cfg = dataclasses.replace(cfg, remat='full')
+  graphdef, _, _ = models.describe(cfg, models.Execution(scan_layers=scan_layers))
   tree = quant.quantize_tree(params, r'blocks/(attn|mlp)/', 'nf4')
   deq = quant.dequantize_tree(tree)
   batch = packed_batch([[10, 6], [16]], 16)

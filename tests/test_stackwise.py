@@ -82,14 +82,14 @@ def test_plan_orders_ratios_and_steps():
 def test_bad_settings_fail_validation_with_one_line(overrides, message, tmp_path):
   c = sw_config(**overrides)
   with pytest.raises(config_lib.ConfigError, match=message) as e:
-    config_lib.validate(c, str(tmp_path / 'w'), 8)
+    config_lib.prepare(c, str(tmp_path / 'w'), 8)
   assert '\n' not in str(e.value)
 
 
 def test_masked_objective_needs_a_rack(tmp_path):
   c = sw_config(stackwise__num_stacks=0)
   with pytest.raises(config_lib.ConfigError, match='masked objectives train StackWise racks'):
-    config_lib.validate(c, str(tmp_path / 'w'), 8)
+    config_lib.prepare(c, str(tmp_path / 'w'), 8)
 
 
 def run_steps(built, loss_fn, tx, mesh, n=3):

@@ -29,6 +29,7 @@ def tiny_stackwise(arg='', **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_diffusion_run_saves_changed_stacks_and_resumes(tmp_path, capsys):
   workdir = str(tmp_path / 'run')
   out = stackwise_run.run(tiny_stackwise(), workdir)
@@ -47,7 +48,7 @@ def test_diffusion_run_saves_changed_stacks_and_resumes(tmp_path, capsys):
   assert prompt == 'def ' and isinstance(text, str)
   assert all(np.isfinite(r['eval_loss']) for r in out['stages'])
   from jaxtrain.cli import check
-  from jaxtrain.hf import export
+  from jaxtrain.train import export
   with pytest.raises(export.ExportError, match='StackWise run'):
     export.export(workdir, str(tmp_path / 'out'))
   report = '\n'.join(check.report(tiny_stackwise()))
@@ -69,6 +70,7 @@ def test_diffusion_run_saves_changed_stacks_and_resumes(tmp_path, capsys):
   assert resumed['eval'] == pytest.approx(out['eval'], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['objective=clm', 'direction=prepend,time=depth'])
 def test_other_objectives_sample(arg, tmp_path):
   out = stackwise_run.run(tiny_stackwise(arg, train__steps=2), str(tmp_path / 'run'))

@@ -30,13 +30,14 @@ def full_run(tmp_path_factory):
   return workdir, train.run(tiny_config(), workdir)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_outputs_exist(full_run):
   workdir, summary = full_run
-  losses = summary['losses']
+  losses = summary.losses
   assert sorted(losses) == list(range(1, 31))
   assert losses[30] < losses[1] - 0.8, (losses[1], losses[30])
-  assert summary['eval']['eval_loss'] < losses[1] - 0.5
-  assert summary['compiles'] == 1  # the step compiled once for the whole run
+  assert summary.eval['eval_loss'] < losses[1] - 0.5
+  assert summary.compiles == 1  # the step compiled once for the whole run
   records = metrics.read_metrics(workdir)
   train_records = [r for r in records if 'loss' in r]
   assert [r['step'] for r in train_records] == list(range(1, 31))
@@ -49,6 +50,7 @@ def test_loss_falls_and_outputs_exist(full_run):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=lambda s: (len(s), s))[-3:] == ['10', '20', '30']
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(full_run, tmp_path):
   """A run stopped after checkpoint 10 (its later checkpoints never written) and run again continues with
   exactly the losses of the uninterrupted run."""
@@ -58,9 +60,9 @@ def test_resume_is_bitwise_identical(full_run, tmp_path):
   for step in ('20', '30'):
     shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
   again = train.run(tiny_config(), resumed)
-  assert again['start_step'] == 10
-  assert again['losses'] == {s: loss for s, loss in summary['losses'].items() if s > 10}
-  assert again['eval'] == summary['eval']
+  assert again.start_step == 10
+  assert again.losses == {s: loss for s, loss in summary.losses.items() if s > 10}
+  assert again.eval == summary.eval
 
 
 def run_cli(args, **kw):
@@ -85,6 +87,7 @@ def test_main_end_to_end_in_a_subprocess(tmp_path):
   assert 'nothing to train' in again.stdout and 'step 12 of 12' in again.stdout
 
 
+@pytest.mark.slow
 def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
   from jaxtrain.data.sources import source
   for name, n, words in (('notes', 400, 6), ('essays', 12, 40)):
@@ -98,9 +101,9 @@ def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
   config.data.shuffle_window, config.data.pack_buffer = 0, 64
   workdir = str(tmp_path / 'run')
   summary = train.run(config, workdir)
-  ended = summary['data_ended']
-  assert 0 < ended < 400 and max(summary['losses']) == ended
-  assert summary['eval'] is not None and os.path.isdir(os.path.join(workdir, 'checkpoints', str(ended)))
+  ended = summary.data_ended
+  assert 0 < ended < 400 and max(summary.losses) == ended
+  assert summary.eval is not None and os.path.isdir(os.path.join(workdir, 'checkpoints', str(ended)))
   records = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
   last = records[-1]
   assert last['step'] == ended
@@ -111,21 +114,22 @@ def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(ended)))
   keep = max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
   again = train.run(config, workdir)
-  assert again['start_step'] == keep and again['data_ended'] == ended
+  assert again.start_step == keep and again.data_ended == ended
   resumed = {r['step']: r for r in metrics.read_metrics(workdir) if 'loss' in r}
   assert resumed[ended]['tokens/essays'] == at[ended]['tokens/essays']
 
 
+@pytest.mark.slow
 def test_steps_per_call_changes_neither_losses_nor_outputs(full_run, tmp_path):
   """The default run (4 steps per call on CPU) and one step per call: the same losses, evaluations, logged
   steps and checkpoints (calls end at every checkpoint and evaluation step)."""
   workdir, summary = full_run
   assert train.steps_per_call(tiny_config()) == (4 if train.jax.default_backend() == 'cpu' else 1)
   one = train.run(tiny_config(**{'train.steps_per_call': 1}), str(tmp_path))
-  assert sorted(one['losses']) == sorted(summary['losses'])
-  for s, loss in one['losses'].items():
-    assert abs(loss - summary['losses'][s]) <= 1e-5 * abs(loss), (s, loss, summary['losses'][s])
-  assert abs(one['eval']['eval_loss'] - summary['eval']['eval_loss']) <= 1e-5 * one['eval']['eval_loss']
+  assert sorted(one.losses) == sorted(summary.losses)
+  for s, loss in one.losses.items():
+    assert abs(loss - summary.losses[s]) <= 1e-5 * abs(loss), (s, loss, summary.losses[s])
+  assert abs(one.eval['eval_loss'] - summary.eval['eval_loss']) <= 1e-5 * one.eval['eval_loss']
   logged = [[(r['step'], 'eval_loss' in r) for r in metrics.read_metrics(w)] for w in (workdir, str(tmp_path))]
   assert logged[0] == logged[1]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == sorted(os.listdir(tmp_path / 'checkpoints'))

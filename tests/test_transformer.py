@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from jaxtrain import models
-from jaxtrain.models import transformer
+from jaxtrain.models import Execution, transformer
 from tests.helpers import packed_batch, packed_loss_and_grads, tiny
 
 
-def logits_fn(cfg, seed=0):
-  graphdef, _, _ = models.describe(cfg)
+def logits_fn(cfg, seed=0, execution=None):
+  graphdef, _, _ = models.describe(cfg, execution)
   params = models.init_params(cfg, jax.random.PRNGKey(seed))
   return params, jax.jit(lambda p, b: models.apply(graphdef, p, b))
 
@@ -32,7 +32,7 @@ def test_shapes_and_dtypes(base):
 
 
 def test_bf16_compute_keeps_f32_params_and_logits():
-  params, f = logits_fn(tiny(compute_dtype='bfloat16'))
+  params, f = logits_fn(tiny(), execution=Execution(compute_dtype='bfloat16'))
   out = f(params, packed_batch([[16]], 16))
   assert params['embed'].dtype == jnp.float32 and out.dtype == jnp.float32
   ref_params, ref = logits_fn(tiny())
@@ -137,12 +137,12 @@ def test_scan_unrolled_and_remat_agree(remat):
   batch = packed_batch([[9, 7], [16]], 16)
   params = models.init_params(tiny(), jax.random.PRNGKey(1))
 
-  def loss(cfg):
-    graphdef, _, _ = models.describe(cfg)
+  def loss(cfg, ex):
+    graphdef, _, _ = models.describe(cfg, ex)
     return jax.jit(jax.value_and_grad(lambda p: models.apply(graphdef, p, batch).std()))(params)
 
-  ref_val, ref_grad = loss(tiny())
-  val, grad = loss(tiny(scan_layers=False, remat=remat))
+  ref_val, ref_grad = loss(tiny(), Execution(scan_layers=True))
+  val, grad = loss(tiny(remat=remat), Execution(scan_layers=False))
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -152,15 +152,15 @@ def test_scan_unrolled_and_remat_agree(remat):
 def test_blocked_causal_attention_equals_one_call(block):
   """Query blocks that skip the masked upper triangle give the single call's logits and gradients, with
   several documents and padding in a row and a block size that does not divide it."""
-  ref_val, ref_grad = packed_loss_and_grads(tiny())
-  val, grad = packed_loss_and_grads(tiny(attention_block=block))
+  ref_val, ref_grad = packed_loss_and_grads(tiny(), Execution(attention_block=0))
+  val, grad = packed_loss_and_grads(tiny(), Execution(attention_block=block))
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_blocked_attention_keeps_document_and_causal_masks():
-  params, f = logits_fn(tiny(attention_block=4))
+  params, f = logits_fn(tiny(), execution=Execution(attention_block=4))
   batch = packed_batch([[7, 9]], 16)
   changed = {k: v.copy() for k, v in batch.items()}
   changed['tokens'][0, 12] = (changed['tokens'][0, 12] + 1) % 64  # a later token of document 2
@@ -171,7 +171,9 @@ def test_blocked_attention_keeps_document_and_causal_masks():
 
 def test_attention_block_auto_is_blocked_on_cpu():
   from jaxtrain.config.defaults import base_config
-  assert models.model_config(base_config().model, 100).attention_block == 128  # tests run on CPU
+  assert models.execution.from_model(base_config().model).attention_block == 128  # tests run on CPU
+  assert models.execution.default().attention_block == 128
+  assert models.execution.default(backend='gpu').attention_block == 0
 
 
 TINY_PATHS = {
@@ -287,11 +289,14 @@ def test_mlp_takes_the_hand_written_backward_only_for_plain_weights(monkeypatch)
 def test_scan_layers_unset_unrolls_on_cpu_unless_remat():
   from jaxtrain.config.defaults import base_config
   model = base_config().model
-  assert model.scan_layers is None and models.model_config(model, 100).scan_layers is False  # tests run on CPU
+  plan = models.execution.from_model
+  assert model.scan_layers is None and plan(model).scan_layers is False  # tests run on CPU
+  assert plan(model).compute_dtype == 'float32' and plan(model, backend='gpu').compute_dtype == 'bfloat16'
   model.remat = 'full'
-  assert models.model_config(model, 100).scan_layers is True  # remat keeps the scan's memory bound
+  assert plan(model).scan_layers is True  # remat keeps the scan's memory bound
+  assert models.execution.default(models.model_config(model, 100)).scan_layers is True
   model.scan_layers = False
-  assert models.model_config(model, 100).scan_layers is False  # set explicitly: as given
+  assert plan(model).scan_layers is False  # set explicitly: as given
 
 
 @pytest.mark.parametrize('kv_heads', [4, 2, 1])

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain.errors import UserError
+from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.models.flops import LoraFlops
 from jaxtrain.models.transformer import project
 
 Array = jax.Array
@@ -36,6 +37,23 @@ INPUT_DIMS = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm
               # multi-head latent attention (jaxtrain.models.mla)
               'q_down': 1, 'q_up': 1, 'kv_down': 1, 'k_up': 1, 'v_up': 1, 'k_rope': 1}
 STACKED = 'blocks'  # parameters under this top-level key carry a leading layers axis.
+
+
+def check(c: Any, from_adapter: bool) -> None:
+  """The `lora` section's rules across keys (single-key ranges: `jaxtrain.config.schema`): `targets` compiles,
+  and the keys that only make sense together; `from_adapter`: init.lora_from is set. Raises ConfigError."""
+  try:
+    re.compile(c.targets)
+  except re.error as e:
+    raise ConfigError('lora.targets', c.targets, f'is not a valid regular expression ({e})') from None
+  on = c.rank > 0 or from_adapter
+  if c.quantize != 'none' and not on:
+    raise ConfigError('lora.quantize', c.quantize, 'needs LoRA: set lora.rank > 0 (or init.lora_from)')
+  if c.quantize != 'none' and c.mode == 'merged':
+    raise ConfigError('lora.mode', c.mode, 'cannot merge into a quantized base every step; use factored or auto')
+  if c.dropout > 0 and c.mode == 'merged':
+    raise ConfigError('lora.dropout', c.dropout, 'needs lora.mode=factored or auto (merged weights have no '
+                      'adapter input to drop)')
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -239,3 +257,10 @@ def specs(base_specs: dict, adapters: Any) -> dict:
 
 def count(adapters: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(adapters))
+
+
+def flops_of(adapters: Any) -> LoraFlops:
+  """What an adapter tree (arrays or ShapeDtypeStructs, e.g. the `params` of a LoRA state) trains, for
+  `jaxtrain.models.flops.flops_per_token`: its rank and the '/'-joined paths of the adapted weights."""
+  paths = adapter_paths(adapters)
+  return LoraFlops(rank_of(lookup(adapters, paths[0])), tuple('/'.join(p) for p in paths))

@@ -1,47 +1,60 @@
-"""The `jaxtrain` console script: `jaxtrain train --config=...` (same as `python -m jaxtrain.main ...`),
-`jaxtrain check --config=...` (same as `python -m jaxtrain.check ...`), `jaxtrain analyze --config=...` (same as
-`python -m jaxtrain.analyze ...`), `jaxtrain estimate --config=...` (same as
-`python -m jaxtrain.estimate ...`), `jaxtrain export --workdir=... --out=...` (same as `python -m jaxtrain.export
-...`), `jaxtrain blocklist --workdir=...` and `jaxtrain samples --workdir=... --step=N` (same as
-`python -m jaxtrain.provenance blocklist|samples ...`)."""
+"""The `jaxtrain` command line (also `python -m jaxtrain COMMAND` and `python -m jaxtrain.cli COMMAND`):
+
+  jaxtrain train --config=configs/NAME.py[:ARG] [--workdir=DIR] [--config.KEY=VALUE] [--preflight] [--start_over]
+                                          train a model (`python -m jaxtrain.main ...` is the same)
+  jaxtrain check --config=...             validate a config, preview tokenization, print parameters and memory
+  jaxtrain estimate --config=... [--memory-budget=80GB] [--tokens=2e9] [--gpu=h100]
+                                          largest micro-batch that fits (compile-only); time and cost of tokens
+  jaxtrain analyze --config=... [--out=DIR]
+                                          per-source statistics: lengths, duplicates, chat turns, a seq_len
+  jaxtrain export --workdir=RUN --out=DIR [--step=N] [--format=hf|peft] [--dtype=bfloat16] [--max_shard_mb=N]
+                                          a checkpoint as a Hugging Face model (or PEFT adapters)
+  jaxtrain merge-adapters --adapters=A,B --weights=0.7,0.3 [--method=ties --density=0.5] --out=DIR [--base=HF]
+                                          combine PEFT LoRA adapters (also `--adapters A B --weights 0.7 0.3`)
+  jaxtrain blocklist --workdir=RUN [--out=FILE] [--min-count=N]
+                                          loss-spike dumps of a run -> a blocklist file for data.exclude
+  jaxtrain samples --workdir=RUN --step=N the sample ids of each row of one train step of a run
+
+One module per command here (train.py, check.py, ...); `common.py` holds what they share: absl flags, the
+setup (config, workdir, log level, distributed start) and the one error handler. `jaxtrain COMMAND --help`
+lists a command's flags. Exit status: 0 done; 1 stopped by non-finite steps, or nothing fits (estimate);
+2 a user mistake, reported in one line `error: ...` on stderr.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+# name -> (module of jaxtrain.cli, summary for `jaxtrain --help`)
 COMMANDS = {
-    'train': 'train a model (python -m jaxtrain.main)',
-    'check': 'validate a config, preview tokenization, print params and memory',
-    'analyze': 'per-source statistics: lengths, duplicates, chat turns, a suggested seq_len',
-    'estimate': 'largest micro-batch that fits a memory budget (compile-only); time and cost of a token budget',
-    'merge-adapters': 'combine PEFT LoRA adapters (linear, ties, dare) into one, or into the base model',
-    'export': 'write a checkpoint as a Hugging Face model (or PEFT adapters)',
-    'blocklist': 'loss-spike dumps of a run -> a blocklist file of their documents (for data.exclude)',
-    'samples': 'the sample ids of each row of one train step of a run',
+    'train': ('train', 'train a model (python -m jaxtrain.main)'),
+    'check': ('check', 'validate a config, preview tokenization, print params and memory'),
+    'analyze': ('analyze', 'per-source statistics: lengths, duplicates, chat turns, a suggested seq_len'),
+    'estimate': ('estimate', 'largest micro-batch that fits a memory budget (compile-only); time and cost of a '
+                 'token budget'),
+    'merge-adapters': ('merge_adapters', 'combine PEFT LoRA adapters (linear, ties, dare) into one, or into the '
+                       'base model'),
+    'export': ('export', 'write a checkpoint as a Hugging Face model (or PEFT adapters)'),
+    'blocklist': ('blocklist', 'loss-spike dumps of a run -> a blocklist file of their documents (for data.exclude)'),
+    'samples': ('samples', 'the sample ids of each row of one train step of a run'),
 }
-# The module whose run_main() each command calls ('module:function' names another function).
-ENTRY_POINTS = {'train': 'jaxtrain.main', 'check': 'jaxtrain.cli.check', 'analyze': 'jaxtrain.data.analyze',
-                'estimate': 'jaxtrain.cli.estimate',
-                'merge-adapters': 'jaxtrain.adapters.merge', 'export': 'jaxtrain.hf.export',
-                'blocklist': 'jaxtrain.train.recorder:blocklist_main',
-                'samples': 'jaxtrain.train.recorder:samples_main'}
 
 
 def main(argv: list[str] | None = None) -> None:
+  """`jaxtrain COMMAND [flags]`; argv[0] is the program. Returns when the command succeeds, else exits."""
   argv = sys.argv if argv is None else argv
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
-    print('usage: jaxtrain COMMAND [flags]\n\ncommands:')
-    for name, text in COMMANDS.items():
+    print('usage: jaxtrain COMMAND [flags]   (jaxtrain COMMAND --help: its flags)\n\ncommands:')
+    for name, (_, text) in COMMANDS.items():
       print(f'  {name:15s} {text}')
     sys.exit(0 if len(argv) >= 2 else 2)
-  command = argv[1]
-  if command not in COMMANDS:
-    print(f'error: unknown command {command!r}; valid: {", ".join(COMMANDS)}', file=sys.stderr)
+  name = argv[1]
+  if name not in COMMANDS:
+    print(f'error: unknown command {name!r}; valid: {", ".join(COMMANDS)}', file=sys.stderr)
     sys.exit(2)
-  sys.argv = [f'jaxtrain {command}'] + argv[2:]
-  module, _, function = ENTRY_POINTS[command].partition(':')
-  getattr(importlib.import_module(module), function or 'run_main')()
+  from jaxtrain.cli import common
+  common.run(name, importlib.import_module(f'jaxtrain.cli.{COMMANDS[name][0]}'), argv[1:])
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Preflight: validate a config, preview its tokenization, count parameters and estimate memory per device.
 
-  jaxtrain check --config=configs/llama.py:size=1b          # or: python -m jaxtrain.check --config=...
+  jaxtrain check --config=configs/llama.py:size=1b
   python -m jaxtrain.main --config=configs/tiny.py --preflight   # the same report, then training
 
 Everything here works on shapes (`jax.eval_shape`): no parameter is allocated, nothing is compiled or
@@ -13,19 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from jaxtrain import data, models, sharding
 from jaxtrain.train import optim
 from jaxtrain.models import flops
-from jaxtrain.errors import ConfigError
-from jaxtrain.config.validate import check_vocab
+from jaxtrain.models.validate import check_vocab
 from jaxtrain.data import sources
+from jaxtrain.cli import common
 
 PREVIEW_TOKENS = 24
 PREVIEW_CHARS = 200
@@ -164,7 +164,8 @@ def _shard_bytes(tree: Any, shardings: Any) -> int:
              for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
 
 
-def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: int, fsdp: int = 1) -> int:
+def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: int, fsdp: int = 1,
+                     execution: models.Execution | None = None) -> int:
   """Analytic estimate of the activations one device keeps for the backward pass of one micro-batch.
 
   With c the compute dtype's bytes, tokens = rows * seq_len, and head / MLP / vocab dimensions split over
@@ -175,7 +176,8 @@ def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: in
     6F                 gate, up, silu(gate) * up and the pieces of silu's derivative (six F-wide stacks)
   times c, plus 2 * N * seq_len float32 values per token: XLA's attention keeps the masked scores and the
   softmax (a fused kernel such as cuDNN's keeps none, so this term is an upper bound on GPU); with
-  `attention_impl='cpu_fused'` N float32 values per token instead (the kernel keeps the rows' log-sum-exp).
+  `execution.attention_impl='cpu_fused'` N float32 values per token instead (the kernel keeps the rows'
+  log-sum-exp). c and the attention come from `execution` (default: this backend's, XLA attention).
   Across L layers:
     remat none:       L * block, plus with fsdp > 1 each layer's gathered weights, L * ((2N + 2K)HD + 3DF) * c
                       (the scan saves what the forward gathered rather than gathering again)
@@ -188,14 +190,15 @@ def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: in
   `estimate_memory`, the total came within 15% of XLA's peak (arguments + outputs - aliased + temp).
   """
   d, n, k, h, f, v = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim, mc.vocab_size
-  c = np.dtype(mc.compute_dtype).itemsize
+  ex = models.execution.resolve(execution, mc)
+  c = np.dtype(ex.compute_dtype).itemsize
 
   def split(dim: int) -> float:  # sharding.spec_for replicates a dimension the tensor axis does not divide
     return dim / tensor if dim % tensor == 0 else dim
 
   tokens = rows * seq_len
   nq, nkv = split(n), split(k)  # heads one device holds
-  scores = nq * 4 if mc.attention_impl == 'cpu_fused' else nq * seq_len * 2 * 4
+  scores = nq * 4 if ex.attention_impl == 'cpu_fused' else nq * seq_len * 2 * 4
   block = tokens * c * (6 * d + (2 * nq + 2 * nkv) * h + 6 * split(f)) + tokens * scores
   gathered = 0
   if mc.remat == 'none':
@@ -212,7 +215,7 @@ def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: in
 
 
 def estimate_memory(config: ml_collections.ConfigDict, mc: models.ModelConfig,
-                    mesh: jax.sharding.Mesh) -> MemoryEstimate:
+                    mesh: jax.sharding.Mesh, execution: models.Execution | None = None) -> MemoryEstimate:
   """Per-device bytes of parameters, gradients and optimizer state (exact, from eval_shape and the
   shardings training uses) and of activations (an estimate: `activation_bytes` plus a weight-sized
   workspace). The total is checked against XLA's peak for the compiled step by tests/test_memory.py."""
@@ -233,7 +236,7 @@ def estimate_memory(config: ml_collections.ConfigDict, mc: models.ModelConfig,
       # matmuls and the embedding's scatter-add gradient, and Adam writes its new moments before they
       # replace the donated state (tests/test_memory.py misses by up to 17% on small models without it).
       activations=params + activation_bytes(mc, rows, config.data.seq_len, mesh.shape['tensor'],
-                                            mesh.shape['fsdp']),
+                                            mesh.shape['fsdp'], execution),
       micro_rows=rows)
 
 
@@ -254,16 +257,18 @@ def _flops(n: float) -> str:
 def report(config: ml_collections.ConfigDict) -> list[str]:
   """The preflight report as lines. Raises ConfigError or DataError on a config that cannot run."""
   tokenizer = data.load_tokenizer(config.data)
-  check_vocab(config, tokenizer.vocab_size)
+  check_vocab(config.model, tokenizer.vocab_size)
   lines = [f'tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}, EOS id {tokenizer.eos_id})']
   for source in data_sources(config.data):
     lines += format_preview(preview_source(config.data, tokenizer, source))
 
   mc = models.model_config(config.model, tokenizer.vocab_size)
+  # The config's compute dtype and block size on this backend; XLA attention: check never builds the kernel.
+  ex = models.execution.from_model(config.model, mc)
   counts = param_counts(abstract_params(mc), mc.num_layers)
   lines += [f'model: vocab {mc.vocab_size}, d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads '
             f'({mc.num_kv_heads} kv) of {mc.head_dim}, mlp {mc.mlp_dim}, params {mc.param_dtype}, '
-            f'compute {mc.compute_dtype}, remat {mc.remat}',
+            f'compute {ex.compute_dtype}, remat {mc.remat}',
             f'  parameters      {counts.total:>15,d}',
             f'  embedding       {counts.embedding:>15,d}' + ('' if counts.lm_head else '  (tied with the LM head)')]
   if counts.lm_head:
@@ -272,7 +277,7 @@ def report(config: ml_collections.ConfigDict) -> list[str]:
             f'  non-embedding   {counts.non_embedding:>15,d}']
 
   mesh = sharding.make_mesh(config.mesh)
-  mem = estimate_memory(config, mc, mesh)
+  mem = estimate_memory(config, mc, mesh, ex)
   tokens_step = config.data.batch_size * config.data.seq_len
   per_token = flops.flops_per_token(mc, config.data.seq_len)
   lines += [f'memory per device: mesh {dict(mesh.shape)} over {jax.device_count()} device(s); micro-batch of '
@@ -310,26 +315,15 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     print('\n'.join(lines), flush=True)
 
 
-def _main(argv: list[str]) -> None:
+# ----------------------------------------------------------------------------- the command
+
+
+def define(fv: flags.FlagValues) -> None:
+  common.define_config(fv)
+  common.define_workdir(fv)
+
+
+def main(fv: flags.FlagValues) -> None:
   from jaxtrain.config import validate as config_lib
-  from jaxtrain import main as entry
-  config, workdir = entry.setup(argv)
-  try:
-    config_lib.validate(config, workdir, jax.device_count())
-    preflight(config)
-  except (ConfigError, data.DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-def run_main() -> None:
-  """`jaxtrain check`: the flags of `jaxtrain.main` (imported here, not at the top, because main imports
-  this module while running as __main__, and absl refuses flags defined twice)."""
-  from absl import app
-
-  from jaxtrain import main as entry
-  app.run(_main, flags_parser=entry.parse_flags)
-
-
-if __name__ == '__main__':
-  run_main()
+  config, workdir = common.config_and_workdir(fv)
+  preflight(config_lib.prepare(config, workdir))

@@ -1,7 +1,7 @@
 """How big a micro-batch fits, and what a token budget costs: compile-only, no training step runs.
 
   jaxtrain estimate --config=configs/llama.py:size=1b --memory-budget=80GB --tokens=2e9 --gpu=h100
-  python -m jaxtrain.estimate --config=configs/tiny.py --memory-budget=512MiB     # the same
+  jaxtrain estimate --config=configs/tiny.py --memory-budget=512MiB
 
 The train step is built as `train.run` builds it (state from `state.build`, so LoRA and QLoRA are
 measured as they train; same shardings, donated state), lowered on ShapeDtypeStructs and compiled; XLA's
@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,14 +28,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
-from jaxtrain.cli import check
+from jaxtrain.cli import check, common
 from jaxtrain import data, models, sharding
-from jaxtrain.train import loop as train, optim, state
+from jaxtrain.train import execution, loop as train, optim, state
+from jaxtrain.adapters import lora
 from jaxtrain.models import flops
 from jaxtrain.train.checkpoint import abstract_with_shardings
 from jaxtrain.errors import ConfigError
-from jaxtrain.config.validate import check_vocab, parse_bytes, resolve_init
+from jaxtrain.config.resolve import resolved
+from jaxtrain.models.validate import check_vocab
+from jaxtrain.train.budget import parse_bytes
 
 BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask')
 # Price-table key -> (substring of jax's device_kind, key of flops.PEAK_FLOPS). 'TPU v5 lite' must be tried
@@ -96,14 +99,15 @@ class StepMemory:
 
   def __init__(self, config: ml_collections.ConfigDict, mc: models.ModelConfig, mesh: jax.sharding.Mesh):
     cfg = copy.deepcopy(config)
-    # resolve_init has already copied the architecture into config.model; shapes never need the weights.
+    # `report` resolved the config: the architecture is in config.model; shapes never need the weights.
     cfg.init.from_hf = ''
     self.mc, self.mesh, self.config = mc, mesh, cfg
+    self.execution = execution.plan(cfg, mc)  # the kernel and layer scan train.run would pick here
     self.seq_len, self.accum = cfg.data.seq_len, cfg.train.accum_steps
     self.dp = sharding.data_parallel_size(mesh)
     tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
-      built = state.build(cfg, mc, tx, mesh)
+      built = state.build(cfg, mc, tx, mesh, self.execution)
       full = jax.eval_shape(built.complete, built.abstract)  # adds the frozen base (LoRA), abstractly
       self.batch_sh = sharding.batch_sharding(mesh)
       self.step, _ = train.jit_steps(cfg, built, tx, schedule, mesh)  # exactly the step train.run compiles
@@ -142,7 +146,8 @@ class StepMemory:
     activations from `check.activation_bytes` plus a workspace the size of the dense weights, the convention
     of `check.estimate_memory` (XLA keeps weight copies laid out for the backward's transposed matmuls)."""
     trained = _device_bytes(self.state['params'])
-    act = check.activation_bytes(self.mc, rows, self.seq_len, self.mesh.shape['tensor'], self.mesh.shape['fsdp'])
+    act = check.activation_bytes(self.mc, rows, self.seq_len, self.mesh.shape['tensor'], self.mesh.shape['fsdp'],
+                                 self.execution)
     return Breakdown(weights=_device_bytes(self.state['frozen']) if self.lora else trained,
                      adapters=trained if self.lora else 0,
                      # accumulation keeps a running sum beside each micro-batch's gradient
@@ -318,8 +323,9 @@ def memory_lines(sm: StepMemory, result: Search, config: ml_collections.ConfigDi
 
 
 def cost_lines(e: ml_collections.ConfigDict, mc: models.ModelConfig, seq_len: int, tokens_step: int,
-               lora: flops.LoraFlops | None = None) -> list[str]:
-  """The time/cost table for e.tokens, the selected kind marked with '*', and what the memory figures are."""
+               lora: flops.LoraFlops | None = None, compute: str = '') -> list[str]:
+  """The time/cost table for e.tokens, the selected kind marked with '*', and what the memory figures are
+  (`compute`: the run's compute dtype; default: this backend's)."""
   gpus = e.num_gpus or jax.device_count()
   flops_token = flops.flops_per_token(mc, seq_len, lora=lora)
   device_kind = jax.devices()[0].device_kind
@@ -341,7 +347,8 @@ def cost_lines(e: ml_collections.ConfigDict, mc: models.ModelConfig, seq_len: in
   lines.append(f'  ({peak_note}; prices: estimate.price_per_hour, USD per device-hour, placeholders to edit)')
   # The time rows hold for any device; the memory search does not: it compiled for this backend only.
   backend = jax.default_backend()
-  where = f'this machine ({backend}{"" if device_kind == backend else ": " + device_kind}, compute {mc.compute_dtype})'
+  compute = compute or models.execution.default(mc).compute_dtype
+  where = f'this machine ({backend}{"" if device_kind == backend else ": " + device_kind}, compute {compute})'
   if backend == 'cpu':
     lines.append(f'note: the memory search compiled for {where}: its activations are XLA:CPU\'s, not a GPU\'s or '
                  "TPU's (bf16 compute with compute_dtype auto, other fusions); run `jaxtrain estimate` on the target "
@@ -354,23 +361,24 @@ def cost_lines(e: ml_collections.ConfigDict, mc: models.ModelConfig, seq_len: in
 
 def report(config: ml_collections.ConfigDict) -> tuple[list[str], Search]:
   """The estimate as lines, and the search. Raises ConfigError or DataError on a config that cannot run."""
-  resolve_init(config)
+  config = resolved(config)  # init.from_hf's architecture (a copy: `config` is left as it is)
   tokenizer = data.load_tokenizer(config.data)
-  check_vocab(config, tokenizer.vocab_size)
+  check_vocab(config.model, tokenizer.vocab_size)
   e = config.estimate
   budget, source = resolve_budget(e.memory_budget)
   mc = models.model_config(config.model, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   sm = StepMemory(config, mc, mesh)
   lines = [f'model: {sm.description}; seq_len {sm.seq_len}, accum_steps {sm.accum}, remat {mc.remat}, compute '
-           f'{mc.compute_dtype}; mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s)',
+           f'{sm.execution.compute_dtype}; mesh {dict(mesh.shape)} over {jax.device_count()} '
+           f'{jax.default_backend()} device(s)',
            f'budget: {_size(budget)} ({budget / 1e9:,.3f} GB) per device, from {source}']
   result = search(sm, budget, e.max_rows)
   lines += memory_lines(sm, result, config)
   if e.tokens > 0:
     tokens_step = sm.global_batch(result.rows) * sm.seq_len if result.rows else 0
     lines += cost_lines(e, mc, sm.seq_len, tokens_step,
-                        flops.LoraFlops.of(sm.state['params']) if sm.lora else None)
+                        lora.flops_of(sm.state['params']) if sm.lora else None, sm.execution.compute_dtype)
   return lines, result
 
 
@@ -381,40 +389,27 @@ def apply_flags(config: ml_collections.ConfigDict, values: Mapping[str, Any]) ->
       config.estimate[key] = value
 
 
-def _main(argv: list[str]) -> None:
-  from absl import flags
+# ----------------------------------------------------------------------------- the command
 
+
+def define(fv: flags.FlagValues) -> None:
+  common.define_config(fv)
+  common.define_workdir(fv)
+  flags.DEFINE_string('memory-budget', None, 'Memory per device, e.g. 80GB (10^9 bytes) or 80GiB (2^30); '
+                      'overrides config.estimate.memory_budget (default: the device\'s own limit).', flag_values=fv)
+  flags.DEFINE_float('tokens', None, 'Training tokens to price, e.g. 2e9; overrides config.estimate.tokens.',
+                     flag_values=fv)
+  flags.DEFINE_string('gpu', None, 'Device kind to price (a key of config.estimate.price_per_hour); overrides '
+                      'config.estimate.gpu.', flag_values=fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+  """Exit status 0 when a batch fits, 1 when not even one row does."""
   from jaxtrain.config import validate as config_lib
-  from jaxtrain.adapters import lora
-  from jaxtrain import main as entry
-  from jaxtrain.hf import config as hf_config, peft as peft_io
-  config, workdir = entry.setup(argv)
-  apply_flags(config, {'memory_budget': flags.FLAGS['memory-budget'].value, 'tokens': flags.FLAGS['tokens'].value,
-                       'gpu': flags.FLAGS['gpu'].value})
-  try:
-    config_lib.validate(config, workdir, jax.device_count())
-    lines, result = report(config)
-  except (ConfigError, data.DataError, hf_config.HfError, lora.LoraError, peft_io.PeftError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  config, workdir = common.config_and_workdir(fv)
+  apply_flags(config, {'memory_budget': fv['memory-budget'].value, 'tokens': fv['tokens'].value,
+                       'gpu': fv['gpu'].value})
+  lines, result = report(config_lib.prepare(config, workdir))
   if jax.process_index() == 0:
     print('\n'.join(lines), flush=True)
-  sys.exit(0 if result.rows else 1)
-
-
-def run_main() -> None:
-  """`jaxtrain estimate`: the flags of `jaxtrain.main` plus the estimate overrides, defined here rather than
-  at import so that importing this module as a library defines no flags."""
-  from absl import app, flags
-
-  from jaxtrain import main as entry
-  flags.DEFINE_string('memory-budget', None, 'Memory per device, e.g. 80GB (10^9 bytes) or 80GiB (2^30); '
-                      'overrides config.estimate.memory_budget (default: the device\'s own limit).')
-  flags.DEFINE_float('tokens', None, 'Training tokens to price, e.g. 2e9; overrides config.estimate.tokens.')
-  flags.DEFINE_string('gpu', None, 'Device kind to price (a key of config.estimate.price_per_hour); overrides '
-                      'config.estimate.gpu.')
-  app.run(_main, flags_parser=entry.parse_flags)
-
-
-if __name__ == '__main__':
-  run_main()
+  return 0 if result.rows else 1

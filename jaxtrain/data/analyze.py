@@ -1,6 +1,6 @@
 """`jaxtrain analyze`: what a data source holds before a run trains on it.
 
-  python -m jaxtrain.analyze --config=configs/tiny.py [--out=DIR]      # DIR: WORKDIR/analysis by default
+  jaxtrain analyze --config=configs/tiny.py [--out=DIR]      # DIR: WORKDIR/analysis by default
 
 For each split of the configured data it prepares (tokenizes once, cached: jaxtrain/data/prepare.py) and
 reports: documents and tokens; token-length percentiles and a histogram (text bars here, a PNG in --out); the
@@ -38,7 +38,6 @@ import json
 import math
 import os
 import re
-import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -511,7 +510,7 @@ def format_report(analysis: SourceAnalysis, *, skipped_reasons: Sequence[str] = 
   return '\n'.join(lines)
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- every source of a config
 
 
 def analyze_config(config: Any, out: str) -> tuple[list[str], list[SourceAnalysis]]:
@@ -539,37 +538,3 @@ def analyze_config(config: Any, out: str) -> tuple[list[str], list[SourceAnalysi
     json.dump([r.to_dict() for r in results], fh, indent=1)
   lines.append(f'figures: {os.path.join(out, "analysis.json")}')
   return lines, results
-
-
-def main(argv: list[str]) -> None:
-  """absl main of `python -m jaxtrain.analyze --config=... [--out=DIR]`: exit status 2 on a config or data
-  mistake, with one line."""
-  import jax
-  from absl import flags
-
-  from jaxtrain.config import validate as config_lib
-  from jaxtrain import data, main as entry
-  config, workdir = entry.setup(argv)
-  out = (flags.FLAGS['out'].value if 'out' in flags.FLAGS else None) or os.path.join(workdir, 'analysis')
-  try:
-    config_lib.validate(config, workdir, jax.device_count())
-    lines, _ = analyze_config(config, out)
-  except (config_lib.ConfigError, data.DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  if jax.process_index() == 0:
-    print('\n'.join(lines), flush=True)
-
-
-def run_main() -> None:
-  """`jaxtrain analyze`: the flags of `jaxtrain.main` plus --out, defined here so that importing this module
-  as a library defines no flags."""
-  from absl import app, flags
-
-  from jaxtrain import main as entry
-  flags.DEFINE_string('out', None, 'Directory for the plots and analysis.json (default: WORKDIR/analysis).')
-  app.run(main, flags_parser=entry.parse_flags)
-
-
-if __name__ == '__main__':
-  run_main()

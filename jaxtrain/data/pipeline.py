@@ -42,6 +42,7 @@ import grain
 import numpy as np
 
 from jaxtrain.data import mixing, packing, prepare, sources
+from jaxtrain.data.blocklist import load_blocklist
 from jaxtrain.data.sources import DataError
 from jaxtrain.data.tokenizer import Tokenizer
 
@@ -278,8 +279,7 @@ def blocklist(cfg: Any) -> frozenset[str]:
   paths = [p.strip() for p in str(getattr(cfg, 'exclude', '') or '').split(',') if p.strip()]
   if not paths:
     return frozenset()
-  from jaxtrain.train import recorder as provenance  # Deferred: only runs with a blocklist read one.
-  return frozenset(provenance.load_blocklist(paths))
+  return frozenset(load_blocklist(paths))
 
 
 def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, batch_size: int,

@@ -20,7 +20,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxtrain.data import sources
+from jaxtrain.data import chat_templates, sources
 from jaxtrain.data.sources import DataError
 from jaxtrain.paths import cache_root
 
@@ -173,8 +173,7 @@ def _template_specials(specs: Sequence[sources.SourceSpec]) -> list[str]:
   names = sorted({s.template for s in specs if s.format == 'chat' and s.template != 'tokenizer'})
   if not names:
     return []
-  from jaxtrain.data import chat  # Deferred: text-only runs never import the templates.
-  return list(dict.fromkeys(t for name in names for t in chat.special_tokens(name)))
+  return list(dict.fromkeys(t for name in names for t in chat_templates.special_tokens(name)))
 
 
 def _built_tokenizer(cfg: Any) -> Tokenizer:

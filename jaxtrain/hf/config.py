@@ -162,8 +162,8 @@ def model_overrides(hf_dir: str) -> dict:
 def apply_overrides(config: ml_collections.ConfigDict) -> dict:
   """Sets the architecture keys of `config.model` from `config.init.from_hf` (a no-op when it is empty) and,
   when `data.tokenizer` is '' and the directory holds a tokenizer.json, points `data.tokenizer` at it: a
-  pretrained model only makes sense with its own token ids. Returns the overrides. (`config.validate` does
-  the same through `config.resolve_init`, with ConfigErrors.)"""
+  pretrained model only makes sense with its own token ids. Returns the overrides.
+  (`jaxtrain.config.resolve.resolved` does the same on a copy, with ConfigErrors.)"""
   if not config.init.from_hf:
     return {}
   overrides = model_overrides(config.init.from_hf)
@@ -176,7 +176,7 @@ def apply_overrides(config: ml_collections.ConfigDict) -> dict:
 
 def model_config(hf_dir: str, **fields: Any) -> ModelConfig:
   """The ModelConfig of `hf_dir` on top of the default config.model; `fields` override ModelConfig fields
-  (e.g. compute_dtype='float32', attention_block=0)."""
+  (e.g. remat='full'); how it runs is an `Execution` (`jaxtrain.models.execution`)."""
   model = base_config().model
   model.update(model_overrides(hf_dir))
   return dataclasses.replace(models.model_config(model, model.vocab_size), **fields)

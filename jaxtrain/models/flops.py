@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.adapters import lora as lora_lib
 from jaxtrain.models import ModelConfig, mla
 
 
@@ -29,11 +27,6 @@ class LoraFlops:
   rank: int
   targets: tuple[str, ...]
 
-  @classmethod
-  def of(cls, adapters: Any) -> LoraFlops:
-    """From an adapter tree (arrays or ShapeDtypeStructs), e.g. the `params` of a LoRA state."""
-    paths = lora_lib.adapter_paths(adapters)
-    return cls(lora_lib.rank_of(lora_lib.lookup(adapters, paths[0])), tuple('/'.join(p) for p in paths))
 
 
 def weight_matrices(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:

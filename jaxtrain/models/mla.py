@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.models.transformer import (ModelConfig, RMSNorm, _param, _zeros, attention, cached_attention, project,
-                                         rope, rope_frequencies, write_cache)
+from jaxtrain.models.config import ModelConfig
+from jaxtrain.models.execution import Execution, resolve
+from jaxtrain.models.layers import (RMSNorm, attention, cached_attention, param, project, rope, rope_frequencies,
+                                    write_cache, zeros)
 
 Array = jax.Array
 
@@ -56,34 +58,34 @@ class MLA(nnx.Module):
   """Multi-head latent attention with `Attention`'s interface: `__call__(x, segment_ids, positions)`,
   `decode(x, positions, cache, index)` and `cache_shapes(cfg)`."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution | None = None):
     problem = config_error(cfg)
     if problem:
       raise ValueError(f'ModelConfig.{problem[0]}={problem[1]!r}: {problem[2]}')
     d, n, nope, rd, vd = cfg.d_model, cfg.num_heads, cfg.mla_nope_dim, cfg.mla_rope_dim, v_dim(cfg)
-    self.cfg = cfg
+    self.cfg, self.execution = cfg, resolve(execution, cfg)
     if cfg.mla_q_rank:
-      self.q_down = _param(rngs, (d, cfg.mla_q_rank), ('embed', 'latent'), cfg)
+      self.q_down = param(rngs, (d, cfg.mla_q_rank), ('embed', 'latent'), cfg)
       self.q_norm = RMSNorm(cfg.mla_q_rank, cfg, rngs)
-      self.q_up = _param(rngs, (cfg.mla_q_rank, n, nope + rd), ('latent', 'heads', 'head_dim'), cfg)
+      self.q_up = param(rngs, (cfg.mla_q_rank, n, nope + rd), ('latent', 'heads', 'head_dim'), cfg)
     else:
-      self.q = _param(rngs, (d, n, nope + rd), ('embed', 'heads', 'head_dim'), cfg)
+      self.q = param(rngs, (d, n, nope + rd), ('embed', 'heads', 'head_dim'), cfg)
     # Zero-width parts (nope 0, rope 0) get no parameter at all rather than an empty one.
     if cfg.mla_kv_rank:
-      self.kv_down = _param(rngs, (d, cfg.mla_kv_rank), ('embed', 'latent'), cfg)
+      self.kv_down = param(rngs, (d, cfg.mla_kv_rank), ('embed', 'latent'), cfg)
       self.kv_norm = RMSNorm(cfg.mla_kv_rank, cfg, rngs)
       if nope:
-        self.k_up = _param(rngs, (cfg.mla_kv_rank, n, nope), ('latent', 'heads', 'head_dim'), cfg)
-      self.v_up = _param(rngs, (cfg.mla_kv_rank, n, vd), ('latent', 'heads', 'head_dim'), cfg)
+        self.k_up = param(rngs, (cfg.mla_kv_rank, n, nope), ('latent', 'heads', 'head_dim'), cfg)
+      self.v_up = param(rngs, (cfg.mla_kv_rank, n, vd), ('latent', 'heads', 'head_dim'), cfg)
     else:
       if nope:
-        self.k = _param(rngs, (d, n, nope), ('embed', 'heads', 'head_dim'), cfg)
-      self.v = _param(rngs, (d, n, vd), ('embed', 'heads', 'head_dim'), cfg)
+        self.k = param(rngs, (d, n, nope), ('embed', 'heads', 'head_dim'), cfg)
+      self.v = param(rngs, (d, n, vd), ('embed', 'heads', 'head_dim'), cfg)
     if rd:
-      self.k_rope = _param(rngs, (d, rd), ('embed', 'head_dim'), cfg)
-    self.o = _param(rngs, (n, vd, d), ('heads', 'head_dim', 'embed'), cfg)
+      self.k_rope = param(rngs, (d, rd), ('embed', 'head_dim'), cfg)
+    self.o = param(rngs, (n, vd, d), ('heads', 'head_dim', 'embed'), cfg)
     if cfg.attn_out_bias:
-      self.o_bias = _zeros((d,), ('embed',), cfg)
+      self.o_bias = zeros((d,), ('embed',), cfg)
 
   @staticmethod
   def cache_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -158,7 +160,7 @@ class MLA(nnx.Module):
     q = self._queries(x, positions)
     k, v = self._keys_values(self._per_token(x, positions), x.dtype)
     # Concatenated parts make q.k the sum of both scores; the default scale 1/sqrt(P+E) is MLA's.
-    out = attention(q, k, v, segment_ids, cfg.causal, cfg.attention_block, cfg.sliding_window)  # (B,T,N,V)
+    out = attention(q, k, v, segment_ids, cfg.causal, self.execution.attention_block, cfg.sliding_window)  # (B,T,N,V)
     return self._out(out)
 
   def decode(self, x: Array, positions: Array, cache: dict[str, Array], index: Array

@@ -26,8 +26,9 @@ import numpy as np
 from flax import nnx
 
 from jaxtrain import sharding
-from jaxtrain.models import transformer as tf
-from jaxtrain.models.transformer import ModelConfig
+from jaxtrain.models import layers, transformer as tf
+from jaxtrain.models.config import ModelConfig
+from jaxtrain.models.execution import Execution, resolve
 
 Array = jax.Array
 TIME_EMBEDDINGS = ('none', 'sinusoidal', 'learned')
@@ -64,29 +65,29 @@ def time_features(t: Array, dim: int) -> Array:
 class Shared(nnx.Module):
   """Embedding (with learned positions and the time embedding, when used), final norm and head."""
 
-  def __init__(self, rc: RackConfig, rngs: nnx.Rngs):
+  def __init__(self, rc: RackConfig, rngs: nnx.Rngs, execution: Execution | None = None):
     cfg = rc.block
-    self.rc = rc
-    self.embed = tf._param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg)
-    self.final_norm = tf.make_norm(cfg.d_model, cfg, rngs)
+    self.rc, self.execution = rc, resolve(execution, cfg)
+    self.embed = layers.param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg)
+    self.final_norm = layers.make_norm(cfg.d_model, cfg, rngs)
     if not cfg.tie_embeddings:
-      self.lm_head = tf._param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg)
+      self.lm_head = layers.param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg)
     if cfg.positions == 'learned':
-      self.pos_embed = tf._param(rngs, (cfg.max_positions, cfg.d_model), ('positions', 'embed'), cfg)
+      self.pos_embed = layers.param(rngs, (cfg.max_positions, cfg.d_model), ('positions', 'embed'), cfg)
     if rc.time_embedding == 'sinusoidal':
-      self.time_proj = tf._param(rngs, (cfg.d_model, cfg.d_model), ('norm', 'embed'), cfg)
+      self.time_proj = layers.param(rngs, (cfg.d_model, cfg.d_model), ('norm', 'embed'), cfg)
     elif rc.time_embedding == 'learned':
-      self.time_table = tf._param(rngs, (rc.time_bins, cfg.d_model), ('positions', 'embed'), cfg)
+      self.time_table = layers.param(rngs, (rc.time_bins, cfg.d_model), ('positions', 'embed'), cfg)
 
   def inputs(self, tokens: Array, positions: Array, t: Array | None = None) -> Array:
     """(B,T,D) block input: token (+ position) (+ time) embeddings."""
     cfg = self.rc.block
-    dt = jnp.dtype(cfg.compute_dtype)
+    dt = jnp.dtype(self.execution.compute_dtype)
     x = sharding.constrain(self.embed[...].astype(dt), (None, None))[tokens]
     if cfg.positions == 'learned':
       x = x + sharding.constrain(self.pos_embed[...].astype(dt), (None, None))[positions]
     if t is not None and self.rc.time_embedding == 'sinusoidal':
-      x = x + tf.project('btf,fd->btd', time_features(t, cfg.d_model).astype(dt), self.time_proj.get_value())
+      x = x + layers.project('btf,fd->btd', time_features(t, cfg.d_model).astype(dt), self.time_proj.get_value())
     elif t is not None and self.rc.time_embedding == 'learned':
       bins = jnp.clip(jnp.round(t * (self.rc.time_bins - 1)), 0, self.rc.time_bins - 1).astype(jnp.int32)
       x = x + self.time_table[...].astype(dt)[bins]
@@ -99,33 +100,35 @@ class Shared(nnx.Module):
     if cfg.tie_embeddings:
       logits = jnp.einsum('btd,vd->btv', x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
     else:
-      logits = tf.project('btd,dv->btv', x, self.lm_head.get_value(), jnp.float32)
+      logits = layers.project('btd,dv->btv', x, self.lm_head.get_value(), jnp.float32)
     return sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
 
 
 class Stack(nnx.Module):
   """`cfg.num_layers` blocks with parameters stacked on a leading `layers` axis."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, execution: Execution | None = None):
     self.cfg = cfg
+    self.execution = execution = resolve(execution, cfg)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_blocks(rngs: nnx.Rngs) -> tf.Block:
-      return tf.Block(cfg, rngs)
+      return tf.Block(cfg, rngs, execution)
 
     self.blocks = make_blocks(rngs)
 
   def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
-    return tf.run_blocks(self.blocks, x, segment_ids, positions, self.cfg)
+    return tf.run_blocks(self.blocks, x, segment_ids, positions, self.cfg, self.execution)
 
   def decode(self, x: Array, positions: Array, cache: Any, index: Array) -> tuple[Array, Any]:
-    return tf.decode_blocks(self.blocks, x, positions, cache, index, self.cfg)
+    return tf.decode_blocks(self.blocks, x, positions, cache, index, self.execution)
 
 
 @dataclasses.dataclass(frozen=True)
 class RackDef:
-  """Static halves of the rack: graphdefs, logical PartitionSpecs and shapes of `shared` and of one stack."""
+  """Static halves of the rack: graphdefs, logical PartitionSpecs and shapes of `shared` and of one stack,
+  and the execution the graphdefs run with."""
 
   rc: RackConfig
   shared_graphdef: Any
@@ -134,6 +137,7 @@ class RackDef:
   stack_specs: Any
   shared_shapes: Any
   stack_shapes: Any
+  execution: Execution = Execution()
 
   def specs(self, stacks: Sequence[int] | None = None) -> dict:
     """Logical specs of a rack tree holding `stacks` (default: all)."""
@@ -152,13 +156,15 @@ def _split(module_fn: Any) -> tuple[Any, Any, Any]:
   return graphdef, nnx.to_pure_dict(nnx.get_partition_spec(state)), nnx.to_pure_dict(state)
 
 
-def describe(rc: RackConfig) -> RackDef:
-  """The rack's static description, without allocating parameters."""
+def describe(rc: RackConfig, execution: Execution | None = None) -> RackDef:
+  """The rack's static description, without allocating parameters, run as `execution` says (default:
+  `execution.default(rc.block)`, no kernel)."""
   if rc.time_embedding not in TIME_EMBEDDINGS:
     raise ValueError(f'time_embedding={rc.time_embedding!r}: valid are {", ".join(TIME_EMBEDDINGS)}')
-  sg, ss, sh = _split(lambda: Shared(rc, nnx.Rngs(0)))
-  kg, ks, kh = _split(lambda: Stack(rc.block, nnx.Rngs(0)))
-  return RackDef(rc, sg, kg, ss, ks, sh, kh)
+  execution = resolve(execution, rc.block)
+  sg, ss, sh = _split(lambda: Shared(rc, nnx.Rngs(0), execution))
+  kg, ks, kh = _split(lambda: Stack(rc.block, nnx.Rngs(0), execution))
+  return RackDef(rc, sg, kg, ss, ks, sh, kh, execution)
 
 
 def init_shared(rc: RackConfig, key: Array) -> dict:
@@ -202,7 +208,8 @@ def forward(rd: RackDef, params: dict, batch: dict[str, Array], order: Sequence[
 def init_cache(rd: RackDef, order: Sequence[int], batch: int, max_len: int) -> dict:
   """KV cache for autoregressive decoding through the stacks in `order` (causal racks only)."""
   cfg = rd.rc.block
-  return {str(i): tf.init_cache(cfg, cfg.num_layers, batch, max_len, jnp.dtype(cfg.compute_dtype)) for i in order}
+  dtype = jnp.dtype(rd.execution.compute_dtype)
+  return {str(i): tf.init_cache(cfg, cfg.num_layers, batch, max_len, dtype) for i in order}
 
 
 def decode(rd: RackDef, params: dict, order: Sequence[int], tokens: Array, positions: Array, cache: dict,

@@ -20,8 +20,9 @@ import numpy as np
 
 from jaxtrain import data, sampling, sharding
 from jaxtrain.stackwise import objectives, plan as stackwise
-from jaxtrain.train import loop as train, optim
-from jaxtrain.config.validate import check_vocab
+from jaxtrain.train import execution, loop as train, optim, resume
+from jaxtrain.config import validate as config_validate
+from jaxtrain.models.validate import check_vocab
 from jaxtrain.models import rack
 from jaxtrain.stackwise.checkpoint import StackCheckpointer
 
@@ -50,15 +51,22 @@ def restore_rack(store: StackCheckpointer, stage: int, rd: rack.RackDef, host_ra
   return out, trained
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> dict[str, Any]:
   """Trains the rack stage by stage in `workdir`, resuming after the last saved stage (and inside the
-  current stage from its own checkpoints). Returns {'stages': [per-stage records], 'eval', 'samples'}."""
+  current stage from its own checkpoints). Returns {'stages': [per-stage records], 'eval', 'samples'}.
+  Validates first, as `jaxtrain.train.run` does, and trains the config `prepare` returns."""
+  config = config_validate.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_tokenizer(config.data)
-  check_vocab(config, tokenizer.vocab_size)
-  rd, obj = stackwise.rack_setup(config, tokenizer.vocab_size)
+  check_vocab(config.model, tokenizer.vocab_size)
+  rd, obj = stackwise.rack_setup(config, tokenizer.vocab_size, execution.plan(config))  # before any write
   stages = stackwise.plan(config)
   schedule = stackwise.depth_schedule(config)
+  if start_over:
+    resume.start_over(workdir, ('rack', 'stages'))
+  # WORKDIR/config.json is shared by the rack and every stage's checkpoints; each stage's state is compared
+  # with its own checkpoints when the stage starts (`Checkpointer.restore_latest`).
+  resume.check(config, workdir, ['rack'] + [os.path.join('stages', str(s.index), 'checkpoints') for s in stages])
   train.write_config(config, workdir)
   primary = jax.process_index() == 0
   store = StackCheckpointer(os.path.join(workdir, 'rack'))
@@ -87,31 +95,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       loss_fn = stackwise.make_loss_fn(config, rd, obj, stage, schedule)
       train_step, eval_step = train.jit_steps(config, built, tx, lr_schedule, mesh, loss_fn)
       train_flops, eval_flops = stage_flops(config, rd, stage)
-      job = train.Job(built, train_step, eval_step, stage.steps, config.train.seed + stage.index, train_flops,
-                      eval_flops, KEEP_KEYS, stage.name)
-      summary = train.fit(config, job, os.path.join(workdir, 'stages', str(stage.index)), mesh, tokenizer)
-      if summary['stopped']:
-        reason, where = summary['stopped']
+      job = train.Job(built, train.FixedStep(train_step, train_flops), eval_step, stage.steps,
+                      config.train.seed + stage.index, train_flops, eval_flops, KEEP_KEYS, stage.name)
+      result = train.fit(config, job, os.path.join(workdir, 'stages', str(stage.index)), mesh, tokenizer)
+      if result.stopped:
+        reason, where = result.stopped
         if primary:
           print(f'stopped by {reason} in {stage.name}: checkpoint {where}; run the same command to resume',
                 flush=True)
-        return {'stages': records, 'eval': None, 'samples': [], 'stopped': summary['stopped']}
-      state = summary['state']
+        return {'stages': records, 'eval': None, 'samples': [], 'stopped': result.stopped}
+      state = result.state
       host_rack, changed = stackwise.merge_stage(config, stage, host_rack, state['params'])
     trained = sorted(set(trained) | set(stage.order))
-    losses = summary['losses']
+    losses = result.losses
     record = {'stage': stage.index, 'stacks': list(stage.order), 'new': list(stage.new), 'steps': stage.steps,
               'ratio': stage.ratio, 'trained_params': rack.count(built.abstract['params']),
               'loss_first': losses[min(losses)] if losses else None,
               'loss_last': losses[max(losses)] if losses else None,
-              'eval_loss': summary['eval']['eval_loss'], 'eval_masked_ce': masked_ce(summary['eval']),
+              'eval_loss': result.eval['eval_loss'], 'eval_masked_ce': masked_ce(result.eval),
               'seconds': round(time.perf_counter() - start, 1),
               'changed': changed}
     report = store.save(stage.index, parts_of(host_rack, trained), meta=record)
     record['bytes_written'] = report.bytes_written
     record['parts_written'] = list(report.written)
     records.append(record)
-    del state, summary  # the stage's device arrays go before the next stage builds its own
+    del state, result  # the stage's device arrays go before the next stage builds its own
   result = {'stages': records, 'eval': records[-1]['eval_loss'] if records else None, 'stopped': None}
   result['samples'] = samples(config, rd, obj, stages[-1], host_rack, tokenizer, schedule) if primary else []
   if primary:

@@ -38,14 +38,17 @@ from jaxtrain import models, sharding
 from jaxtrain.stackwise import objectives
 from jaxtrain.train import steps
 from jaxtrain.models import flops
-from jaxtrain.train.checkpoint import abstract_with_shardings
 from jaxtrain.errors import ConfigError
 from jaxtrain.models import ModelConfig, rack
-from jaxtrain.train.state import Built, QUANTIZED
+from jaxtrain.train.state import Built, QUANTIZED, trainable, with_frozen
 
 DIRECTIONS = ('append', 'prepend', 'joint')
 TRUNKS = ('frozen', 'lora', 'qlora')
 RANK_SCHEDULES = ('constant', 'increasing', 'list')
+QUANTIZERS = ('none', 'nf4', 'int8')
+NEW_STACK_INITS = ('identity', 'random', 'copy')
+TIMES = ('input', 'depth')
+TIME_EMBEDDINGS = ('none', 'sinusoidal', 'learned')
 INPUT_SIDE = ('pos_embed', 'time_proj', 'time_table')  # besides an untied embedding
 OUTPUT_SIDE = ('final_norm', 'lm_head')
 
@@ -107,20 +110,41 @@ def stage_steps(w: ml_collections.ConfigDict, total: int, stages: int) -> tuple[
   return tuple(total // stages + (1 if i < total % stages else 0) for i in range(stages))
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """The `objective` and `stackwise` sections: choices and ranges of their keys; masked objectives need a rack;
+  a rack starts from a random init; and the rack's stages must be possible (`plan`). Raises ConfigError."""
+  o, w = config.objective, config.stackwise
+  for section, key, options in (('objective', 'kind', objectives.KINDS), ('objective', 'time', TIMES),
+                                ('objective', 'time_embedding', TIME_EMBEDDINGS),
+                                ('stackwise', 'direction', DIRECTIONS), ('stackwise', 'trunk', TRUNKS),
+                                ('stackwise', 'quantize', QUANTIZERS), ('stackwise', 'rank_schedule', RANK_SCHEDULES),
+                                ('stackwise', 'new_stack_init', NEW_STACK_INITS)):
+    if config[section][key] not in options:
+      raise ConfigError(f'{section}.{key}', config[section][key], f'must be one of {", ".join(options)}')
+  if not 0 < o.mlm_ratio < 1:
+    raise ConfigError('objective.mlm_ratio', o.mlm_ratio, 'must be in (0, 1)')
+  if not 0 < o.t_min < 1:
+    raise ConfigError('objective.t_min', o.t_min, 'must be in (0, 1)')
+  if w.num_stacks < 0:
+    raise ConfigError('stackwise.num_stacks', w.num_stacks, 'must be >= 0 (0: not a StackWise run)')
+  if not w.num_stacks:
+    if o.kind != 'clm':
+      raise ConfigError('objective.kind', o.kind, 'masked objectives train StackWise racks: set stackwise.num_stacks '
+                        '> 0 (e.g. configs/stackwise.py), or use clm')
+    return
+  if config.init.from_hf or config.init.lora_from or config.lora.rank:
+    raise ConfigError('stackwise.num_stacks', w.num_stacks, 'a StackWise rack starts from a random init and takes '
+                      'its adapters from the stackwise section: leave init.from_hf, init.lora_from and lora.rank unset')
+  plan(config)  # directions against the objective, ranks, schedules and step counts: StackwiseError, a ConfigError
+
+
 def plan(config: ml_collections.ConfigDict) -> list[Stage]:
-  """The stages of a run, validated (one-line StackwiseError for settings that cannot work)."""
+  """The stages of a run whose config passed `check` (one-line StackwiseError for settings that cannot work)."""
   w, obj = config.stackwise, config.objective
   n = int(w.num_stacks)
   if config.model.num_layers % n:
     raise StackwiseError(f'config.model.num_layers={config.model.num_layers} is the rack depth and must be a '
                          f'multiple of stackwise.num_stacks={n}')
-  if w.direction not in DIRECTIONS:
-    raise StackwiseError(f'config.stackwise.direction={w.direction!r}: valid are {", ".join(DIRECTIONS)}')
-  if w.trunk not in TRUNKS:
-    raise StackwiseError(f'config.stackwise.trunk={w.trunk!r}: valid are {", ".join(TRUNKS)}')
-  if w.rank_schedule not in RANK_SCHEDULES:
-    raise StackwiseError(f'config.stackwise.rank_schedule={w.rank_schedule!r}: valid are '
-                         f'{", ".join(RANK_SCHEDULES)}')
   joint = w.direction == 'joint'
   stages = 1 if joint else (int(w.stages) or n)
   if stages > n:
@@ -306,11 +330,7 @@ def build_stage(config: ml_collections.ConfigDict, rd: rack.RackDef, stage: Stag
     p_shapes['trunk'] = trunk_ad
     p_specs['trunk'] = {i: lora.specs(rd.stack_specs, a) for i, a in trunk_ad.items()}
   p_sh = sharding.param_shardings(p_specs, p_shapes, mesh)
-  opt_shapes = jax.eval_shape(tx.init, p_shapes)
-  saved_sh = {'params': p_sh, 'opt_state': sharding.shardings_like(opt_shapes, p_shapes, p_sh, mesh),
-              'step': replicated, 'rng': replicated}
-  abstract = {'params': p_shapes, 'opt_state': opt_shapes, 'step': jax.ShapeDtypeStruct((), jnp.int32),
-              'rng': jax.eval_shape(lambda: key)}
+  saved = trainable(p_shapes, p_sh, tx, key, mesh)
 
   quantize = None
   if w.trunk == 'qlora':
@@ -324,7 +344,6 @@ def build_stage(config: ml_collections.ConfigDict, rd: rack.RackDef, stage: Stag
     f_sh['trunk'] = {i: jax.tree.map(lambda _: replicated, q_shapes) for i in trunk_ids}
   if stage.stack_rank:
     f_sh['stack'] = stack_sh
-  state_sh = dict(saved_sh, frozen=f_sh)
 
   def put(tree: Any, sh: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, sh)
@@ -353,12 +372,6 @@ def build_stage(config: ml_collections.ConfigDict, rd: rack.RackDef, stage: Stag
                          for i, r in stage.trunk_ranks.items()}
     return params
 
-  init_opt = jax.jit(lambda p: {'params': p, 'opt_state': tx.init(p), 'step': jnp.zeros((), jnp.int32),
-                                'rng': key}, out_shardings=saved_sh)
-
-  def create() -> dict:
-    return dict(init_opt(initial_params()), frozen=make_frozen())
-
   transform = make_transform(config, stage)
   n_train = rack.count(p_shapes)
   n_frozen = rack.count(rd.shared_shapes) + rack.count(rd.stack_shapes) * len(stage.order) - n_train
@@ -368,8 +381,7 @@ def build_stage(config: ml_collections.ConfigDict, rd: rack.RackDef, stage: Stag
   description = (f'stacks {list(stage.order)} (new {list(new)}{stack_lora}), '
                  f'{trunk_text}; {n_train / 1e6:.3f}M trained / {n_frozen / 1e6:.3f}M frozen params'
                  f'{f", mask ratio {stage.ratio:g}" if stage.ratio is not None else ""}')
-  return Built(None, abstract_with_shardings(abstract, saved_sh), state_sh, create,
-               lambda restored: dict(restored, frozen=make_frozen()), transform, description)
+  return with_frozen(None, saved, initial_params, f_sh, make_frozen, transform, description)
 
 
 def make_transform(config: ml_collections.ConfigDict, stage: Stage) -> steps.ParamTransform:
@@ -431,8 +443,10 @@ def mask_id_and_vocab(config: ml_collections.ConfigDict, tokenizer_vocab: int) -
   return (tokenizer_vocab if masked else -1), vocab
 
 
-def rack_setup(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> tuple[rack.RackDef, objectives.Objective]:
-  """The rack description and objective of a StackWise config."""
+def rack_setup(config: ml_collections.ConfigDict, tokenizer_vocab: int, execution: models.Execution | None = None
+               ) -> tuple[rack.RackDef, objectives.Objective]:
+  """The rack description and objective of a StackWise config; the rack runs as `execution` says (a run's
+  `jaxtrain.train.execution.plan`; default: `models.execution.default`, which never builds the kernel)."""
   mask_id, vocab = mask_id_and_vocab(config, tokenizer_vocab)
   obj_cfg, w = config.objective, config.stackwise
   obj = objectives.Objective(kind=obj_cfg.kind, mask_id=mask_id, mlm_ratio=obj_cfg.mlm_ratio, time=obj_cfg.time,
@@ -442,7 +456,7 @@ def rack_setup(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> tuple
   mc = dataclasses.replace(mc, vocab_size=vocab, num_layers=config.model.num_layers // w.num_stacks,
                            causal=obj.causal)
   time_embedding = obj_cfg.time_embedding if obj.time_input else 'none'
-  return rack.describe(rack.RackConfig(mc, w.num_stacks, time_embedding)), obj
+  return rack.describe(rack.RackConfig(mc, w.num_stacks, time_embedding), execution), obj
 
 
 def depth_schedule(config: ml_collections.ConfigDict) -> tuple[float, ...] | None:

@@ -1,7 +1,3 @@
-"""Training: the pure train step and its parts (steps, losses, optim, state, sharding rules in
-`jaxtrain.sharding`), checkpoints, and the loop that runs a job. `train.run(config, workdir)` is the library
-entry point, validating the config exactly as the command line does."""
-
-from jaxtrain.train.loop import run
-
-__all__ = ['run']
+"""Training: the pure train step and its parts (steps, losses, optim, state, checkpoint), the execution plan,
+and the loop that runs a job (`loop.run` builds one for a plain decoder config; `jaxtrain.run` is the
+library entry point for any config)."""

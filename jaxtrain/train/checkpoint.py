@@ -1,7 +1,11 @@
 """A thin wrapper over orbax's CheckpointManager for the train state pytree plus the grain iterator.
 
 Each checkpoint directory `WORKDIR/checkpoints/<step>/` holds `state/` (the pytree, restored straight into
-the target shardings) and `data/` (the data iterator position, one file per process). Saves are
+the target shardings) and `data/` (the data iterator position, one file per process); its orbax
+`_CHECKPOINT_METADATA` records the jaxtrain checkpoint format (`FORMAT`; checkpoints without the record are
+format 1). Before a restore, the saved tree (paths, shapes, dtypes, read from orbax's metadata without reading
+arrays) is compared with the run's: a checkpoint of another model or optimizer is refused (`ResumeError`),
+never mistaken for a corrupt one. Saves are
 asynchronous; `close()` waits for the last one so no checkpoint is left half written. Arrays are stored
 uncompressed by default: zstd saves ~8% of the bytes of float32 weights and moments but is most of the
 writer's CPU time, which an async save takes from the train step on a host with few cores
@@ -10,6 +14,7 @@ writer's CPU time, which an async save takes from the train step on a host with 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -19,13 +24,98 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jaxtrain.errors import UserError
 
 
 
+# The layout of a checkpoint directory that this jaxtrain writes and reads. Bump it when a change means an older
+# jaxtrain would misread new checkpoints; a checkpoint of a newer format than this is refused.
+FORMAT = 1
+_FORMAT_KEY = 'jaxtrain_format'  # in the custom metadata of orbax's <step>/_CHECKPOINT_METADATA
+
+
 class TopologyError(UserError):
   """A checkpoint that is intact but cannot be resumed with this many processes."""
+
+
+class ResumeError(UserError):
+  """Intact checkpoints that this run cannot resume: another config, state layout or a newer format."""
+
+
+HOW_TO_PROCEED = ('pass another --workdir, or --start_over to move the old checkpoints aside and train from '
+                  'step 0')
+
+
+def step_dirs(directory: str) -> list[int]:
+  """The finished checkpoint steps under `directory`, newest first (orbax finishes a step by renaming its
+  temporary directory to the bare step number); reads the listing only."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+
+
+def checkpoint_format(step_dir: str) -> int:
+  """The jaxtrain format a checkpoint was written in: 1 when it has no record (written before the record)."""
+  try:
+    with open(os.path.join(step_dir, '_CHECKPOINT_METADATA'), encoding='utf-8') as f:
+      custom = json.load(f).get('custom_metadata') or {}
+  except (OSError, ValueError, AttributeError):
+    return 1
+  return int(custom.get(_FORMAT_KEY, 1))
+
+
+def check_format(step_dir: str) -> None:
+  """ResumeError when the checkpoint in `step_dir` is of a newer format than this jaxtrain reads."""
+  found = checkpoint_format(step_dir)
+  if found > FORMAT:
+    raise ResumeError(f'checkpoint {step_dir}', valid=f'is in jaxtrain checkpoint format {found}, newer than '
+                      f'format {FORMAT} that this jaxtrain reads: resume with the newer jaxtrain that wrote it, or '
+                      + HOW_TO_PROCEED)
+
+
+def _path_text(path: tuple) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+
+
+def saved_tree(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]] | None:
+  """{leaf path: (shape, dtype)} of the state saved in `step_dir`, from orbax's metadata (no array is read);
+  None when that metadata cannot be read (a truncated or incomplete checkpoint)."""
+  try:
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / 'state')
+    leaves = jax.tree_util.tree_flatten_with_path(meta)[0]
+    return {_path_text(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in leaves}
+  except Exception:  # noqa: BLE001 -- unreadable metadata: the restore decides (corrupt, moved aside)
+    return None
+
+
+def tree_difference(saved: dict[str, tuple[tuple[int, ...], str]], abstract: Any) -> str | None:
+  """The first difference between a saved tree (`saved_tree`) and the run's abstract state, in words; None
+  when they match."""
+  want = {_path_text(p): (tuple(x.shape), np.dtype(x.dtype).name)
+          for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  for path, (shape, dtype) in want.items():
+    if path not in saved:
+      return f'{path} is in this run\'s state but not in the checkpoint'
+    if saved[path] != (shape, dtype):
+      return (f'{path} is {dtype}{list(shape)} in this run and {saved[path][1]}{list(saved[path][0])} in the '
+              'checkpoint')
+  extra = next((p for p in saved if p not in want), None)
+  return None if extra is None else f'{extra} is in the checkpoint but not in this run\'s state'
+
+
+def check_state(step_dir: str, abstract: Any) -> bool:
+  """Whether the checkpoint's saved tree could be read (False: leave it to the restore); ResumeError when it
+  was read and differs from `abstract`, or when the checkpoint is of a newer format."""
+  check_format(step_dir)
+  saved = saved_tree(step_dir)
+  if saved is None:
+    return False
+  diff = tree_difference(saved, abstract)
+  if diff is not None:
+    raise ResumeError(f'checkpoint {step_dir}', valid=f'holds another train state: {diff}; ' + HOW_TO_PROCEED)
+  return True
 
 
 def _state_handler(compress: bool) -> ocp.StandardCheckpointHandler:
@@ -94,7 +184,7 @@ class Checkpointer:
       items['data'] = ocp.args.JsonSave(data_iter.get_state())  # written by process 0 only
     elif data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True, custom_metadata={_FORMAT_KEY: FORMAT})
 
   def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None) -> Any:
     """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs with `.sharding`);
@@ -129,12 +219,14 @@ class Checkpointer:
 
     A checkpoint that fails to restore (truncated or missing files) is reported in one line and moved
     aside to `<step>.corrupt-<time>` (never deleted: it may still be worth a look), so the previous one is
-    used and a later save of the same step does not collide with it.
+    used and a later save of the same step does not collide with it. An intact checkpoint of another train
+    state or a newer format raises `ResumeError` before anything is read or moved (`check_state`).
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
+        check_state(os.path.join(self.directory, str(step)), abstract_state)
         return step, self.restore(step, abstract_state, data_iter)
-      except TopologyError:
+      except (TopologyError, ResumeError):
         raise
       except Exception as e:  # noqa: BLE001 -- any failure to read means: not usable, try the previous
         reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]

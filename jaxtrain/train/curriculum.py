@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from jaxtrain.data.sources import DataError
+from jaxtrain.errors import ConfigError
 from jaxtrain.models import ModelConfig
 
 KINDS = ('none', 'linear', 'cosine', 'step')
@@ -44,6 +44,38 @@ KINDS = ('none', 'linear', 'cosine', 'step')
 # Slack when comparing the float schedule with integer levels, so a level the formula hits exactly
 # (cos(pi/3) = 0.5000000000000001) is not lost to rounding.
 _EPS = 1e-6
+
+
+def _problem(kind: str, start: int, seq_len: int, fraction: float, steps_per_stage: int,
+             max_variants: int) -> tuple[str, Any, str] | None:
+  """(key, value, what is valid) of the first curriculum setting that cannot work, else None."""
+  if kind not in KINDS:
+    return 'curriculum.kind', kind, f'must be one of {", ".join(KINDS)}'
+  if start < 1:
+    return 'curriculum.start', start, 'must be > 0'
+  if kind != 'none' and start > seq_len:
+    return 'curriculum.start', start, f'must be <= data.seq_len={seq_len}'
+  if not 0 < fraction <= 1:
+    return 'curriculum.fraction', fraction, 'must be in (0, 1]: the share of train.steps spent widening'
+  if steps_per_stage < 0:
+    return ('curriculum.steps_per_stage', steps_per_stage,
+            'must be >= 0 (0: the ramp split into max_variants - 1 stages)')
+  if max_variants < 2:
+    return ('curriculum.max_variants', max_variants,
+            'must be >= 2 (a short window and the full one; each distinct window compiles one train step)')
+  return None
+
+
+def check(config: Any) -> None:
+  """The `curriculum` section of a run config (with `data.seq_len`): the schedule's settings, and plain
+  decoder runs only. Raises ConfigError."""
+  c = config.curriculum
+  problem = _problem(c.kind, c.start, config.data.seq_len, c.fraction, c.steps_per_stage, c.max_variants)
+  if problem:
+    raise ConfigError(*problem)
+  if c.kind != 'none' and config.stackwise.num_stacks:
+    raise ConfigError('curriculum.kind', c.kind, "applies to plain decoder runs; use 'none' with "
+                      f'stackwise.num_stacks = {config.stackwise.num_stacks}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,23 +92,9 @@ class Schedule:
   max_variants: int = 4
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise DataError('curriculum.kind', self.kind, 'is not a schedule shape', f'use one of {", ".join(KINDS)}')
-    if self.kind == 'none':
-      return
-    if not 1 <= self.start <= self.seq_len:
-      raise DataError('curriculum.start', self.start, 'is not a window the rows allow',
-                      f'use 1 .. data.seq_len={self.seq_len}')
-    if not 0 < self.fraction <= 1:
-      raise DataError('curriculum.fraction', self.fraction, 'is not a share of training', 'use a number in (0, 1]')
-    if self.steps_per_stage < 0:
-      raise DataError('curriculum.steps_per_stage', self.steps_per_stage, 'is negative',
-                      'use 0 (the ramp split into max_variants - 1 stages) or a step count')
-    if self.max_variants < 2:
-      raise DataError('curriculum.max_variants', self.max_variants, 'leaves no room for a short window',
-                      'use >= 2 (each distinct window compiles one train step)')
-    if self.total < 1:
-      raise DataError('train.steps', self.total, 'is not a step count', 'use >= 1')
+    problem = _problem(self.kind, self.start, self.seq_len, self.fraction, self.steps_per_stage, self.max_variants)
+    if problem:
+      raise ConfigError(*problem)
 
   @classmethod
   def of(cls, config: Any) -> Schedule:
@@ -151,7 +169,8 @@ def window_config(mc: ModelConfig, window_size: int, seq_len: int) -> ModelConfi
 
 
 class Variants:
-  """The train steps of a curriculum run, one per window, chosen by the host step.
+  """The train steps of a curriculum run, one per window, chosen by the host step: the `loop.StepChoice` of
+  its `Job`.
 
   `make_step(model_config)` builds a jitted `train_step(state, batch)` for a model config; it is called once
   per window, the first time the schedule reaches it. `full_step`, the run's ordinary step, serves the full
@@ -190,6 +209,10 @@ class Variants:
   def flops_total(self, steps: int) -> float:
     """Model FLOPs per token-position summed over steps [0, steps): multiply by tokens per step."""
     return sum(max(0, min(end, steps) - first) * self._flops[w] for first, end, w in self._segments)
+
+  def step_metrics(self, step: int) -> dict[str, int]:
+    """Logged with step `step` (0-based): its attention window."""
+    return {'attn_window': self.window(step)}
 
   def built_windows(self) -> tuple[int, ...]:
     """The windows whose step exists so far (the full one from the start when given)."""

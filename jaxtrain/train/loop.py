@@ -6,24 +6,28 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxtrain.train import curriculum, losses, metrics, optim, steps, stopping
+from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, steps, stopping
 from jaxtrain import data, models, sharding
+from jaxtrain.adapters import lora
 from jaxtrain.models import flops
 from jaxtrain.train.checkpoint import Checkpointer
 from jaxtrain.train.recorder import Recorder
 from jaxtrain.errors import NonFiniteError
-from jaxtrain.config.validate import check_vocab, resolve_init
+from jaxtrain.config import validate as config_validate  # a module: it imports this package's features lazily
+from jaxtrain.models.validate import check_vocab
 from jaxtrain.train.state import Built, build, checkpointed, init_state, state_factory
 
-__all__ = ['run', 'fit', 'Job', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state', 'NonFiniteError']
+__all__ = ['run', 'fit', 'Job', 'RunResult', 'FixedStep', 'evaluate', 'make_loss_fn', 'state_factory', 'init_state',
+           'NonFiniteError']
 
 
 def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
@@ -35,8 +39,8 @@ def make_loss_fn(graphdef: Any, z_loss: float) -> steps.LossFn:
 
 
 def steps_per_call(config: ml_collections.ConfigDict) -> int:
-  """`train.steps_per_call` resolved: 0 (auto) is 4 on CPU, 1 on accelerators (see defaults.py)."""
-  return config.train.steps_per_call or (4 if jax.default_backend() == 'cpu' else 1)
+  """`train.steps_per_call` resolved (`execution.steps_per_call`: 0 is 4 on CPU, 1 on accelerators)."""
+  return execution.steps_per_call(config)
 
 
 def jit_steps(config: ml_collections.ConfigDict, built: Built, tx: Any, schedule: Any,
@@ -114,17 +118,68 @@ def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tok
   return out
 
 
+class StepChoice(Protocol):
+  """Which jitted train step runs each step of a job, and the model FLOPs per token it computes: `FixedStep`
+  runs one step throughout; `curriculum.Variants` picks one per attention window. The loop asks only this."""
+
+  def at(self, step: int) -> Any:
+    """The jitted train step to run as step `step` (0-based)."""
+
+  def segment_end(self, step: int) -> int:
+    """The first step after `step` that runs another jitted step: a call never spans two."""
+
+  def flops_per_token(self, step: int) -> float:
+    """Model FLOPs per token of step `step`."""
+
+  def flops_total(self, steps: int) -> float:
+    """Model FLOPs per token-position summed over steps [0, steps)."""
+
+  def step_metrics(self, step: int) -> dict[str, Any]:
+    """Values logged with step `step` besides the step's own metrics (e.g. its attention window)."""
+
+  def _cache_size(self) -> int:
+    """Programs compiled so far, as `jax.jit`'s own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedStep:
+  """The `StepChoice` of a job that runs one jitted `step` of `flops` model FLOPs per token throughout."""
+
+  step: Any
+  flops: float
+
+  def at(self, step: int) -> Any:
+    return self.step
+
+  def segment_end(self, step: int) -> int:
+    return sys.maxsize
+
+  def flops_per_token(self, step: int) -> float:
+    return self.flops
+
+  def flops_total(self, steps: int) -> float:
+    return self.flops * steps
+
+  def step_metrics(self, step: int) -> dict[str, Any]:
+    return {}
+
+  def _cache_size(self) -> int:
+    return self.step._cache_size()  # pylint: disable=protected-access
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One training loop's worth of work: the state, its jitted steps, how long and on which data order.
 
-  `train.run` builds one for the config; StackWise builds one per stage. `keep_keys` are provenance keys
-  (doc_ids, doc_chunks) that the step needs as inputs, e.g. to draw masks keyed by sample id; the rest of the
-  provenance stays on the host. `flops_per_token` / `eval_flops_per_token` count what the step computes.
+  `train.run` builds one for the config; StackWise builds one per stage. `train_step` chooses the jitted step
+  of each step (`FixedStep`, or a curriculum's `Variants`). `keep_keys` are provenance keys (doc_ids,
+  doc_chunks) that the step needs as inputs, e.g. to draw masks keyed by sample id; the rest of the provenance
+  stays on the host. `flops_per_token` (of the full step, for the header line) / `eval_flops_per_token` count
+  what the steps compute.
   """
 
   built: Built
-  train_step: Any
+  train_step: StepChoice
   eval_step: Any
   steps: int
   seed: int
@@ -134,26 +189,60 @@ class Job:
   label: str = ''
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir`, resuming from its newest complete checkpoint (see `fit`)."""
-  resolve_init(config)
+@dataclasses.dataclass(frozen=True)
+class Flops:
+  """Model FLOPs spent by this run (not counting steps before a resume): training and evaluation."""
+
+  train: float = 0.0
+  eval: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """What `fit` did. `losses`: {step: loss} of the steps run now; `eval`: the final evaluation (None when
+  stopped); `stopped`: (reason, checkpoint) of a stop request; `data_ended`: the step after which the training
+  data ran out; `compiles`: train-step programs compiled; `state`: the train state at the end."""
+
+  start_step: int
+  losses: dict[int, float]
+  eval: dict[str, float] | None
+  stopped: tuple[str, str] | None
+  data_ended: int | None
+  compiles: int
+  flops: Flops
+  state: dict
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> RunResult:
+  """Trains per `config` in `workdir`, resuming from its newest complete checkpoint (see `fit`).
+
+  Validates first (`jaxtrain.config.validate.prepare`, as the command line does: a bad config raises the
+  same one-line ConfigError before anything is written) and trains the resolved config it returns. Before
+  anything in `workdir` is written, checkpoints trained with another config or state raise
+  `checkpoint.ResumeError` (`resume.check`); `start_over` moves them aside instead and trains from step 0."""
+  config = config_validate.prepare(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_tokenizer(config.data)
-  check_vocab(config, tokenizer.vocab_size)
+  check_vocab(config.model, tokenizer.vocab_size)
   mc = models.model_config(config.model, tokenizer.vocab_size)
+  ex = execution.plan(config, mc)  # the attention kernel and layer scan for this backend; before any write
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  write_config(config, workdir)
   with jax.set_mesh(mesh):
-    built = build(config, mc, tx, mesh)
+    built = build(config, mc, tx, mesh, ex)
+    if start_over:
+      resume.start_over(workdir)
+    resume.check(config, workdir, abstract=built.abstract)
+    write_config(config, workdir)
     train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
     # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
-    trains = flops.LoraFlops.of(built.abstract['params']) if 'frozen' in built.shardings else None
+    trains = lora.flops_of(built.abstract['params']) if 'frozen' in built.shardings else None
+    full = flops.flops_per_token(mc, config.data.seq_len, lora=trains)
+    choice: StepChoice = FixedStep(train_step, full)
     if curriculum.enabled(config):  # one jitted step per attention window; the full window's is train_step
-      train_step = curriculum.variants(config, mc, train_step, lambda m: jit_steps(
-          config, built, tx, schedule, mesh, make_loss_fn(models.describe(m)[0], config.train.z_loss))[0],
+      choice = curriculum.variants(config, mc, train_step, lambda m: jit_steps(
+          config, built, tx, schedule, mesh, make_loss_fn(models.describe(m, ex)[0], config.train.z_loss))[0],
           lambda m: flops.flops_per_token(m, config.data.seq_len, lora=trains))
-    job = Job(built, train_step, eval_step, config.train.steps, config.train.seed,
-              flops.flops_per_token(mc, config.data.seq_len, lora=trains),
+    job = Job(built, choice, eval_step, config.train.steps, config.train.seed, full,
               flops.flops_per_token(mc, config.data.seq_len, False, trains))
     return fit(config, job, workdir, mesh, tokenizer)
 
@@ -167,189 +256,229 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sharding.Mesh,
-        tokenizer: data.Tokenizer) -> dict[str, Any]:
+        tokenizer: data.Tokenizer) -> RunResult:
   """The loop: resume from WORKDIR/checkpoints if possible, step, log, evaluate, save; call under the mesh.
 
-  Returns a summary: {'start_step', 'losses' {step: loss} for the steps run now, 'eval', 'compiles', 'flops'
-  {'train', 'eval'}: model FLOPs spent now by each (flops.flops_per_token)}. Train records log `mfu` (of
-  what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval records log `eval_flops`
-  (that evaluation) and `eval_tflops_per_s`. When `job.train_step` is a `curriculum.Variants`, each step runs
-  its window's step, FLOPs follow the window and train records log `attn_window`.
+  Train records log `mfu` (of what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval
+  records log `eval_flops` (that evaluation) and `eval_tflops_per_s`. Each call runs up to
+  `train.steps_per_call` steps of one jitted step (`job.train_step.at`), ending at checkpoints, evaluations and
+  where the job's step changes (`segment_end`; a curriculum's window, logged as `attn_window`).
   """
-  built, train_step, eval_step, total = job.built, job.train_step, job.eval_step, job.steps
-  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  srcs = data.pipeline.load_sources(config.data, tokenizer, 'train')
-  train_data = data.make_dataset(config.data, tokenizer, split='train', seed=job.seed,
-                                 batch_size=config.data.batch_size // jax.process_count(),
-                                 process_index=jax.process_index(), process_count=jax.process_count(), srcs=srcs)
-  data_iter = iter(train_data)
-  seen = data.pipeline.SourceTokens(srcs, jax.process_count())
-  eval_srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')  # once, not at every evaluation
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
-                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                      shared_data_state=config.data.process_split == 'rows')
-  start, state = ckpt.restore_latest(built.abstract, data_iter)
-  state = built.complete(state) if start else built.create()
-  recorder = Recorder(config, workdir, start, tokenizer)  # sample ids per step, loss-spike dumps
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  flops_token = job.flops_per_token
-  eval_flops = job.eval_flops_per_token * tokens_per_step * config.train.eval_batches  # padding included
-  peak, peak_source = flops.device_peak_flops(config.log.peak_flops)
-  calls = steps_per_call(config)  # train steps per call of the jitted step
-  logger = metrics.Logger(workdir, config.log, total, start, config.to_dict(), enabled=primary)
-  logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {built.description}, {jax.device_count()} '
-               f'devices, mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step, {flops_token / 1e6:.1f} '
-               f'MFLOPs/token train, {job.eval_flops_per_token / 1e6:.1f} eval, '
-               f'peak {peak / 1e9:.0f} GFLOP/s/device [{peak_source}]'
-               + (f', {calls} steps per call' if calls > 1 else ''))
-  for line in data.pipeline.source_report(srcs):
-    logger.write(f'data {line}')
-  if start:
-    logger.write(f'resumed from {ckpt.directory}/{start}')
-    seen.restore(_load_source_tokens(workdir, start))
+  loop = _Loop(config, job, workdir, mesh, tokenizer)
+  with stopping.StopRequests(workdir) as stop:
+    while loop.done < job.steps and loop.data_ended is None:
+      loop.run_call()
+      if loop.after_call(stop):
+        break
+    loop.finish()
+  return loop.close()
 
-  summary: dict[str, Any] = {'start_step': start, 'losses': {}, 'eval': None, 'stopped': None,
-                             'flops': {'train': 0.0, 'eval': 0.0}}
-  last_time = time.perf_counter()
-  bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
-  tripped: list[tuple[int, dict]] = []  # the first streak that reached max_bad_steps
-  max_bad = config.train.max_bad_steps
-  variants = train_step if isinstance(train_step, curriculum.Variants) else None  # a context-length curriculum
 
-  def emit(call: tuple[dict, list[tuple]]) -> None:
-    """Logs the steps of a finished call: (its metrics on device, one (step, data_wait, provenance,
-    sources_seen) per step it ran); they share the call's time equally."""
-    nonlocal last_time
-    fetched = jax.device_get(call[0])
-    now = time.perf_counter()
-    step_time, last_time = (now - last_time) / len(call[1]), now
-    for i, (step, data_wait, provenance, sources_seen) in enumerate(call[1]):
-      values = {k: float(v[i] if calls > 1 else v) for k, v in fetched.items()}
-      values.update(sources_seen)
-      flops_step, flops_so_far = flops_token, flops_token * step  # per token: this step, steps 0..step-1
-      if variants is not None:  # the attention window, and with it the FLOPs, follow the step
-        flops_step, flops_so_far = variants.flops_per_token(step - 1), variants.flops_total(step)
-        values['attn_window'] = variants.window(step - 1)
-      values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens_per_step / step_time,
-                    mfu=flops_step * tokens_per_step / step_time / (peak * jax.device_count()),
-                    train_flops_total=flops_so_far * tokens_per_step)
-      summary['flops']['train'] += flops_step * tokens_per_step
-      summary['losses'][step] = values['loss']
-      note = recorder.observe(step, values)
-      if note:
-        logger.write(note)
-      if values['skipped']:
-        bad.append((step, provenance))
-        if len(bad) == max_bad:
-          tripped[:] = bad  # the streak to stop for, even if the steps already run after it recover
-        logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm {values['grad_norm']}); "
-                     'update skipped')
-      else:
-        bad.clear()
-      if step % config.log.every == 0 or step == total or values['skipped']:
-        logger.log(step, values)
-      logger.advance()
+class _Loop:
+  """The mutable state of one `fit`: the train state, data iterator, checkpointer, logger, the non-finite
+  streaks, and the last call, whose metrics are fetched while the next call runs."""
 
-  def run_eval() -> tuple[dict, dict]:
-    """(eval metrics, their cost): the cost is logged but kept out of summary['eval'], which is reproducible."""
-    t = time.perf_counter()
-    values = evaluate(eval_step, state, config, tokenizer, mesh, eval_srcs)
-    summary['flops']['eval'] += eval_flops
-    return values, {'eval_flops': eval_flops, 'eval_tflops_per_s': eval_flops / (time.perf_counter() - t) / 1e12}
+  def __init__(self, config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sharding.Mesh,
+               tokenizer: data.Tokenizer):
+    self.config, self.job, self.workdir, self.mesh, self.tokenizer = config, job, workdir, mesh, tokenizer
+    self.primary = jax.process_index() == 0
+    srcs = data.pipeline.load_sources(config.data, tokenizer, 'train')
+    self.data_iter = iter(data.make_dataset(config.data, tokenizer, split='train', seed=job.seed,
+                                            batch_size=config.data.batch_size // jax.process_count(),
+                                            process_index=jax.process_index(), process_count=jax.process_count(),
+                                            srcs=srcs))
+    self.seen = data.pipeline.SourceTokens(srcs, jax.process_count())
+    self.eval_srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')  # once, not at every evaluation
+    self.ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
+                             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                             shared_data_state=config.data.process_split == 'rows')
+    self.start, state = self.ckpt.restore_latest(job.built.abstract, self.data_iter)
+    self.state = job.built.complete(state) if self.start else job.built.create()
+    self.recorder = Recorder(config, workdir, self.start, tokenizer)  # sample ids per step, loss-spike dumps
+    self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.eval_flops = job.eval_flops_per_token * self.tokens_per_step * config.train.eval_batches  # padding in
+    self.peak, peak_source = flops.device_peak_flops(config.log.peak_flops)
+    self.calls = steps_per_call(config)  # train steps per call of the jitted step
+    self.logger = metrics.Logger(workdir, config.log, job.steps, self.start, config.to_dict(), enabled=self.primary)
+    self._header(srcs, peak_source)
+    self.done = self.start
+    self.losses: dict[int, float] = {}
+    self.eval: dict[str, float] | None = None
+    self.stopped: tuple[str, str] | None = None
+    self.data_ended: int | None = None
+    self.flops = Flops()
+    self.last_time = time.perf_counter()
+    self.bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
+    self.tripped: list[tuple[int, dict]] = []  # the first streak that reached max_bad_steps
+    self.pending: tuple[dict, list[tuple]] | None = None  # the last call: its metrics on device, its steps
 
-  def save_and_wait(step: int) -> str:
-    recorder.flush()
-    if step not in ckpt.all_steps():
-      ckpt.save(step, checkpointed(state), data_iter)
-      _save_source_tokens(workdir, step, seen.state(), ckpt.all_steps())
-    ckpt.wait()
-    return f'{ckpt.directory}/{step}'
+  def _header(self, srcs: Any, peak_source: str) -> None:
+    job, calls = self.job, self.calls
+    self.logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {job.built.description}, '
+                      f'{jax.device_count()} devices, mesh {dict(self.mesh.shape)}, {self.tokens_per_step} '
+                      f'tokens/step, {job.flops_per_token / 1e6:.1f} MFLOPs/token train, '
+                      f'{job.eval_flops_per_token / 1e6:.1f} eval, peak {self.peak / 1e9:.0f} GFLOP/s/device '
+                      f'[{peak_source}]' + (f', {calls} steps per call' if calls > 1 else ''))
+    for line in data.pipeline.source_report(srcs):
+      self.logger.write(f'data {line}')
+    if self.start:
+      self.logger.write(f'resumed from {self.ckpt.directory}/{self.start}')
+      self.seen.restore(_load_source_tokens(self.workdir, self.start))
 
-  def call_end(step: int) -> int:
+  def call_end(self, step: int) -> int:
     """Where the call starting after `step` completed steps ends: at most `calls` steps, never past a
-    checkpoint, an evaluation or a change of attention window; one step inside a non-finite streak."""
-    end = min(total, step + (1 if bad else calls))
-    for every in (ckpt.every, config.train.eval_every):
+    checkpoint, an evaluation or a change of the job's step; one step inside a non-finite streak."""
+    end = min(self.job.steps, step + (1 if self.bad else self.calls))
+    for every in (self.ckpt.every, self.config.train.eval_every):
       if every:
         end = min(end, (step // every + 1) * every)
-    return min(end, variants.segment_end(step)) if variants is not None else end
+    return min(end, self.job.train_step.segment_end(step))
 
-  def flush() -> None:
-    nonlocal pending
-    if pending is not None:
-      emit(pending)
-      pending = None
+  def next_batches(self, step: int, end: int) -> tuple[list[dict], list[tuple]]:
+    """The host batches of steps step+1..end (fewer if the data ends: then `data_ended` is set) and one
+    (step, data_wait, provenance, sources_seen) record per batch."""
+    host_batches, records = [], []
+    for s in range(step, end):
+      t0 = time.perf_counter()
+      try:
+        host_batch = next(self.data_iter)
+      except StopIteration:  # a source with on_end='stop' ran out (or every source was dropped)
+        self.data_ended = step + len(host_batches)
+        break
+      # Provenance (which documents fill each row) stays on the host unless the step asks for it.
+      provenance = {k: host_batch[k] if k in self.job.keep_keys else host_batch.pop(k)
+                    for k in list(host_batch) if k.startswith('doc_')}
+      data_wait = time.perf_counter() - t0
+      self.seen.add(provenance['doc_ids'])  # counted now, so a checkpoint saved after this step includes it
+      self.recorder.record(s + 1, host_batch, provenance)  # before to_global: the dump decodes these tokens
+      host_batches.append(host_batch)
+      records.append((s + 1, data_wait, provenance, self.seen.metrics()))
+    return host_batches, records
 
-  pending = None  # the last call, logged while the next one runs
-  done, data_ended = start, False
-  with stopping.StopRequests(workdir) as stop:
-    while done < total and not data_ended:
-      step, host_batches, records = done, [], []
-      for s in range(step, call_end(step)):
-        t0 = time.perf_counter()
-        try:
-          host_batch = next(data_iter)
-        except StopIteration:  # a source with on_end='stop' ran out (or every source was dropped)
-          data_ended = True
-          break
-        # Provenance (which documents fill each row) stays on the host unless the step asks for it.
-        provenance = {k: host_batch[k] if k in job.keep_keys else host_batch.pop(k)
-                      for k in list(host_batch) if k.startswith('doc_')}
-        data_wait = time.perf_counter() - t0
-        seen.add(provenance['doc_ids'])  # counted now, so a checkpoint saved after this step includes it
-        recorder.record(s + 1, host_batch, provenance)  # before to_global: the dump decodes these tokens
-        host_batches.append(host_batch)
-        records.append((s + 1, data_wait, provenance, seen.metrics()))
-      if host_batches:
-        step_fn = variants.at(step) if variants is not None else train_step
-        state, step_metrics = run_steps(step_fn, state, host_batches, calls, mesh)
-        flush()  # the previous call's metrics, fetched while this one runs
-        pending = (step_metrics, records)
-        done = step + len(host_batches)
-      if bad or tripped:  # inside a non-finite streak, look at each call at once: the state stays known
-        flush()
-      if tripped:
-        streak = bad if bad and bad[0][0] == tripped[0][0] else tripped  # all of it, if still going on
-        raise NonFiniteError(_nonfinite_message(streak, done, save_and_wait(done), config, workdir))
-      if data_ended:
-        flush()
-        summary['data_ended'] = done
-        logger.write(f'the training data ended after step {done} (a source with on_end=stop ran out, or every '
-                     f'source was dropped); saving and evaluating')
-        if done and done not in ckpt.all_steps():
-          ckpt.save(done, checkpointed(state), data_iter)
-          _save_source_tokens(workdir, done, seen.state(), ckpt.all_steps())
-        break
-      reason = stop.reason()
-      if reason:
-        flush()
-        summary['stopped'] = (reason, save_and_wait(done))
-        break
-      if ckpt.should_save(done) or done == total:
-        recorder.flush()  # the sidecar holds every step a checkpoint covers, so a resume loses none
-        ckpt.save(done, checkpointed(state), data_iter)
-        _save_source_tokens(workdir, done, seen.state(), ckpt.all_steps())
-      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-        flush()
-        values, cost = run_eval()
-        logger.log(done, values | cost)
-        last_time = time.perf_counter()
-    flush()
-    if not summary['stopped']:
-      summary['eval'], cost = run_eval()
-      logger.log(total, summary['eval'] | cost)
-    recorder.close()
-    ckpt.close()
-  saved = ckpt.latest_step()
-  summary['compiles'] = train_step._cache_size()  # pylint: disable=protected-access
-  summary['state'] = state
-  logger.close()
-  if primary:
-    if config.log.plot:
-      metrics.plot_losses(workdir)
-    print(_summary_line(summary, workdir, f'{ckpt.directory}/{saved}', total, job.label), flush=True)
-  return summary
+  def run_call(self) -> None:
+    """Runs the next call (its metrics stay on device; the previous call's are logged meanwhile)."""
+    step = self.done
+    host_batches, records = self.next_batches(step, self.call_end(step))
+    if host_batches:
+      self.state, step_metrics = run_steps(self.job.train_step.at(step), self.state, host_batches, self.calls,
+                                           self.mesh)
+      self.flush()  # the previous call's metrics, fetched while this one runs
+      self.pending = (step_metrics, records)
+      self.done = step + len(host_batches)
+
+  def after_call(self, stop: stopping.StopRequests) -> bool:
+    """What follows a call: the non-finite check, the end of the data, a stop request, a checkpoint, an
+    evaluation. True when the loop ends here."""
+    done = self.done
+    if self.bad or self.tripped:  # inside a non-finite streak, look at each call at once: the state stays known
+      self.flush()
+    if self.tripped:
+      streak = self.bad if self.bad and self.bad[0][0] == self.tripped[0][0] else self.tripped  # all, if ongoing
+      raise NonFiniteError(_nonfinite_message(streak, done, self.save(done, wait=True), self.config, self.workdir))
+    if self.data_ended is not None:
+      self.flush()
+      self.logger.write(f'the training data ended after step {done} (a source with on_end=stop ran out, or every '
+                        f'source was dropped); saving and evaluating')
+      self.save(done)
+      return True
+    reason = stop.reason()
+    if reason:
+      self.flush()
+      self.stopped = (reason, self.save(done, wait=True))
+      return True
+    if self.ckpt.should_save(done) or done == self.job.steps:
+      self.save(done)
+    eval_every = self.config.train.eval_every
+    if eval_every and done % eval_every == 0 and done != self.job.steps:
+      self.flush()
+      values, cost = self.evaluate()
+      self.logger.log(done, values | cost)
+      self.last_time = time.perf_counter()
+    return False
+
+  def save(self, step: int, wait: bool = False) -> str:
+    """Saves checkpoint `step` (unless saved already, or step 0) with its sidecars: the sample ids of every step
+    it covers (so a resume loses none) and the per-source token counts; `wait`: until it is on disk."""
+    self.recorder.flush()
+    if step and step not in self.ckpt.all_steps():
+      self.ckpt.save(step, checkpointed(self.state), self.data_iter)
+      _save_source_tokens(self.workdir, step, self.seen.state(), self.ckpt.all_steps())
+    if wait:
+      self.ckpt.wait()
+    return f'{self.ckpt.directory}/{step}'
+
+  def evaluate(self) -> tuple[dict, dict]:
+    """(eval metrics, their cost): the cost is logged but kept out of the result's `eval`, which is reproducible."""
+    t = time.perf_counter()
+    values = evaluate(self.job.eval_step, self.state, self.config, self.tokenizer, self.mesh, self.eval_srcs)
+    self.flops = dataclasses.replace(self.flops, eval=self.flops.eval + self.eval_flops)
+    return values, {'eval_flops': self.eval_flops,
+                    'eval_tflops_per_s': self.eval_flops / (time.perf_counter() - t) / 1e12}
+
+  def flush(self) -> None:
+    """Logs the pending call, if any."""
+    if self.pending is not None:
+      self.emit(*self.pending)
+      self.pending = None
+
+  def emit(self, on_device: dict, records: list[tuple]) -> None:
+    """Logs the steps of a finished call: its metrics on device and one (step, data_wait, provenance,
+    sources_seen) per step it ran; they share the call's time equally."""
+    fetched = jax.device_get(on_device)
+    now = time.perf_counter()
+    step_time, self.last_time = (now - self.last_time) / len(records), now
+    choice, tokens = self.job.train_step, self.tokens_per_step
+    for i, (step, data_wait, provenance, sources_seen) in enumerate(records):
+      values = {k: float(v[i] if self.calls > 1 else v) for k, v in fetched.items()}
+      values.update(sources_seen)
+      values.update(choice.step_metrics(step - 1))
+      flops_step = choice.flops_per_token(step - 1)  # per token: this step; below, steps 0..step-1
+      values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens / step_time,
+                    mfu=flops_step * tokens / step_time / (self.peak * jax.device_count()),
+                    train_flops_total=choice.flops_total(step) * tokens)
+      self.flops = dataclasses.replace(self.flops, train=self.flops.train + flops_step * tokens)
+      self.losses[step] = values['loss']
+      self.observe(step, values, provenance)
+
+  def observe(self, step: int, values: dict[str, Any], provenance: dict) -> None:
+    """Spike notes, the non-finite streak and the log record of one step."""
+    note = self.recorder.observe(step, values)
+    if note:
+      self.logger.write(note)
+    if values['skipped']:
+      self.bad.append((step, provenance))
+      if len(self.bad) == self.config.train.max_bad_steps:
+        self.tripped[:] = self.bad  # the streak to stop for, even if the steps already run after it recover
+      self.logger.write(f"step {step}: non-finite loss ({values['loss']}) or gradients (norm "
+                        f"{values['grad_norm']}); update skipped")
+    else:
+      self.bad.clear()
+    if step % self.config.log.every == 0 or step == self.job.steps or values['skipped']:
+      self.logger.log(step, values)
+    self.logger.advance()
+
+  def finish(self) -> None:
+    """Logs the last call, runs the final evaluation (unless stopped) and waits for the last checkpoint."""
+    self.flush()
+    if not self.stopped:
+      self.eval, cost = self.evaluate()
+      self.logger.log(self.job.steps, self.eval | cost)
+    self.recorder.close()
+    self.ckpt.close()
+
+  def close(self) -> RunResult:
+    """Closes the log, prints the summary line (process 0) and returns the result."""
+    saved = self.ckpt.latest_step()
+    result = RunResult(self.start, self.losses, self.eval, self.stopped, self.data_ended,
+                       self.job.train_step._cache_size(), self.flops, self.state)  # pylint: disable=protected-access
+    self.logger.close()
+    if self.primary:
+      if self.config.log.plot:
+        metrics.plot_losses(self.workdir)
+      print(_summary_line(result, self.workdir, f'{self.ckpt.directory}/{saved}', self.job.steps, self.job.label),
+            flush=True)
+    return result
 
 
 def _load_source_tokens(workdir: str, step: int) -> dict[str, int]:
@@ -399,19 +528,19 @@ def _nonfinite_message(bad: list[tuple[int, dict]], done: int, checkpoint: str, 
           f'step {last}: {shown}; all samples of the bad steps are in {workdir}/nonfinite_steps.json.')
 
 
-def _summary_line(summary: dict[str, Any], workdir: str, checkpoint: str, total: int, label: str = '') -> str:
+def _summary_line(result: RunResult, workdir: str, checkpoint: str, total: int, label: str = '') -> str:
   prefix = f'{label}: ' if label else ''
-  return prefix + _summary_text(summary, workdir, checkpoint, total)
+  return prefix + _summary_text(result, workdir, checkpoint, total)
 
 
-def _summary_text(summary: dict[str, Any], workdir: str, checkpoint: str, total: int) -> str:
-  losses, ev = summary['losses'], summary['eval']
-  if summary['stopped']:
-    reason, where = summary['stopped']
-    return f'stopped by {reason} after step {max(losses, default=summary["start_step"])}: checkpoint saved to ' \
+def _summary_text(result: RunResult, workdir: str, checkpoint: str, total: int) -> str:
+  losses, ev = result.losses, result.eval
+  if result.stopped:
+    reason, where = result.stopped
+    return f'stopped by {reason} after step {max(losses, default=result.start_step)}: checkpoint saved to ' \
            f'{where}; run the same command to resume'
   if not losses:
-    return (f"nothing to train: {workdir} already holds step {summary['start_step']} of {total}; "
+    return (f"nothing to train: {workdir} already holds step {result.start_step} of {total}; "
             f"eval loss {ev['eval_loss']:.4f}")
   first, last = min(losses), max(losses)
   return (f"steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}; "

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.errors import ConfigError
+
 SCHEDULES = ('constant', 'linear', 'cosine', 'wsd')
 DECAY_SHAPES = ('linear', 'cosine', 'sqrt')
 
@@ -52,6 +54,20 @@ def make_schedule(cfg: Any, total_steps: int) -> Callable[[Any], jax.Array]:
     return peak * factor
 
   return schedule
+
+
+def check(cfg: Any, total_steps: int) -> None:
+  """The `optim` section's rules (single-key ranges: `jaxtrain.config.schema`): the schedule and decay shape,
+  warmup within `total_steps` (train.steps), and a `no_decay` that compiles. Raises ConfigError."""
+  for key, options in (('schedule', SCHEDULES), ('decay_shape', DECAY_SHAPES)):
+    if cfg[key] not in options:
+      raise ConfigError(f'optim.{key}', cfg[key], f'must be one of {", ".join(options)}')
+  if cfg.warmup_steps > total_steps:
+    raise ConfigError('optim.warmup_steps', cfg.warmup_steps, f'must be <= train.steps={total_steps}')
+  try:
+    re.compile(cfg.no_decay)
+  except re.error as e:
+    raise ConfigError('optim.no_decay', cfg.no_decay, f'is not a valid regular expression ({e})') from None
 
 
 def decay_mask(params: Any, no_decay: str) -> Any:

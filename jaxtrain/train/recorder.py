@@ -33,7 +33,6 @@ uninterrupted one would (after a crash, the checkpoint's own step may be missing
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import datetime
@@ -44,13 +43,13 @@ import json
 import math
 import os
 import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from jaxtrain.data.sources import DataError
+from jaxtrain.errors import ConfigError
 
 SAMPLES_DIR = 'samples'
 SPIKES_DIR = 'spikes'
@@ -62,6 +61,18 @@ _CHUNK = re.compile(r':chunk\d+$')
 _UNESCAPE = {'t': '\t', 'n': '\n', 'r': '\r', '\\': '\\'}
 
 Namer = Callable[[Mapping[str, np.ndarray]], list[list[str]]]
+
+
+def check(v: Any) -> None:
+  """The `provenance` section: spike detection settings. Raises ConfigError."""
+  if not (v.spike_factor == 0 or v.spike_factor > 1):
+    raise ConfigError('provenance.spike_factor', v.spike_factor, 'must be 0 (off) or > 1 (a multiple of the '
+                      'rolling mean that makes a spike)')
+  if v.spike_window < 1:
+    raise ConfigError('provenance.spike_window', v.spike_window, 'must be >= 1 (steps in the rolling means)')
+  for key in ('spike_warmup', 'max_dumps'):
+    if v[key] < 0:
+      raise ConfigError(f'provenance.{key}', v[key], 'must be >= 0')
 
 
 # ----------------------------------------------------------------------------- spike detection
@@ -482,70 +493,3 @@ def write_blocklist(workdir: str, out: str, min_count: int = 1) -> str:
   with open(out, 'w', encoding='utf-8') as f:
     f.write('\n'.join(header + chosen) + '\n')
   return f'wrote {len(chosen)} documents (in >= {min_count} of {len(dumps)} spike dumps of {workdir}) to {out}'
-
-
-def load_blocklist(paths: str | Sequence[str]) -> set[str]:
-  """The document ids of blocklist files (a comma-separated string or a list); '#' lines and blanks skipped."""
-  if isinstance(paths, str):
-    paths = [p.strip() for p in paths.split(',') if p.strip()]
-  out: set[str] = set()
-  for path in (os.path.expanduser(p) for p in paths):
-    if not os.path.isfile(path):
-      raise DataError('data.exclude', path, 'is not a file', 'expected comma-separated blocklist files, as '
-                      'written by `jaxtrain blocklist`')
-    with open(path, encoding='utf-8') as f:
-      out.update(line.strip() for line in f if line.strip() and not line.lstrip().startswith('#'))
-  return out
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse that reports a usage mistake in one line with exit status 2 (as the other commands do)."""
-
-  def error(self, message: str) -> None:  # type: ignore[override]
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-def parser() -> argparse.ArgumentParser:
-  """`python -m jaxtrain.provenance {blocklist,samples} ...`"""
-  p = _Parser(prog='python -m jaxtrain.provenance', description='Sample provenance of a jaxtrain run.')
-  sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
-  b = sub.add_parser('blocklist', help='spike dumps -> a blocklist file for data.exclude')
-  b.add_argument('--workdir', required=True, help='run directory holding spikes/ (or stages/*/spikes/)')
-  b.add_argument('--out', default=None, help='blocklist file to write (default: WORKDIR/blocklist.txt)')
-  b.add_argument('--min-count', type=int, default=1, help='keep documents seen in at least this many dumps')
-  s = sub.add_parser('samples', help='the sample ids of each row of one train step (from WORKDIR/samples/)')
-  s.add_argument('--workdir', required=True, help='run directory holding samples/')
-  s.add_argument('--step', type=int, required=True, help='train step, 1-based as in metrics.jsonl')
-  return p
-
-
-def main(argv: list[str] | None = None) -> None:
-  """The command line; user mistakes print one line and exit 2."""
-  args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    if args.command == 'blocklist':
-      print(write_blocklist(args.workdir, args.out or os.path.join(args.workdir, 'blocklist.txt'), args.min_count))
-    else:
-      for r, names in enumerate(read_samples(args.workdir, args.step)):
-        print(f'step {args.step} row {r}: {" ".join(names)}')
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-def blocklist_main() -> None:
-  """`jaxtrain blocklist --workdir=DIR [--out=FILE] [--min-count=N]`."""
-  main(['blocklist'] + sys.argv[1:])
-
-
-def samples_main() -> None:
-  """`jaxtrain samples --workdir=DIR --step=N`."""
-  main(['samples'] + sys.argv[1:])
-
-
-if __name__ == '__main__':
-  main()

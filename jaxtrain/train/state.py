@@ -28,15 +28,41 @@ from jaxtrain.train.checkpoint import abstract_with_shardings
 QUANTIZED = r'^blocks/(attn/(q|k|v|o)|mlp/(gate|up|down))$'
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """The checkpointed state `{'params', 'opt_state', 'step', 'rng'}` over trainable parameters: `abstract` (with
+  shardings: what a checkpoint restores into), `shardings`, and `start(params)`: the step-0 state with fresh
+  optimizer state, jitted into those shardings."""
+
+  abstract: dict
+  shardings: dict
+  start: Callable[[Any], dict]
+
+
+def trainable(shapes: Any, param_sh: Any, tx: Any, key: jax.Array, mesh: jax.sharding.Mesh) -> Trainable:
+  """`Trainable` for parameters of `shapes` sharded by `param_sh`, optimized by `tx`, with rng `key`: shared by
+  full training, LoRA and StackWise stages, so every checkpoint holds the same structure."""
+  replicated = NamedSharding(mesh, P())
+  opt_shapes = jax.eval_shape(tx.init, shapes)
+  sh = {'params': param_sh, 'opt_state': sharding.shardings_like(opt_shapes, shapes, param_sh, mesh),
+        'step': replicated, 'rng': replicated}
+  abstract = {'params': shapes, 'opt_state': opt_shapes, 'step': jax.ShapeDtypeStruct((), jnp.int32),
+              'rng': jax.eval_shape(lambda: key)}
+  start = jax.jit(lambda p: {'params': p, 'opt_state': tx.init(p), 'step': jnp.zeros((), jnp.int32), 'rng': key},
+                  out_shardings=sh)
+  return Trainable(abstract_with_shardings(abstract, sh), sh, start)
+
+
 def state_factory(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh,
-                  load_params: Callable[[Any], dict] | None = None) -> tuple[Any, dict, dict, Callable[[], dict]]:
+                  load_params: Callable[[Any], dict] | None = None, execution: models.Execution | None = None
+                  ) -> tuple[Any, dict, dict, Callable[[], dict]]:
   """(graphdef, abstract state, state shardings, create) for training every parameter.
 
   Nothing is allocated until `create()` runs, which builds parameters (random, or `load_params(shardings)`)
   and optimizer state already sharded. A resume restores into the abstract state instead, so the model
-  never exists twice in memory.
+  never exists twice in memory. The graphdef runs as `execution` says (`jaxtrain.train.execution.plan`).
   """
-  graphdef, specs, shapes = models.describe(mc)
+  graphdef, specs, shapes = models.describe(mc, execution)
   param_sh = sharding.param_shardings(specs, shapes, mesh)
 
   def create_fn(key: jax.Array) -> dict:
@@ -44,13 +70,12 @@ def state_factory(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32), 'rng': key}
 
   key = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(create_fn, key)
   replicated = NamedSharding(mesh, P())
-  state_sh = {'params': param_sh, 'opt_state': sharding.shardings_like(abstract['opt_state'], shapes, param_sh, mesh),
-              'step': replicated, 'rng': replicated}
+  t = trainable(shapes, param_sh, tx, key, mesh)  # its `start` is not used: parameters are made inside the jit
+  state_sh = t.shardings
   if load_params is None:
     create = jax.jit(create_fn, out_shardings=state_sh)
-    return graphdef, abstract_with_shardings(abstract, state_sh), state_sh, lambda: create(key)
+    return graphdef, t.abstract, state_sh, lambda: create(key)
 
   init_opt = jax.jit(tx.init, out_shardings=state_sh['opt_state'])
 
@@ -58,12 +83,13 @@ def state_factory(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding
     params = load_params(param_sh)
     return {'params': params, 'opt_state': init_opt(params), 'step': jnp.zeros((), jnp.int32),
             'rng': jax.device_put(key, replicated)}
-  return graphdef, abstract_with_shardings(abstract, state_sh), state_sh, create_loaded
+  return graphdef, t.abstract, state_sh, create_loaded
 
 
-def init_state(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh) -> tuple[Any, dict, dict]:
-  """(graphdef, freshly initialised sharded state, state shardings)."""
-  graphdef, _, state_sh, create = state_factory(mc, tx, seed, mesh)
+def init_state(mc: models.ModelConfig, tx: Any, seed: int, mesh: jax.sharding.Mesh,
+               execution: models.Execution | None = None) -> tuple[Any, dict, dict]:
+  """(graphdef, freshly initialised sharded state, state shardings); the graphdef runs as `execution` says."""
+  graphdef, _, state_sh, create = state_factory(mc, tx, seed, mesh, execution=execution)
   return graphdef, create(), state_sh
 
 
@@ -82,6 +108,16 @@ class Built:
   complete: Callable[[dict], dict]
   transform: steps.ParamTransform | None
   description: str
+
+
+def with_frozen(graphdef: Any, saved: Trainable, initial_params: Callable[[], Any], frozen_sh: Any,
+                make_frozen: Callable[[], Any], transform: steps.ParamTransform, description: str) -> Built:
+  """A `Built` whose trainable part is `saved` starting from `initial_params()`, plus a `frozen` part (sharded
+  by `frozen_sh`) that is never checkpointed: `make_frozen()` rebuilds it for a fresh and a restored state
+  alike (LoRA's base, a StackWise stage's trunk)."""
+  return Built(graphdef, saved.abstract, dict(saved.shardings, frozen=frozen_sh),
+               lambda: dict(saved.start(initial_params()), frozen=make_frozen()),
+               lambda restored: dict(restored, frozen=make_frozen()), transform, description)
 
 
 def load_base(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> Callable[[Any], dict] | None:
@@ -121,17 +157,21 @@ def model_type(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> str
   return hf_weights.export_target(mc).model_type
 
 
-def build(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> Built:
-  """The state for `config`: full training, or LoRA/QLoRA when `lora.rank` or `init.lora_from` is set."""
+def build(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh,
+          execution: models.Execution | None = None) -> Built:
+  """The state for `config`: full training, or LoRA/QLoRA when `lora.rank` or `init.lora_from` is set; the
+  graphdef runs as `execution` says (the run's `jaxtrain.train.execution.plan`; default: no kernel)."""
   if not (config.lora.rank or config.init.lora_from):
-    graphdef, abstract, state_sh, create = state_factory(mc, tx, config.train.seed, mesh, load_base(config, mc))
+    graphdef, abstract, state_sh, create = state_factory(mc, tx, config.train.seed, mesh, load_base(config, mc),
+                                                         execution)
     n = models.count_params(abstract['params'])
     return Built(graphdef, abstract, state_sh, create, lambda s: s, None, f'{n / 1e6:.2f}M params, all trained')
-  return _build_lora(config, mc, tx, mesh)
+  return _build_lora(config, mc, tx, mesh, execution)
 
 
-def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh) -> Built:
-  graphdef, specs, shapes = models.describe(mc)
+def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: Any, mesh: jax.sharding.Mesh,
+                execution: models.Execution | None) -> Built:
+  graphdef, specs, shapes = models.describe(mc, execution)
   param_sh = sharding.param_shardings(specs, shapes, mesh)
   settings = lora_settings(config, mc, shapes)
   key = jax.random.PRNGKey(config.train.seed)
@@ -143,12 +183,7 @@ def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: A
     return lora.init(shapes, settings.targets, settings.rank, jax.random.fold_in(key, 1))
 
   ad_shapes = jax.eval_shape(init_adapters)
-  ad_sh = sharding.param_shardings(lora.specs(specs, ad_shapes), ad_shapes, mesh)
-  opt_shapes = jax.eval_shape(tx.init, ad_shapes)
-  saved_sh = {'params': ad_sh, 'opt_state': sharding.shardings_like(opt_shapes, ad_shapes, ad_sh, mesh),
-              'step': replicated, 'rng': replicated}
-  abstract = {'params': ad_shapes, 'opt_state': opt_shapes, 'step': jax.ShapeDtypeStruct((), jnp.int32),
-              'rng': jax.eval_shape(lambda: key)}
+  saved = trainable(ad_shapes, sharding.param_shardings(lora.specs(specs, ad_shapes), ad_shapes, mesh), tx, key, mesh)
 
   c = config.lora
   quantize = None
@@ -159,7 +194,6 @@ def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: A
     frozen_sh = jax.tree.map(lambda _: replicated, frozen_shapes)
   else:
     frozen_sh = param_sh
-  state_sh = dict(saved_sh, frozen=frozen_sh)
   load = load_base(config, mc)
 
   def make_frozen() -> dict:
@@ -167,13 +201,6 @@ def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: A
     if quantize is not None:
       base = jax.jit(quantize, out_shardings=frozen_sh)(base)
     return base
-
-  def create_fn(adapters: dict) -> dict:
-    return {'params': adapters, 'opt_state': tx.init(adapters), 'step': jnp.zeros((), jnp.int32), 'rng': key}
-  create_jit = jax.jit(create_fn, out_shardings=saved_sh)
-
-  def create() -> dict:
-    return dict(create_jit(init_adapters()), frozen=make_frozen())
 
   mode = resolve_mode(c.mode)
   scale = settings.scale
@@ -187,8 +214,7 @@ def _build_lora(config: ml_collections.ConfigDict, mc: models.ModelConfig, tx: A
   what = f'{c.quantize}-quantized ' if quantize else ''
   description = (f'{n_base / 1e6:.2f}M {what}frozen params + {n_ad / 1e6:.3f}M LoRA params (rank {settings.rank}, '
                  f'scale {scale:g}, {mode}) on {matrices} weight matrices')
-  return Built(graphdef, abstract_with_shardings(abstract, saved_sh), state_sh, create,
-               lambda restored: dict(restored, frozen=make_frozen()), transform, description)
+  return with_frozen(graphdef, saved, init_adapters, frozen_sh, make_frozen, transform, description)
 
 
 def resolve_mode(mode: str) -> str:

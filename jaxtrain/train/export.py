@@ -1,4 +1,4 @@
-"""Export a run's checkpoint: `python -m jaxtrain.export --workdir=DIR [--step=N] --format=hf|peft --out=OUT`.
+"""Export a run's checkpoint: `jaxtrain export --workdir=DIR [--step=N] --format=hf|peft --out=OUT`.
 
   jaxtrain export --workdir=runs/llama --out=/tmp/llama-hf     # then transformers' from_pretrained(OUT)
 
@@ -11,11 +11,8 @@ no checkpoint, an unknown step, an output directory that is not empty) exit 2 wi
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
-import sys
 
 import ml_collections
 
@@ -116,49 +113,3 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
     architecture = json.load(f)['architectures'][0]
   return (f'exported step {step} of {workdir} to {out} as {architecture} ({dtype}, {len(files)} safetensors '
           f'file{"s" if len(files) > 1 else ""}, tokenizer {tokenizer.path})')
-
-
-class _Parser(argparse.ArgumentParser):
-  """argparse that reports a usage mistake in one line with exit status 2 (as jaxtrain.main does)."""
-
-  def error(self, message: str) -> None:  # type: ignore[override]
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='jaxtrain export', description='Write a checkpoint of a jaxtrain run as a Hugging Face model '
-              '(or a LoRA run\'s adapters as PEFT adapters).')
-  p.add_argument('--workdir', required=True, help='run directory holding config.json and checkpoints/')
-  p.add_argument('--out', required=True, help='output directory (must not exist or be empty)')
-  p.add_argument('--step', type=int, default=None, help='checkpoint step to export (default: the newest)')
-  p.add_argument('--format', choices=('hf', 'peft'), default='hf',
-                 help='hf: a transformers model directory; peft: the LoRA adapters as a PEFT adapter directory')
-  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='hf: dtype of the weights')
-  p.add_argument('--max_shard_mb', type=int, default=2048, help='hf: largest safetensors file in MiB (0: one file)')
-  return p
-
-
-def main(argv: list[str] | None = None) -> None:
-  """The command line; user mistakes print one line and exit 2."""
-  args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-  # orbax logs warnings about metadata files that a numpy restore does not need.
-  logging.getLogger('absl').setLevel(logging.ERROR)
-  from jaxtrain import data
-  from jaxtrain.adapters import lora
-  from jaxtrain.hf import config as hf_config, peft as peft_io
-
-  shard = args.max_shard_mb * 2 ** 20 if args.max_shard_mb > 0 else sys.maxsize
-  try:
-    print(export(args.workdir, args.out, args.step, args.format, args.dtype, shard), flush=True)
-  except (ExportError, hf_config.HfError, data.DataError, lora.LoraError, peft_io.PeftError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-def run_main() -> None:
-  main()
-
-
-if __name__ == '__main__':
-  main()

@@ -1,7 +1,7 @@
 """Combine PEFT LoRA adapters into one adapter, or into the base model's weights.
 
   jaxtrain merge-adapters --adapters A B --weights 0.7 0.3 --method ties --density 0.5 --out OUT
-  python -m jaxtrain.merge_adapters --adapters A B --weights 1 1 --method linear --out OUT --base HF_DIR
+  jaxtrain merge-adapters --adapters=A,B --weights=1,1 --method=linear --out=OUT --base=HF_DIR
 
 The semantics are PEFT's `add_weighted_adapter(adapters, weights, name, combination_type=method)` (peft 0.21,
 tuners/lora/model.py and utils/merge_utils.py). With c_i = weight_i * scale_i, adapter i's lora_A is weighted
@@ -23,10 +23,8 @@ Hugging Face model directory; without, the output is a PEFT adapter dir (`PeftMo
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -171,35 +169,17 @@ def _scale(scales: Any, path: Path) -> float:
 # ----------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # one line and status 2, as the other jaxtrain commands
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  p = _Parser(prog='jaxtrain merge-adapters', description='Combine PEFT LoRA adapters (PEFT add_weighted_adapter '
-              'semantics) into one PEFT adapter dir, or with --base into a merged Hugging Face model dir.')
-  p.add_argument('--adapters', nargs='+', required=True, metavar='DIR', help='PEFT LoRA adapter dirs')
-  p.add_argument('--weights', nargs='+', type=float, required=True, metavar='W', help='one weight per adapter')
-  p.add_argument('--method', choices=METHODS, default='linear')
-  p.add_argument('--density', type=float, default=None, help='fraction of values kept by ties / dare_*, in (0, 1]')
-  p.add_argument('--seed', type=int, default=0, help='seed of the DARE pruning masks')
-  p.add_argument('--majority-sign-method', choices=SIGN_METHODS, default='total', help='ties / dare_ties sign vote')
-  p.add_argument('--out', required=True, help='new output dir')
-  p.add_argument('--base', default='', help='Hugging Face model dir: write base + merged adapter as a model')
-  return p.parse_args(argv)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-  check_options(len(args.adapters), args.weights, args.method, args.density, args.majority_sign_method)
-  if args.method == 'linear' and args.density is not None:
-    raise MergeError(f'--density={args.density} has no effect with --method=linear; use ties, dare_linear or '
+def check_merge(n: int, weights: list[float], out: str, method: str = 'linear', density: float | None = None,
+                majority_sign_method: str = 'total', base: str = '') -> None:
+  """One-line errors for a merge of `n` adapter dirs into `out` (and with `base`), before anything is read."""
+  check_options(n, weights, method, density, majority_sign_method)
+  if method == 'linear' and density is not None:
+    raise MergeError(f'--density={density} has no effect with --method=linear; use ties, dare_linear or '
                      'dare_ties, or drop --density')
-  if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-    raise MergeError(f'--out={args.out} exists and is not an empty dir; choose a new output dir')
-  if args.base and not os.path.isfile(os.path.join(args.base, 'config.json')):
-    raise MergeError(f'--base={args.base}: no config.json there; expected a Hugging Face model dir')
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise MergeError(f'--out={out} exists and is not an empty dir; choose a new output dir')
+  if base and not os.path.isfile(os.path.join(base, 'config.json')):
+    raise MergeError(f'--base={base}: no config.json there; expected a Hugging Face model dir')
 
 
 def _base_model(base: str) -> tuple[Any, dict, str]:
@@ -209,52 +189,37 @@ def _base_model(base: str) -> tuple[Any, dict, str]:
   return mc, models.describe(mc)[2], hf_config.read_config(base)['model_type']
 
 
-def run(args: argparse.Namespace) -> str:
-  """Does the merge the parsed arguments describe; returns a one-line summary."""
-  _check_args(args)
+def merge(adapter_dirs: list[str], weights: list[float], out: str, method: str = 'linear',
+          density: float | None = None, majority_sign_method: str = 'total', seed: int = 0, base: str = '') -> str:
+  """Combines the PEFT adapters in `adapter_dirs` (one weight each) into a PEFT adapter dir `out`, or with `base`
+  (a Hugging Face model dir) into a merged model dir `out`; returns a one-line summary. Raises MergeError,
+  PeftError or HfError on a user mistake."""
+  check_merge(len(adapter_dirs), weights, out, method, density, majority_sign_method, base)
   mc = shapes = model_type = None
-  if args.base:
-    mc, shapes, model_type = _base_model(args.base)
-  read = [peft_io.read_adapter_dir(d, shapes, model_type) for d in args.adapters]
+  if base:
+    mc, shapes, model_type = _base_model(base)
+  read = [peft_io.read_adapter_dir(d, shapes, model_type) for d in adapter_dirs]
   types = {info['model_type'] for _, info in read}
   if len(types) > 1:
     raise MergeError(f'the adapters are for different model families ({", ".join(sorted(types))}); merge adapters '
                      'of one base model')
   model_type = types.pop()
   adapters, infos = [a for a, _ in read], [i for _, i in read]
-  if model_type == 'gpt2' and args.method != 'linear' and len(adapters) > 1 and any(
+  if model_type == 'gpt2' and method != 'linear' and len(adapters) > 1 and any(
       _has(ad, p) for ad in adapters for p in peft_io.QKV):
-    raise MergeError(f'--method={args.method}: GPT-2 q/k/v adapters are one fused c_attn LoRA in PEFT, whose '
+    raise MergeError(f'--method={method}: GPT-2 q/k/v adapters are one fused c_attn LoRA in PEFT, whose '
                      'pruning jaxtrain\'s per-weight adapters cannot reproduce; use --method=linear')
-  merged = combine(adapters, [i['scales'] for i in infos], args.weights, args.method, args.density,
-                   args.majority_sign_method, seed=args.seed)
+  merged = combine(adapters, [i['scales'] for i in infos], weights, method, density,
+                   majority_sign_method, seed=seed)
   rank = int(next(lora.lookup(merged, p) for p in lora.adapter_paths(merged))['a'].shape[-1])
-  what = f'{len(args.adapters)} adapters ({args.method}) into'
-  if not args.base:
-    peft_io.save_adapter_dir(merged, args.out, rank=rank, alpha=rank, rslora=False, dropout=infos[0]['dropout'],
+  what = f'{len(adapter_dirs)} adapters ({method}) into'
+  if not base:
+    peft_io.save_adapter_dir(merged, out, rank=rank, alpha=rank, rslora=False, dropout=infos[0]['dropout'],
                              model_type=model_type, base_model=infos[0]['base_model'])
-    return f'merged {what} a rank-{rank} PEFT adapter on {len(lora.adapter_paths(merged))} weights: {args.out}'
-  params = lora.merge(hf_weights.load_params(args.base, mc), merged, 1.0)  # W + a @ b in float32
-  config = hf_config.read_config(args.base)
+    return f'merged {what} a rank-{rank} PEFT adapter on {len(lora.adapter_paths(merged))} weights: {out}'
+  params = lora.merge(hf_weights.load_params(base, mc), merged, 1.0)  # W + a @ b in float32
+  config = hf_config.read_config(base)
   dtype = 'bfloat16' if 'bfloat16' in (config.get('dtype'), config.get('torch_dtype')) else 'float32'
-  has_tokenizer = any(f.startswith('tokenizer') for f in os.listdir(args.base))
-  hf_weights.save(params, mc, args.base if has_tokenizer else None, args.out, dtype=dtype)
-  return f'merged {what} {args.base} ({dtype}): {args.out}'
-
-
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    print(run(args))
-  except (MergeError, peft_io.PeftError, hf_config.HfError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
-
-
-def run_main() -> None:
-  sys.exit(main())
-
-
-if __name__ == '__main__':
-  run_main()
+  has_tokenizer = any(f.startswith('tokenizer') for f in os.listdir(base))
+  hf_weights.save(params, mc, base if has_tokenizer else None, out, dtype=dtype)
+  return f'merged {what} {base} ({dtype}): {out}'

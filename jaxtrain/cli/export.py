@@ -1,0 +1,31 @@
+"""Write a checkpoint of a run as a Hugging Face model, or a LoRA run's adapters as PEFT adapters:
+`jaxtrain export --workdir=RUN --out=DIR [--step=N] [--format=hf|peft] [--dtype=float32|bfloat16]`
+(`jaxtrain.train.export`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+
+from jaxtrain.cli import common
+
+
+def define(fv: flags.FlagValues) -> None:
+  common.define_workdir(fv, 'Run directory holding config.json and checkpoints/.', required=True)
+  flags.DEFINE_string('out', None, 'Output directory (must not exist or be empty).', required=True, flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the newest).', flag_values=fv)
+  flags.DEFINE_enum('format', 'hf', ('hf', 'peft'), 'hf: a transformers model directory; peft: the LoRA adapters '
+                    'as a PEFT adapter directory.', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'), 'hf: dtype of the weights.', flag_values=fv)
+  flags.DEFINE_integer('max_shard_mb', 2048, 'hf: largest safetensors file in MiB (0: one file).', flag_values=fv)
+
+
+def main(fv: flags.FlagValues) -> None:
+  from jaxtrain.train import export
+
+  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax warns about metadata a numpy restore does not need
+  shard = fv['max_shard_mb'].value * 2 ** 20 if fv['max_shard_mb'].value > 0 else sys.maxsize
+  print(export.export(fv['workdir'].value, fv['out'].value, fv['step'].value, fv['format'].value, fv['dtype'].value,
+                      shard), flush=True)

@@ -1,0 +1,63 @@
+"""The execution plan of a job that runs a model: the `models.Execution` its config asks for on this backend,
+and the train steps per compiled call.
+
+This is the one place that decides whether the fused CPU attention kernel runs (and so the one caller of
+`cpu_attention.unavailable()`, which compiles it). Jobs that run a model (train, StackWise, estimate,
+benchmarks) call `plan` at their start, before anything is written; jobs that only describe, load, export or
+merge a model use `models.execution.default` and never touch the kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+
+from jaxtrain.errors import ConfigError
+from jaxtrain.kernels import cpu_attention
+from jaxtrain.models import execution as execution_lib
+from jaxtrain.models.config import ModelConfig
+from jaxtrain.models.execution import Execution
+
+_warned: set[str] = set()  # reasons already warned about in this process: one warning each
+
+
+def plan(config: Any, mc: ModelConfig | None = None, backend: str | None = None) -> Execution:
+  """The execution `config.model` asks for on `backend` (default: JAX's): compute_dtype auto, attention_block
+  -1 and scan_layers unset take the backend's defaults (`models.execution.from_model`); attention_impl is
+  resolved here. `mc` (the architecture, for its remat) defaults to what `config.model` says."""
+  model = config.model
+  cpu = (backend or jax.default_backend()) == 'cpu'
+  return execution_lib.from_model(model, mc, attention_impl(model, cpu), backend)
+
+
+def attention_impl(model: Any, cpu: bool) -> str:
+  """`model.attention_impl` resolved: auto takes the fused CPU kernel on CPU for GQA attention where it
+  builds and loads (2x faster than XLA's ops forward + backward: docs/benchmarks.md), else XLA's ops with one
+  warning saying why; cpu_fused where it cannot run is a ConfigError."""
+  want, fits = model.attention_impl, cpu and model.attention == 'gqa'
+  if want == 'xla' or (want == 'auto' and not fits):
+    return 'xla'
+  if not fits:
+    raise ConfigError('model.attention_impl', want, f'needs the CPU backend and GQA attention; this run has '
+                      f'backend {jax.default_backend()!r}, model.attention={model.attention!r} (use auto or xla)')
+  why = cpu_attention.unavailable()
+  if want == 'cpu_fused' and why:
+    raise ConfigError('model.attention_impl', want, f'the kernel does not build here ({_one_line(why)}); use auto '
+                      'or xla')
+  if why and why not in _warned:
+    _warned.add(why)
+    warnings.warn(f'model.attention_impl=auto: XLA attention, the fused CPU kernel does not build here: {why}',
+                  stacklevel=2)
+  return 'xla' if why else 'cpu_fused'
+
+
+def _one_line(text: str) -> str:
+  return ' '.join(text.split())
+
+
+def steps_per_call(config: Any, backend: str | None = None) -> int:
+  """`train.steps_per_call` resolved: 0 (auto) is 4 on CPU (host overhead per call dominates small steps),
+  1 on accelerators (see defaults.py)."""
+  return config.train.steps_per_call or (4 if (backend or jax.default_backend()) == 'cpu' else 1)

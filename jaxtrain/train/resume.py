@@ -1,0 +1,118 @@
+"""Whether a run directory can be resumed by this config, checked before anything in it is touched.
+
+A rerun of a workdir resumes from its newest checkpoint. That is only right when the checkpoints were trained
+with the same config, up to the keys that may change on a resume (`RESUMABLE_KEYS`: how long to train, how
+often to log, evaluate and save, execution choices). `check` compares the run's config with the saved
+WORKDIR/config.json, and the run's abstract state with the tree the newest readable checkpoint holds (orbax
+metadata: paths, shapes, dtypes; no array is read); a difference raises `checkpoint.ResumeError`, one line
+naming the first differing key or parameter path with both values. `start_over` moves the old checkpoints
+aside (`<dir>.old-<time>`) so that the run trains from step 0.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from jaxtrain.config.defaults import base_config
+from jaxtrain.train.checkpoint import HOW_TO_PROCEED, ResumeError, check_format, check_state, step_dirs
+
+# Config keys (glob patterns over dotted keys) that may differ from the config the checkpoints were trained
+# with; every other key must be equal for a resume.
+RESUMABLE_KEYS = (
+    'train.steps', 'train.eval_every', 'train.eval_batches', 'train.max_bad_steps', 'train.steps_per_call',
+    'checkpoint.*', 'log.*', 'provenance.*', 'estimate.*', 'sample.*', 'distributed.*',
+    'mesh.*',  # restores reshard onto the run's mesh
+    'data.prefetch', 'model.attention_impl', 'model.attention_block', 'model.remat',  # how, not what, it computes
+)
+
+_ABSENT = object()
+
+
+def flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{dotted key: value} of a JSON config tree (nested dicts)."""
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def resumable(key: str) -> bool:
+  return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)
+
+
+def config_difference(saved: dict, config: ml_collections.ConfigDict) -> tuple[str, Any, Any] | None:
+  """(key, saved value, this run's value) of the first key outside `RESUMABLE_KEYS` that differs between a
+  saved config.json and `config` (compared as JSON); None when none does. A key the saved config lacks
+  (written before the key existed) counts as its default."""
+  defaults = flat(json.loads(base_config().to_json_best_effort()))
+  old = flat(saved)
+  for key, value in flat(json.loads(config.to_json_best_effort())).items():
+    before = old.get(key, defaults.get(key, _ABSENT))
+    if before != value and not resumable(key):
+      return key, before, value
+  return None
+
+
+def _saved_config(workdir: str) -> dict | None:
+  try:
+    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iterable[str] = ('checkpoints',),
+          abstract: Any = None) -> None:
+  """Raises ResumeError when `workdir` holds checkpoints (under any of `checkpoint_dirs`, relative to it)
+  that this run cannot resume: newer format, another config (WORKDIR/config.json), or with `abstract`,
+  another train state in the newest readable checkpoint of the first directory. Reads files only."""
+  dirs = [os.path.join(workdir, d) for d in checkpoint_dirs]
+  found = [d for d in dirs if step_dirs(d) or glob.glob(os.path.join(d, 'stage_*.json'))]  # + StackWise racks
+  if not found:
+    return
+  for d in found:
+    for step in step_dirs(d)[:1]:
+      check_format(os.path.join(d, str(step)))
+  saved = _saved_config(workdir)
+  diff = config_difference(saved, config) if saved is not None else None
+  if diff is not None:
+    key, before, now = diff
+    was = 'absent' if before is _ABSENT else repr(before)
+    where = ', '.join(found)
+    raise ResumeError(f'config.{key}', now, f'the checkpoints in {where} were trained with {key}={was}; resume '
+                      f'with that value, or {HOW_TO_PROCEED}')
+  if abstract is not None:
+    for step in step_dirs(dirs[0]):  # the newest whose tree can be read decides; unreadable ones are corrupt
+      if check_state(os.path.join(dirs[0], str(step)), abstract):
+        return
+
+
+def start_over(workdir: str, names: Iterable[str] = ('checkpoints',), say: Any = print) -> list[str]:
+  """Moves WORKDIR/<name> aside to WORKDIR/<name>.old-<time> for each name that exists (process 0; all
+  processes wait for it), so the run trains from step 0. Returns the new paths."""
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  moved = []
+  for name in names:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      aside = f'{path}.old-{stamp}'
+      if jax.process_index() == 0:
+        os.rename(path, aside)
+        say(f'start_over: moved {path} to {aside}')
+      moved.append(aside)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('jaxtrain-start-over')
+  return moved

@@ -1,0 +1,167 @@
+"""Resume safety: checkpoints of another config or state, or of a newer format, are refused with one line before
+anything in the workdir changes; --start_over moves them aside; truncated checkpoints are still corrupt."""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxtrain import sharding
+from jaxtrain.config.defaults import base_config
+from jaxtrain.stackwise import job as stackwise_run
+from jaxtrain.train import checkpoint, loop as train, optim, resume
+from tests.conftest import REPO
+from tests.helpers import tiny
+
+ARGS = ['--config=configs/tiny.py', '--config.train.steps=4', '--config.train.eval_every=0',
+        '--config.checkpoint.every=2', '--config.log.plot=false']
+
+
+def cli(workdir: str, *extra: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'jaxtrain.main', *ARGS, f'--workdir={workdir}', *extra], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def tree_hash(directory: str) -> str:
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(directory)):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h.update(os.path.relpath(path, directory).encode())
+      with open(path, 'rb') as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+def tiny_config(**overrides):
+  from configs.tiny import get_config
+  c = get_config()
+  c.train.steps, c.train.eval_every, c.checkpoint.every, c.log.plot = 4, 0, 2, False
+  for k, v in overrides.items():
+    section, key = k.split('.')
+    c[section][key] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory) -> str:
+  """A 4-step run from the command line, checkpoints at steps 2 and 4."""
+  workdir = str(tmp_path_factory.mktemp('resume') / 'run')
+  proc = cli(workdir)
+  assert proc.returncode == 0, proc.stderr
+  return workdir
+
+
+def copy_of(workdir: str, tmp_path) -> str:
+  out = str(tmp_path / 'run')
+  subprocess.run(['cp', '-r', workdir, out], check=True)
+  return out
+
+
+def test_another_model_is_refused_in_one_line_and_nothing_changes(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  before = tree_hash(workdir)
+  proc = cli(workdir, '--config.model.d_model=48')
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith('error: config.model.d_model=48:') and 'model.d_model=32' in lines[0], lines[0]
+  assert '--workdir' in lines[0] and '--start_over' in lines[0]
+  assert tree_hash(workdir) == before
+
+
+def test_start_over_moves_the_checkpoints_aside_and_trains_from_zero(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  proc = cli(workdir, '--config.model.d_model=48', '--start_over')
+  assert proc.returncode == 0, proc.stderr
+  assert 'steps 1..4' in proc.stdout and 'resumed' not in proc.stdout, proc.stdout
+  [aside] = glob.glob(os.path.join(workdir, 'checkpoints.old-*'))
+  assert sorted(os.listdir(aside)) == sorted(os.listdir(os.path.join(trained, 'checkpoints')))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['d_model'] == 48
+
+
+def test_an_allowed_change_resumes(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  result = train.run(tiny_config(**{'train.steps': 6, 'log.every': 2, 'checkpoint.keep': 2}), workdir)
+  assert result.start_step == 4 and sorted(result.losses) == [5, 6]
+
+
+def test_a_newer_format_is_refused(trained, tmp_path):
+  workdir = copy_of(trained, tmp_path)
+  meta_path = os.path.join(workdir, 'checkpoints', '4', '_CHECKPOINT_METADATA')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  assert meta['custom_metadata'] == {'jaxtrain_format': checkpoint.FORMAT}  # every checkpoint records it
+  meta['custom_metadata']['jaxtrain_format'] = checkpoint.FORMAT + 1
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  before = tree_hash(workdir)
+  with pytest.raises(checkpoint.ResumeError, match=f'format {checkpoint.FORMAT + 1}, newer than format'):
+    train.run(tiny_config(), workdir)
+  assert tree_hash(workdir) == before
+
+
+def test_another_state_is_refused_not_moved_aside(trained, tmp_path):
+  """Same config, another state (as after a code change): the tree is compared before any restore."""
+  workdir = copy_of(trained, tmp_path)
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  with jax.set_mesh(mesh):
+    tx, _ = optim.make_optimizer(tiny_config().optim, 4)
+    _, abstract, _, _ = train.state_factory(tiny(d_model=48, vocab_size=512), tx, 0, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), every=2, keep=3)
+  with pytest.raises(checkpoint.ResumeError,
+                     match=r'holds another train state: \S+ is float32\[.* in this run and float32\[') as e:
+    ckpt.restore_latest(abstract, None)
+  ckpt.close()
+  assert '\n' not in str(e.value)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+
+
+def test_a_truncated_checkpoint_is_still_corrupt(trained, tmp_path, capsys):
+  workdir = copy_of(trained, tmp_path)
+  files = [f for f in glob.glob(f'{workdir}/checkpoints/4/state/**', recursive=True) if os.path.isfile(f)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  result = train.run(tiny_config(), workdir)
+  assert result.start_step == 2 and sorted(result.losses) == [3, 4]
+  assert 'is incomplete or corrupt' in capsys.readouterr().out
+  assert glob.glob(f'{workdir}/checkpoints/4.corrupt-*')
+
+
+def test_resumable_keys_and_saved_configs_of_older_versions():
+  saved = json.loads(base_config().to_json_best_effort())
+  del saved['curriculum']  # written before the key existed: its default
+  config = base_config()
+  config.train.steps, config.log.every, config.checkpoint.keep, config.mesh.data = 999, 3, 9, 2
+  assert resume.config_difference(saved, config) is None
+  config.lora.rank = 8
+  assert resume.config_difference(saved, config) == ('lora.rank', 0, 8)
+  config.lora.rank, config.curriculum.kind = 0, 'linear'
+  assert resume.config_difference(saved, config) == ('curriculum.kind', 'none', 'linear')
+
+
+def test_stackwise_compares_the_shared_config_with_its_rack(tmp_path, monkeypatch):
+  """WORKDIR/config.json is shared by the rack and the stages' checkpoints: any of them is enough to compare."""
+  from configs.stackwise import get_config
+  config = get_config(None)
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort())
+  os.makedirs(os.path.join(workdir, 'rack'))
+  open(os.path.join(workdir, 'rack', 'stage_0.json'), 'w').close()
+  changed = config.copy_and_resolve_references()
+  changed.stackwise.trunk_rank = config.stackwise.trunk_rank + 1
+  with pytest.raises(checkpoint.ResumeError, match='config.stackwise.trunk_rank='):
+    resume.check(changed, workdir, ['rack', 'stages/0/checkpoints'])
+  resume.check(config, workdir, ['rack', 'stages/0/checkpoints'])  # the same config resumes
+  moved = resume.start_over(workdir, ('rack', 'stages'), say=lambda _: None)
+  assert [os.path.basename(m).split('.old-')[0] for m in moved] == ['rack']
+  assert stackwise_run.run.__defaults__[-1] is False  # run(config, workdir, start_over=False)
