@@ -99,3 +99,13 @@ def test_only_the_entry_points_import_the_command_line():
             if isinstance(node, ast.ImportFrom) else []
         bad = [n for n in names if n in ('jaxtrain.cli', 'jaxtrain.main') or n.startswith('jaxtrain.cli.')]
         assert not bad, f'{rel} imports {bad}'
+
+
+def test_config_overrides_are_read_from_the_arguments_parsed_in_process(capsys):
+  # config_flags looks for --config.KEY overrides in sys.argv unless told otherwise: an in-process call (a
+  # notebook, a test) must see the overrides it was given, each call its own.
+  for value in ('abc', 'xyz'):
+    with pytest.raises(SystemExit) as e:
+      cli.main(['jaxtrain', 'check', '--config=configs/tiny.py', f'--config.train.steps={value}'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"'{value}'" in err and 'Unknown command line flag' not in err, err

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import jaxtrain
+from jaxtrain import cli
 from jaxtrain.errors import ConfigError
-from jaxtrain.train import loop as train
 from jaxtrain.cli.common import default_workdir
 from tests.conftest import REPO
 
@@ -20,6 +21,9 @@ def get_config(arg=None):
   c.train.{line}
   return c
 '''
+
+
+SUBPROCESS_CASES = 4  # a key typo, a bad value, a config-file typo, a bad file: as real processes
 
 
 def cases(tmp):
@@ -66,35 +70,41 @@ def cases(tmp):
   ]
 
 
-@pytest.mark.slow
-def test_every_config_error_exits_2_with_one_line(tmp_path):
-  runs = cases(str(tmp_path))
+def test_every_config_error_exits_2_with_one_line(tmp_path, capsys):
+  """Each mistake through the command line (in-process: `jaxtrain.cli.main`, the code a process runs) and,
+  where a notebook can make it, through `jaxtrain.run`: the same one line, exit 2, nothing written. The first
+  cases also run as real processes, for the exit status and a stderr free of library noise."""
+  runs = [(args + ([] if any(a.startswith('--workdir') for a in args) else [f'--workdir={tmp_path}/w{n}']), needle)
+          for n, (args, needle) in enumerate(cases(str(tmp_path)))]
 
-  def call(case):
-    args, needle = case
-    if not any(a.startswith('--workdir') for a in args):
-      args = args + [f'--workdir={tmp_path}/w{abs(hash(tuple(args)))}']
-    proc = subprocess.run([sys.executable, '-m', 'jaxtrain.main', *args], cwd=REPO, capture_output=True,
+  def process(case):
+    return subprocess.run([sys.executable, '-m', 'jaxtrain.main', *case[0]], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-    return args, needle, proc
 
-  with ThreadPoolExecutor(4) as pool:
-    results = list(pool.map(call, runs))
-  for args, needle, proc in results:
+  with ThreadPoolExecutor(2) as pool:
+    processes = list(pool.map(process, runs[:SUBPROCESS_CASES]))
+  for (args, needle), proc in zip(runs[:SUBPROCESS_CASES], processes, strict=True):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and 'Warning' not in line]
     assert proc.returncode == 2, (args, proc.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith('error: '), (args, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], (args, proc.stderr[-2000:])
+  for args, needle in runs:
+    with pytest.raises(SystemExit) as exit_status:
+      cli.main(['jaxtrain', 'train', *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
+    assert exit_status.value.code == 2, (args, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith('error: '), (args, err[-2000:])
     assert needle in lines[0], (args, lines[0])
-    assert 'Traceback' not in proc.stderr
+    assert 'Traceback' not in err
     workdir = next(a.split('=', 1)[1] for a in args if a.startswith('--workdir'))
     assert not os.path.isdir(workdir) or not os.listdir(workdir), f'{args} wrote {workdir}'
     library = library_config(args)
     if library is not None:  # the library path raises the same error, with the same line, writing nothing
       with pytest.raises(ConfigError) as e:
-        train.run(library, workdir)
-        pytest.fail(f'train.run accepted {args}')
+        jaxtrain.run(library, workdir)
+        pytest.fail(f'jaxtrain.run accepted {args}')
       assert f'error: {e.value.line()}' == lines[0], args
-      assert not os.path.isdir(workdir) or not os.listdir(workdir), f'train.run wrote {workdir}'
+      assert not os.path.isdir(workdir) or not os.listdir(workdir), f'jaxtrain.run wrote {workdir}'
 
 
 def library_config(args):

@@ -14,6 +14,7 @@ mistake (a bad, unknown or missing flag, a stray argument, a bad config, bad dat
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import re
 import sys
@@ -32,10 +33,16 @@ HELP_FLAGS = ('-h', '-help', '--help', '--helpfull', '--helpshort', '-?')
 # ----------------------------------------------------------------------------- the shared flags
 
 
+# The arguments `run` is parsing: config_flags finds the --config.KEY overrides in them (by default it reads
+# sys.argv, which is not what an in-process `jaxtrain.cli.main([...])` parses).
+_ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar('argv', default=None)
+
+
 def define_config(fv: flags.FlagValues) -> None:
   """--config=FILE[:ARG] (a `get_config(arg)` file), locked so that a mistyped --config.KEY is an error."""
   config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)), e.g. configs/tiny.py; override '
-                                  'its keys with --config.KEY=VALUE.', flag_values=fv, lock_config=True)
+                                  'its keys with --config.KEY=VALUE.', flag_values=fv, lock_config=True,
+                                  sys_argv=_ARGV.get())
 
 
 def define_workdir(fv: flags.FlagValues, help: str = 'Run directory (checkpoints, metrics). Default: '
@@ -162,12 +169,16 @@ def errors() -> Iterator[None]:
 def run(name: str, command: ModuleType, argv: Sequence[str]) -> None:
   """`jaxtrain NAME argv[1:]`: parses the flags `command.define` declares, then calls `command.main(flags)`.
   Returns when the command succeeds; exits with its status otherwise (see the module docstring)."""
-  fv = flags.FlagValues()
-  _define_logging(fv)
-  command.define(fv)
   argv = [f'jaxtrain {name}', *argv[1:]]
   if hasattr(command, 'normalize'):
     argv = command.normalize(argv)
+  fv = flags.FlagValues()
+  _define_logging(fv)
+  token = _ARGV.set(argv)
+  try:
+    command.define(fv)
+  finally:
+    _ARGV.reset(token)
   given = argv[1:argv.index('--')] if '--' in argv else argv[1:]
   if any(a in HELP_FLAGS for a in given):
     print(usage(name, command, fv))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtrain import paths
 from jaxtrain import data, sampling, sharding
 from jaxtrain.stackwise import objectives, plan as stackwise
 from jaxtrain.train import execution, loop as train, optim, resume
@@ -63,13 +64,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   stages = stackwise.plan(config)
   schedule = stackwise.depth_schedule(config)
   if start_over:
-    resume.start_over(workdir, ('rack', 'stages'))
+    resume.start_over(workdir, (paths.RACK, paths.STAGES))
   # WORKDIR/config.json is shared by the rack and every stage's checkpoints; each stage's state is compared
   # with its own checkpoints when the stage starts (`Checkpointer.restore_latest`).
-  resume.check(config, workdir, ['rack'] + [os.path.join('stages', str(s.index), 'checkpoints') for s in stages])
+  resume.check(config, workdir, [paths.RACK] + [os.path.join(paths.STAGES, str(s.index), paths.CHECKPOINTS)
+                                                 for s in stages])
   train.write_config(config, workdir)
   primary = jax.process_index() == 0
-  store = StackCheckpointer(os.path.join(workdir, 'rack'))
+  store = StackCheckpointer(paths.in_run(workdir, paths.RACK))
   host_rack = stackwise.initial_rack(rd, config.train.seed, tokenizer.vocab_size)
   trained: list[int] = []
   last = store.latest()
@@ -97,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
       train_flops, eval_flops = stage_flops(config, rd, stage)
       job = train.Job(built, train.FixedStep(train_step, train_flops), eval_step, stage.steps,
                       config.train.seed + stage.index, train_flops, eval_flops, KEEP_KEYS, stage.name)
-      result = train.fit(config, job, os.path.join(workdir, 'stages', str(stage.index)), mesh, tokenizer)
+      result = train.fit(config, job, paths.stage_dir(workdir, stage.index), mesh, tokenizer)
       if result.stopped:
         reason, where = result.stopped
         if primary:

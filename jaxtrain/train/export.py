@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+from jaxtrain import paths
 from jaxtrain.errors import UserError
 from jaxtrain.config.defaults import base_config
 
@@ -26,7 +27,7 @@ class ExportError(UserError):
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """WORKDIR/config.json on top of today's defaults (keys added since the run was trained keep defaults)."""
-  path = os.path.join(workdir, 'config.json')
+  path = paths.in_run(workdir, paths.CONFIG)
   if not os.path.isdir(workdir):
     raise ExportError(f'--workdir={workdir} does not exist')
   if not os.path.isfile(path):
@@ -49,7 +50,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
   """Complete checkpoint steps of a run, oldest first (orbax skips unfinished temporary directories)."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  directory = paths.in_run(os.path.abspath(workdir), paths.CHECKPOINTS)
   if not os.path.isdir(directory):
     return []
   options = ocp.CheckpointManagerOptions(create=False, read_only=True)
@@ -62,7 +63,7 @@ def restore_state(workdir: str, step: int) -> dict:
   import numpy as np
   import orbax.checkpoint as ocp
 
-  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  path = os.path.join(os.path.abspath(workdir), paths.CHECKPOINTS, str(step), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxtrain import paths
 from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, steps, stopping
 from jaxtrain import data, models, sharding
 from jaxtrain.adapters import lora
@@ -251,7 +252,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """WORKDIR/config.json (process 0), so a run directory says how it was made."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with open(paths.in_run(workdir, paths.CONFIG), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
 
@@ -290,7 +291,7 @@ class _Loop:
                                             srcs=srcs))
     self.seen = data.pipeline.SourceTokens(srcs, jax.process_count())
     self.eval_srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')  # once, not at every evaluation
-    self.ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=config.checkpoint.every,
+    self.ckpt = Checkpointer(paths.in_run(workdir, paths.CHECKPOINTS), every=config.checkpoint.every,
                              keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                              shared_data_state=config.data.process_split == 'rows')
     self.start, state = self.ckpt.restore_latest(job.built.abstract, self.data_iter)
@@ -484,7 +485,7 @@ class _Loop:
 def _load_source_tokens(workdir: str, step: int) -> dict[str, int]:
   """Tokens per source trained on up to checkpoint `step` (empty if that run did not record them)."""
   try:
-    with open(os.path.join(workdir, 'source_tokens.json'), encoding='utf-8') as f:
+    with open(paths.in_run(workdir, paths.SOURCE_TOKENS), encoding='utf-8') as f:
       return json.load(f).get(str(step), {})
   except (OSError, ValueError):
     return {}
@@ -494,7 +495,7 @@ def _save_source_tokens(workdir: str, step: int, counts: dict[str, int], steps: 
   """WORKDIR/source_tokens.json: the per-source token counts at each kept checkpoint step (process 0)."""
   if jax.process_index():
     return
-  path = os.path.join(workdir, 'source_tokens.json')
+  path = paths.in_run(workdir, paths.SOURCE_TOKENS)
   try:
     with open(path, encoding='utf-8') as f:
       table = json.load(f)
@@ -516,7 +517,7 @@ def _nonfinite_message(bad: list[tuple[int, dict]], done: int, checkpoint: str, 
     names = data.sample_ids(config.data, 'train', provenance) if provenance else []
     records.append({'step': step, 'samples': sorted({n for row in names for n in row})})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'nonfinite_steps.json'), 'w') as f:
+    with open(paths.in_run(workdir, paths.NONFINITE), 'w') as f:
       json.dump(records, f, indent=1)
   first, last = bad[0][0], bad[-1][0]
   shown = ', '.join(records[-1]['samples'][:6]) or 'unknown'

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from jaxtrain import paths
+
 
 
 
@@ -16,7 +18,7 @@ class Logger:
 
   def __init__(self, workdir: str, cfg: Any, total_steps: int, start_step: int, run_config: dict,
                enabled: bool = True):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = paths.in_run(workdir, paths.METRICS)
     self.enabled = enabled
     self._file = open(self.path, 'a') if enabled else None
     self._bar = None
@@ -88,7 +90,7 @@ def _run_id(workdir: str) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = paths.in_run(workdir, paths.METRICS)
   if not os.path.exists(path):
     return []
   with open(path) as f:

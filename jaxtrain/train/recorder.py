@@ -48,11 +48,12 @@ from typing import Any
 
 import numpy as np
 
+from jaxtrain import paths
 from jaxtrain.data.sources import DataError
 from jaxtrain.errors import ConfigError
 
-SAMPLES_DIR = 'samples'
-SPIKES_DIR = 'spikes'
+SAMPLES_DIR = paths.SAMPLES
+SPIKES_DIR = paths.SPIKES
 FLUSH_STEPS = 100  # a flush names the buffered steps with one document-index load; also bounds the loss on a crash
 FLUSH_SEGMENTS = 1 << 16  # ... or sooner when big batches buffer this many segments
 _INDEX = 4  # int64 fields per index record: first step, last step, offset, length
@@ -462,7 +463,7 @@ def spike_documents(workdir: str) -> tuple[dict[str, int], list[str]]:
     raise DataError('--workdir', workdir, 'does not exist', 'expected the directory of a jaxtrain run')
   counts: dict[str, int] = collections.Counter()
   dumps = []
-  runs = [workdir] + sorted(glob.glob(os.path.join(workdir, 'stages', '*')))
+  runs = [workdir] + sorted(glob.glob(os.path.join(workdir, paths.STAGES, '*')))
   for run in runs:
     for path in _dump_paths(os.path.join(run, SPIKES_DIR)):
       with open(path, encoding='utf-8') as f:

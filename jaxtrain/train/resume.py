@@ -23,6 +23,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from jaxtrain import paths
 from jaxtrain.config.defaults import base_config
 from jaxtrain.train.checkpoint import HOW_TO_PROCEED, ResumeError, check_format, check_state, step_dirs
 
@@ -32,7 +33,9 @@ RESUMABLE_KEYS = (
     'train.steps', 'train.eval_every', 'train.eval_batches', 'train.max_bad_steps', 'train.steps_per_call',
     'checkpoint.*', 'log.*', 'provenance.*', 'estimate.*', 'sample.*', 'distributed.*',
     'mesh.*',  # restores reshard onto the run's mesh
-    'data.prefetch', 'model.attention_impl', 'model.attention_block', 'model.remat',  # how, not what, it computes
+    # How, not what, the model computes (the execution plan; parameters are layer-stacked either way).
+    'data.prefetch', 'model.attention_impl', 'model.attention_block', 'model.remat', 'model.scan_layers',
+    'model.compute_dtype',
 )
 
 _ABSENT = object()
@@ -68,13 +71,13 @@ def config_difference(saved: dict, config: ml_collections.ConfigDict) -> tuple[s
 
 def _saved_config(workdir: str) -> dict | None:
   try:
-    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    with open(paths.in_run(workdir, paths.CONFIG), encoding='utf-8') as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
 
 
-def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iterable[str] = ('checkpoints',),
+def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iterable[str] = (paths.CHECKPOINTS,),
           abstract: Any = None) -> None:
   """Raises ResumeError when `workdir` holds checkpoints (under any of `checkpoint_dirs`, relative to it)
   that this run cannot resume: newer format, another config (WORKDIR/config.json), or with `abstract`,
@@ -100,7 +103,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iter
         return
 
 
-def start_over(workdir: str, names: Iterable[str] = ('checkpoints',), say: Any = print) -> list[str]:
+def start_over(workdir: str, names: Iterable[str] = (paths.CHECKPOINTS,), say: Any = print) -> list[str]:
   """Moves WORKDIR/<name> aside to WORKDIR/<name>.old-<time> for each name that exists (process 0; all
   processes wait for it), so the run trains from step 0. Returns the new paths."""
   stamp = time.strftime('%Y%m%d-%H%M%S')

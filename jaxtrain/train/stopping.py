@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxtrain import paths
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -23,7 +25,7 @@ class StopRequests:
   """Installs the handlers on enter and restores the previous ones on exit (main thread only)."""
 
   def __init__(self, workdir: str):
-    self.stop_file = os.path.join(workdir, 'STOP')
+    self.stop_file = paths.in_run(workdir, paths.STOP)
     self._reason: str | None = None
     self._previous: dict[int, object] = {}
 
