@@ -94,7 +94,7 @@ def random_adapters(base, targets, rank, seed, ranks=None):
     b_shape = list(node['b'].shape)
     b_shape[1 if path[0] == 'blocks' else 0] = r
     out[path] = {'a': a, 'b': rng.normal(0, 0.2, b_shape).astype(np.float32)}
-  return peft_io.nest(out)
+  return lora.unflatten(out)
 
 
 def load_exactly(base, adapter_dir):

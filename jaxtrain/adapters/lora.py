@@ -65,7 +65,8 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], A
   return {prefix: tree}
 
 
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  """A nested dict from {path tuple: leaf}."""
   out: dict = {}
   for path, leaf in flat.items():
     node = out
@@ -140,7 +141,7 @@ def init(params: Any, pattern: str, rank: int, key: Array, dtype: Any = jnp.floa
     bound = fan_in ** -0.5  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, fan_in)
     a = jax.random.uniform(jax.random.fold_in(key, i), shape[:lead] + ins + (rank,), dtype, -bound, bound)
     out[path] = {'a': a, 'b': jnp.zeros(shape[:lead] + (rank,) + outs, dtype)}
-  return _unflatten(out)
+  return unflatten(out)
 
 
 def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -182,7 +183,7 @@ def merge(base: dict, adapters: dict, scales: float | dict) -> dict:
     w = _dense(flat[path])
     lead, _ = _layout(path, tuple(w.shape))
     flat[path] = (w.astype(jnp.float32) + delta(lookup(adapters, path), lead, _scale_for(scales, path))).astype(w.dtype)
-  return _unflatten(flat)
+  return unflatten(flat)
 
 
 @jax.tree_util.register_dataclass
@@ -240,7 +241,7 @@ def apply(base: dict, adapters: dict, scales: float | dict, mode: str = 'factore
       if lead:
         key = jax.random.split(key, ad['a'].shape[0])
     flat[path] = LowRank(flat[path], ad['a'], ad['b'], key, _scale_for(scales, path), dropout)
-  return _unflatten(flat)
+  return unflatten(flat)
 
 
 def specs(base_specs: dict, adapters: Any) -> dict:
@@ -252,7 +253,7 @@ def specs(base_specs: dict, adapters: Any) -> dict:
     lead = 1 if path[0] == STACKED else 0
     n_in = ad['a'].ndim - lead - 1
     out[path] = {'a': P(*spec[:lead + n_in], None), 'b': P(*spec[:lead], None, *spec[lead + n_in:])}
-  return _unflatten(out)
+  return unflatten(out)
 
 
 def count(adapters: Any) -> int:

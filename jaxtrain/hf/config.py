@@ -1,15 +1,10 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, Qwen3 and GPT-2, with logit parity.
+"""Hugging Face model configs <-> jaxtrain's `config.model`: Llama, Mistral, Qwen2, Qwen3 and GPT-2.
 
-  overrides = hf.model_overrides(hf_dir)         # config.model keys from config.json
-  params = hf.load_params(hf_dir, mc, shardings)  # the tree of jaxtrain.models.init_params, on device
-  hf.save(params, mc, tokenizer, out_dir)        # config.json + sharded safetensors + tokenizer files
+  overrides = hf_config.model_overrides(hf_dir)   # config.model keys from the directory's config.json
+  mc = hf_config.model_config(hf_dir)             # the ModelConfig of a checkpoint directory
 
-Loading streams the safetensors files tensor by tensor into one host buffer per (layer-stacked) parameter
-and puts each parameter on its devices as soon as it is complete, so peak host memory stays near one copy
-of the model (benchmarks/hf_load_memory.py). Every name, shape and dtype is checked from the file headers
-before any weight is read, so a wrong checkpoint fails in one line before training starts.
-
-Which HF tensor goes where (transposes, head reshapes, GPT-2's fused c_attn) is `jaxtrain.hf.layout`.
+An unsupported `model_type` or feature (rope scaling kind, sliding-window layout, ...) raises `HfError`, one
+line naming the key and what jaxtrain supports. The weights themselves are `jaxtrain.hf.weights`.
 """
 
 from __future__ import annotations

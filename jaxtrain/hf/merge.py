@@ -86,7 +86,7 @@ def dare_masks(adapters: list[dict], density: float, seed: int) -> list[dict]:
     for path in sorted(lora.adapter_paths(ad)):
       node = lora.lookup(ad, path)
       flat[path] = {k: rng.random(np.shape(node[k])) < density for k in ('a', 'b')}
-    out.append(peft_io.nest(flat))
+    out.append(lora.unflatten(flat))
   return out
 
 
@@ -159,7 +159,7 @@ def combine(adapters: list[dict], scales: list[Any], weights: list[float], metho
       value = _combine_factor(stack, w[k], method, density, majority_sign_method, keep, path[0] == lora.STACKED)
       merged[k] = value.astype(np.asarray(ref[k]).dtype)
     out[path] = merged
-  return peft_io.nest(out)
+  return lora.unflatten(out)
 
 
 def _scale(scales: Any, path: Path) -> float:

@@ -75,17 +75,6 @@ _UNSUPPORTED = {
 _KEY = re.compile(r'^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$')
 
 
-def nest(flat: dict[Path, Any]) -> dict:
-  """A nested dict from {path tuple: leaf}."""
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = leaf
-  return out
-
-
 class PeftError(UserError):
   """An adapter directory jaxtrain cannot read or write exactly; the message is one line for the user."""
 
@@ -289,7 +278,7 @@ def read_adapter_dir(adapter_dir: str, params_or_shapes: Any = None, model_type:
                                                                       if tuple(k.split('/')) in adapters},
               targets=targets_regex(list(adapters)), model_type=model_type,
               base_model=cfg.get('base_model_name_or_path'))
-  return nest(adapters), info
+  return lora.unflatten(adapters), info
 
 
 def _compact_fused(adapters: dict[Path, dict], fused: set[Path]) -> None:
@@ -328,7 +317,7 @@ def load_adapters(adapter_dir: str, params_or_shapes: Any, model_type: str = 'll
       b = flat[path + ('b',)]
       flat[path + ('b',)] = (b.astype(np.float32) * np.float32(s / scale)).astype(b.dtype)
   settings = {k: info[k] for k in ('rank', 'alpha', 'rslora', 'dropout', 'targets')}
-  return nest(flat), settings
+  return lora.unflatten(flat), settings
 
 
 def _host(x: Any) -> np.ndarray:
