@@ -2,14 +2,15 @@
 knows it).
 
   WORKDIR/config.json            the resolved config the run trained with
+  WORKDIR/tokenizer/             the tokenizer the run trained with (a Hugging Face tokenizer directory)
   WORKDIR/metrics.jsonl          one JSON object per logged step; loss.png beside it
   WORKDIR/checkpoints/N/         orbax checkpoints (state + data-iterator position)
   WORKDIR/source_tokens.json     tokens per data source at each kept checkpoint
   WORKDIR/samples/               the sample ids of every row of every step
   WORKDIR/spikes/                loss-spike dumps
   WORKDIR/nonfinite_steps.json   the samples of a non-finite streak that stopped the run
-  WORKDIR/STOP                   touch it to stop the run at the next step (saved, resumable)
-  WORKDIR/stages/K/              a StackWise stage: a run directory of its own
+  WORKDIR/STOP                   touch it to stop the run at the next step (saved, resumable; StackWise too)
+  WORKDIR/stages/K/              a StackWise stage: a run directory of its own (stopped by WORKDIR/STOP)
   WORKDIR/rack/                  the StackWise rack after each stage (per-stack content-hash saves)
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 
 CONFIG = 'config.json'
+TOKENIZER = 'tokenizer'
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
 SOURCE_TOKENS = 'source_tokens.json'

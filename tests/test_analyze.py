@@ -223,11 +223,11 @@ def test_cli_prints_the_report_in_seconds_and_writes_the_figures(tmp_path, monke
     docs, p = prep.prepare_split(config.data, tok, split)
     assert p.tokenized == 0  # the command left the cache behind
     assert len(docs) == len(sources.load_documents(config.data, split))
-    assert re.search(rf"^source '{split}': {len(docs):,d} documents, {len(p):,d} prepared records, "
+    assert re.search(rf"^source 'stdlib', {split} split: {len(docs):,d} documents, {len(p):,d} prepared records, "
                      rf"{p.total_tokens:,d} tokens", out, re.M), out
     assert fig['percentiles'] == analyze.length_percentiles(p.lengths)
     assert fig['suggested_seq_len'] == analyze.suggest_seq_len(fig['percentiles']['p95'])
-    assert (tmp_path / 'run' / 'analysis' / f'{split}_lengths.png').stat().st_size > 5000
+    assert (tmp_path / 'run' / 'analysis' / f'stdlib-{split}_lengths.png').stat().st_size > 5000
 
   bad = subprocess.run([sys.executable, '-m', 'jaxtrain.cli', 'analyze', '--config=configs/tiny.py',
                         f'--workdir={tmp_path / "run2"}', f'--config.data.train={tmp_path}/none/*.jsonl'], cwd=REPO,

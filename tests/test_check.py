@@ -69,7 +69,7 @@ def test_check_tiny_previews_tokens_counts_params_and_writes_nothing(tmp_path):
     piece = repr(tokenizer.decode([ids[pos]]))
     assert re.search(rf'^ +{pos} +{ids[pos]}  {re.escape(piece)} +1$', out, re.M), (pos, ids[pos], piece, out)
   assert 'loss mask' in out and '(no template)' in out
-  assert "data source 'train'" in out and "data source 'eval'" in out
+  assert "data source 'stdlib', train split" in out and "data source 'stdlib', eval split" in out
 
   mc = models.model_config(config.model, tokenizer.vocab_size)
   assert printed_param_count(out) == models.count_params(models.init_params(mc, jax.random.PRNGKey(0)))

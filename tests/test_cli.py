@@ -50,6 +50,19 @@ def test_user_mistakes_exit_2_in_one_line(argv, needle, capsys):
   assert not out
 
 
+@pytest.mark.parametrize('config, needle', [
+    ('configs/tiny.py:size=1b', "config argument 'size=1b': this config file takes no arguments (valid: none)"),
+    ('configs/lora_sft.py:bogus=1', "config argument 'bogus=1': expected key=value with key one of data, hf, "
+                                    'quantize, rank, template'),
+    ('configs/stackwise.py:size=1b', "config argument size='1b': valid values are cpu, 125m"),
+    ('configs/llama.py:sise=cpu', "config argument 'sise=cpu': expected key=value with key one of size"),
+])
+def test_config_files_refuse_unknown_arguments_in_one_line(config, needle, capsys):
+  code, out, err = status(['check', f'--config={config}'], capsys)  # check: nothing is written even before
+  assert code == 2 and len(err) == 1 and err[0] == f'error: flag --config={config}: {needle}', (code, err)
+  assert not out
+
+
 def test_commands_and_unknown_command(capsys):
   code, out, _ = status(['--help'], capsys)
   assert code == 0 and all(f'  {name} ' in out for name in cli.COMMANDS)

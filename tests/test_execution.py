@@ -103,3 +103,17 @@ def test_plan_resolves_the_run_execution_and_steps_per_call():
   assert execution.steps_per_call(config) == 4 and execution.steps_per_call(config, backend='gpu') == 1
   config.train.steps_per_call = 2
   assert execution.steps_per_call(config) == 2
+
+
+def test_the_fallback_warning_is_one_line(monkeypatch):
+  """`jaxtrain train` on a CPU without a compiler says why it uses XLA attention in ONE line: the reason folded
+  (a compiler's message spans lines) and no source line printed under it."""
+  monkeypatch.setattr(execution, '_warned', set())
+  monkeypatch.setattr(cpu_attention, 'unavailable', lambda: 'g++ failed:\n  error: one\n  error: two')
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    assert execution.plan(base_config()).attention_impl == 'xla'
+  assert len(caught) == 1 and issubclass(caught[0].category, UserWarning)
+  w = caught[0]
+  shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+  assert shown.count('\n') == 1 and 'g++ failed: error: one error: two' in shown, shown

@@ -56,7 +56,7 @@ def cases(tmp):
       # inconsistent sections
       ([tiny, '--config.model.num_kv_heads=3'], 'model.num_kv_heads=3'),  # does not divide num_heads=4
       ([tiny, '--config.train.accum_steps=3'], 'train.accum_steps=3'),  # does not divide batch_size=8
-      ([tiny, '--config.optim.warmup_steps=1000'], 'optim.warmup_steps=1000'),  # longer than steps=30
+      ([tiny, "--config.optim.no_decay=(norm"], "optim.no_decay='(norm'"),  # not a regular expression
       # out of range
       ([tiny, '--config.data.eval_fraction=1.5'], 'data.eval_fraction=1.5'),
       ([tiny, '--config.optim.b2=1.0'], 'optim.b2=1.0'),  # [0, 1): b2=1 never forgets the first gradients

@@ -1,7 +1,9 @@
-"""FLOPs accounting by hand, the loss plot of a resumed run, and wandb never waiting on a login."""
+"""FLOPs accounting by hand, the loss plot of a resumed run, wandb never waiting on a login, and what a run
+logs: plain progress lines off a terminal, the compile kept out of step times, each step once after a resume."""
 
 import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -148,3 +150,60 @@ def test_mla_flops_per_token_match_xla_cost_analysis(training):
   print(f'ours / XLA = {model / xla:.3f} (executed {executed / xla:.3f})')
   assert abs(xla / model - 1) <= 0.10, (xla, model)
   assert abs(xla / executed - 1) <= 0.03, (xla, executed)
+
+
+def _train(workdir, *flags):
+  from jaxtrain import cli
+  cli.main(['jaxtrain', 'train', '--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=8',
+            '--config.checkpoint.every=4', '--config.train.eval_every=4', '--config.log.every=2',
+            '--config.log.progress=True', *flags])
+
+
+def test_a_run_off_a_terminal_logs_plain_lines_and_a_resume_logs_each_step_once(tmp_path, capsys):
+  """Progress without a terminal (capsys is not one): one plain line per logged train step, no '\\r'. The
+  header states the dtypes; the compile is timed on its own (`compile_s` of step 1, which is logged for it), not
+  charged to the first steps' tokens/s. A resume drops the rows a crashed run logged past its checkpoint."""
+  workdir = str(tmp_path / 'run')
+  _train(workdir)
+  out, err = capsys.readouterr()
+  assert '\r' not in out + err
+  assert 'param dtype float32, compute dtype float32' in out.splitlines()[0]
+  assert "MFU is against this run's probe" in out.splitlines()[0]
+  assert len([line for line in out.splitlines() if line.startswith('compiled the train step in ')]) == 1
+  records = metrics.read_metrics(workdir)
+  train_rows = [r for r in records if 'loss' in r]
+  plain = [line for line in out.splitlines() if line.startswith('step ') and ' tokens/s' in line]
+  assert [line.split('/')[0] for line in plain] == [f"step {r['step']}" for r in train_rows]
+  assert [r['step'] for r in train_rows] == [1, 2, 4, 6, 8]  # every 2 steps, and step 1 for its compile_s
+  assert train_rows[0]['compile_s'] > 0 and all('compile_s' not in r for r in train_rows[1:])
+  later = float(np.median([r['tokens_per_s'] for r in train_rows[1:]]))
+  assert train_rows[0]['tokens_per_s'] > 0.2 * later, (train_rows[0], later)  # the compile is not in it
+  # A crash after checkpoint 4: checkpoint 8 never finished, steps 5..8 were logged, the last line is torn.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '8'))
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 9, "loss": 1.')
+  _train(workdir)
+  assert 'resumed from' in capsys.readouterr().out
+  records = metrics.read_metrics(workdir)
+  steps = [r['step'] for r in records if 'loss' in r]
+  assert steps == [1, 2, 4, 5, 6, 8]  # 5: the resumed run's compile
+  assert [r['step'] for r in records if 'eval_loss' in r] == [4, 8]
+  # A complete run run again logs its final evaluation once.
+  _train(workdir)
+  assert [r['step'] for r in metrics.read_metrics(workdir) if 'eval_loss' in r] == [4, 8]
+
+
+def test_the_progress_bar_shows_a_step_s_loss_beside_that_step(tmp_path, monkeypatch, capsys):
+  import re
+  import time
+  monkeypatch.setattr(metrics, '_is_terminal', lambda: True, raising=False)
+  cfg = types.SimpleNamespace(progress=True, wandb='disabled')
+  logger = metrics.Logger(str(tmp_path), cfg, 3, 0, {})
+  for step in (1, 2, 3):
+    logger.log(step, {'loss': float(step), 'tokens_per_s': 10.0})
+    logger.advance()
+    time.sleep(0.12)  # past tqdm's mininterval: the next change may draw
+  logger.close()
+  frames = [re.search(r'(\d+)/3 .*loss=([\d.]+)', f) for f in capsys.readouterr().err.split('\r')]
+  shown = [(int(m.group(1)), float(m.group(2))) for m in frames if m]
+  assert shown and all(n == loss for n, loss in shown), shown

@@ -188,6 +188,10 @@ def test_blocklisted_documents_never_appear(corpora, tmp_path):
           for row in sample_ids(cfg, 'train', b) for n in row}
   assert seen and not seen & set(blocked)
   assert len(seen) == len(src.docs) - len(blocked)
+  # The run's data line says how many documents the blocklist removed.
+  report = pipeline.source_report([src], pipeline.blocklist(cfg))[0]
+  assert f'; {len(blocked)} excluded by data.exclude ({len(src.prepared) - len(blocked)} left)' in report, report
+  assert 'excluded' not in pipeline.source_report([src])[0]
 
 
 def test_intra_doc_mask_switch_and_eval_packing(corpora):

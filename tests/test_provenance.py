@@ -42,6 +42,8 @@ def test_detector_flags_exactly_the_spikes():
   assert spikes[4].reason.startswith('loss 2.5 > 2 x mean') and spikes[4].loss_mean == sum([1.0, 1.2, 0.8]) / 3
   assert spikes[6].reason == 'non-finite loss (nan)'
   assert spikes[7].reason.startswith('grad_norm 5 > 2 x mean 1') and spikes[7].grad_norm_mean == 1.0
+  # Each names what spiked: a grad-norm spike is not a loss spike.
+  assert [spikes[s].what for s in (4, 6, 7)] == ['loss spike', 'non-finite loss', 'grad_norm spike']
   # Spikes stay out of the window: step 9 is judged against steps 3, 5 and 8, so 3.0 > 2 x 0.933 flags.
   assert spikes[9].loss_mean == sum([0.8, 1.0, 1.0]) / 3
   # Step 10 is judged against the same steps (9 was left out): 1.8 < 2 x 0.933.
@@ -56,6 +58,20 @@ def test_warmup_accepts_everything_finite_and_non_finite_is_always_flagged():
   assert sorted(spikes) == [3, 4, 6]
   assert 'non-finite loss (inf)' in spikes[3].reason and 'non-finite grad_norm (nan)' in spikes[4].reason
   assert spikes[6].loss_mean == 5.0
+
+
+def test_the_log_line_names_what_spiked(tmp_path):
+  cfg = base_config()
+  cfg.provenance.spike_factor, cfg.provenance.spike_window, cfg.provenance.spike_warmup = 2.0, 3, 0
+  rec = provenance.Recorder(cfg, str(tmp_path), 0, None, process_index=0, process_count=1)
+  values = [(1.0, 1.0), (1.0, 1.0), (1.0, 9.0), (9.0, 1.0), (9.0, 9.0), (1.0, NAN)]
+  lines = [rec.observe(s, {'loss': a, 'grad_norm': b}) for s, (a, b) in enumerate(values, start=1)]
+  rec.close()
+  assert lines[:2] == ['', '']
+  assert lines[2].startswith('step 3: grad_norm spike: grad_norm 9 > 2 x mean 1')
+  assert lines[3].startswith('step 4: loss spike: loss 9 > 2 x mean 1')
+  assert lines[4].startswith('step 5: loss and grad_norm spike: loss 9 > ')
+  assert lines[5] == 'step 6: non-finite grad_norm: non-finite grad_norm (nan)'
 
 
 def test_a_window_of_spikes_in_a_row_is_a_new_level():

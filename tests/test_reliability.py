@@ -64,9 +64,18 @@ def reference(tmp_path_factory):
   return ref
 
 
+def logged_steps(workdir: str) -> tuple[list[int], list[int]]:
+  """The steps of metrics.jsonl's (train, eval) rows, in file order, repeats included."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return [r['step'] for r in records if 'loss' in r], [r['step'] for r in records if 'eval_loss' in r]
+
+
 def resume_and_compare(workdir: str, reference: dict[int, float]) -> str:
   out, _ = finish(start(workdir))
   assert losses(workdir) == reference  # bitwise: the steps after the resume equal the uninterrupted run
+  # Each step logged once: the resume dropped the rows logged past its checkpoint (plots, compare, dashboards).
+  assert logged_steps(workdir) == (list(range(1, STEPS + 1)), [STEPS])
   return out
 
 

@@ -146,6 +146,9 @@ def test_resumable_keys_and_saved_configs_of_older_versions():
   assert resume.config_difference(saved, config) == ('lora.rank', 0, 8)
   config.lora.rank, config.curriculum.kind = 0, 'linear'
   assert resume.config_difference(saved, config) == ('curriculum.kind', 'none', 'linear')
+  config.curriculum.kind = 'none'  # a job can hold a resumable key fixed (StackWise: stage lengths)
+  assert resume.config_difference(saved, config, fixed=('train.steps',)) == (
+      'train.steps', saved['train']['steps'], 999)
 
 
 def test_stackwise_compares_the_shared_config_with_its_rack(tmp_path, monkeypatch):
@@ -162,6 +165,10 @@ def test_stackwise_compares_the_shared_config_with_its_rack(tmp_path, monkeypatc
   with pytest.raises(checkpoint.ResumeError, match='config.stackwise.trunk_rank='):
     resume.check(changed, workdir, ['rack', 'stages/0/checkpoints'])
   resume.check(config, workdir, ['rack', 'stages/0/checkpoints'])  # the same config resumes
+  longer = config.copy_and_resolve_references()
+  longer.train.steps = config.train.steps + 4  # stage lengths follow train.steps: a finished rack cannot grow
+  with pytest.raises(checkpoint.ResumeError, match='config.train.steps='):
+    resume.check(longer, workdir, ['rack', 'stages/0/checkpoints'], fixed=('train.steps',))
   moved = resume.start_over(workdir, ('rack', 'stages'), say=lambda _: None)
   assert [os.path.basename(m).split('.old-')[0] for m in moved] == ['rack']
   assert stackwise_run.run.__defaults__[-1] is False  # run(config, workdir, start_over=False)

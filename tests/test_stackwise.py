@@ -1,6 +1,8 @@
 """StackWise stages: the plan and its validation, what each stage trains, frozen prefixes that keep no
 activations, LoRA / QLoRA / dual-LoRA trunks, the consistency loss and time-as-depth ratios."""
 
+import pickle
+
 import jax
 import numpy as np
 import optax
@@ -84,6 +86,19 @@ def test_bad_settings_fail_validation_with_one_line(overrides, message, tmp_path
   with pytest.raises(config_lib.ConfigError, match=message) as e:
     config_lib.prepare(c, str(tmp_path / 'w'), 8)
   assert '\n' not in str(e.value)
+  assert e.value.line() == str(e.value)  # what the CLI's error handler prints (it used to raise AttributeError)
+  assert pickle.loads(pickle.dumps(e.value)).line() == e.value.line()
+
+
+def test_stackwise_config_error_is_one_line_on_the_command_line(tmp_path, capsys):
+  from jaxtrain import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main(['jaxtrain', 'check', '--config=configs/tiny.py', '--config.stackwise.num_stacks=3',
+              f'--workdir={tmp_path / "w"}'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: config.model.num_layers=2 ') and err.count('\n') == 1, err
+  assert not (tmp_path / 'w').exists()
 
 
 def test_masked_objective_needs_a_rack(tmp_path):

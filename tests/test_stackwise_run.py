@@ -35,7 +35,14 @@ def test_diffusion_run_saves_changed_stacks_and_resumes(tmp_path, capsys):
   out = stackwise_run.run(tiny_stackwise(), workdir)
   printed = capsys.readouterr().out
   assert [r['stage'] for r in out['stages']] == [0, 1]
-  assert 'loss first->last (ELBO)' in printed and 'final eval ELBO bound' in printed
+  # One name per figure: "eval loss" in each stage's line, the stage table and the final line; what the loss
+  # is (the ELBO bound) is said once, in the table's caption and the final line.
+  assert 'stages (loss: the masked-diffusion ELBO bound, nats/token;' in printed
+  header = next(line for line in printed.splitlines() if line.split()[:2] == ['stage', 'stacks'])
+  assert 'loss first->last' in header and 'eval loss' in header
+  assert 'final eval loss ' in printed and '(the masked-diffusion ELBO bound; ppl <= ' in printed
+  assert 'ELBO bound' not in printed.replace('the masked-diffusion ELBO bound', '')
+  assert printed.count('eval loss') >= 2 + len(out['stages'])  # the stages' own lines, table header, final line
   # Stage 1 appends on a frozen trunk: stack0 and the frozen input side are not written again.
   assert 'stack0' not in out['stages'][1]['parts_written']
   assert 'stack1' in out['stages'][1]['parts_written']
@@ -79,3 +86,35 @@ def test_other_objectives_sample(arg, tmp_path):
   if 'prepend' in arg:
     assert [r['ratio'] for r in out['stages']] == [pytest.approx(0.15), 1.0]
     assert [r['new'] for r in out['stages']] == [[1], [0]]
+
+
+@pytest.mark.slow
+def test_the_run_stop_file_stops_a_stage_which_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+  # WORKDIR/STOP (the run's, not WORKDIR/stages/K/STOP) stops the stage at its next step: saved, exit 0, file
+  # consumed; the same command then resumes inside that stage and finishes the job.
+  workdir = str(tmp_path / 'run')
+  stop = os.path.join(workdir, 'STOP')
+  real_fit = stackwise_run.train.fit
+
+  def fit(config, job, stage_dir, *args, **kwargs):
+    if stage_dir == os.path.join(workdir, 'stages', '1'):  # touched before stage 1's first step
+      open(stop, 'w').close()
+    return real_fit(config, job, stage_dir, *args, **kwargs)
+
+  monkeypatch.setattr(stackwise_run.train, 'fit', fit)
+  out = stackwise_run.run(tiny_stackwise(), workdir)
+  monkeypatch.undo()
+  assert out['stopped'] and out['stopped'][0] == f'{stop} file' and out['eval'] is None
+  assert not os.path.exists(stop)
+  assert 'stopped by' in capsys.readouterr().out
+  assert os.path.isfile(os.path.join(workdir, 'tokenizer', 'tokenizer.json'))  # StackWise keeps its tokenizer too
+  assert [r['stage'] for r in out['stages']] == [0]  # stage 1 stopped after its first of 2 steps
+  assert sorted(os.listdir(os.path.join(workdir, 'stages', '1', 'checkpoints'))) == ['1']
+  assert StackCheckpointer(os.path.join(workdir, 'rack')).stages() == [0]
+
+  again = stackwise_run.run(tiny_stackwise(), workdir)
+  assert not again['stopped'] and again['stages'][0].get('resumed') and not again['stages'][1].get('resumed')
+  with open(os.path.join(workdir, 'stages', '1', 'metrics.jsonl')) as f:
+    steps = [r['step'] for r in map(json.loads, f) if 'loss' in r]
+  assert steps == [1, 2]  # step 1 before the stop, step 2 after the resume: nothing ran twice
+  assert np.isfinite(again['eval'])

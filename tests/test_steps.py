@@ -151,3 +151,67 @@ def test_multi_step_runs_its_active_slots_in_order_and_leaves_the_rest():
   assert int(multi_state['step']) == int(single_state['step']) == 3
   for a, b in zip(jax.tree.leaves(multi_state['params']), jax.tree.leaves(single_state['params']), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_a_loss_needs_only_its_sum_and_token_count():
+  """A custom loss reports {'loss_sum', 'tokens'} and nothing else: the step trains and logs loss (the step
+  used to read 'z_loss_sum' unconditionally); a further sum it reports is logged per token."""
+  mesh, graphdef, state, state_sh, _ = build(optax.adamw(1e-2), {'data': -1, 'fsdp': 1, 'tensor': 1})
+  decoder = train.make_loss_fn(graphdef, 0.0)
+
+  def minimal(params, batch, rng):
+    objective, sums = decoder(params, batch, rng)
+    return objective, {'loss_sum': sums['loss_sum'], 'tokens': sums['tokens']}
+
+  def with_extra(params, batch, rng):
+    objective, sums = minimal(params, batch, rng)
+    return objective, dict(sums, twice_sum=2 * sums['loss_sum'])
+
+  batch = packed_batch([[16], [8, 8], [4], [16]] * 2, 16, seed=5)
+  with jax.set_mesh(mesh):
+    for loss_fn in (minimal, with_extra):
+      step = jax.jit(steps.make_train_step(loss_fn, optax.adamw(1e-2)), in_shardings=(state_sh, None),
+                     out_shardings=(state_sh, None))
+      _, m = step(state, sharding.to_global(batch, mesh))
+      assert float(m['skipped']) == 0.0 and np.isfinite(float(m['loss'])) and 'z_loss' not in m
+  assert float(m['twice']) == pytest.approx(2 * float(m['loss']))
+
+
+def bf16_run(tmp_path, monkeypatch, calls, schedule, shape):
+  from jaxtrain import cli
+  kept, real_fit = {}, train.fit
+
+  def fit(*args, **kwargs):
+    kept['result'] = real_fit(*args, **kwargs)
+    return kept['result']
+
+  monkeypatch.setattr(train, 'fit', fit)
+  workdir = str(tmp_path / 'run')
+  cli.main(['jaxtrain', 'train', '--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=8',
+            '--config.model.param_dtype=bfloat16', f'--config.train.steps_per_call={calls}',
+            f'--config.optim.schedule={schedule}', f'--config.optim.decay_shape={shape}',
+            '--config.optim.warmup_steps=2', '--config.optim.decay_fraction=0.5', '--config.train.eval_every=0',
+            '--config.train.eval_batches=1', '--config.checkpoint.every=0', '--config.log.every=1'])
+  return kept['result'], workdir
+
+
+@pytest.mark.parametrize('calls,schedule,shape', [(1, 'linear', 'linear'), (4, 'wsd', 'sqrt')])
+def test_bfloat16_params_train_with_float32_moments_in_one_compile(tmp_path, monkeypatch, calls, schedule, shape):
+  """`--config.model.param_dtype=bfloat16` crashed under the K-steps-per-call scan (the first moment turned
+  float32, `cond branches must have equal output types`) and with one step per call recompiled after step 1,
+  ending with mu float32 and nu bfloat16. Now: one compile, bfloat16 parameters, float32 moments; the last
+  step's logged lr is the schedule's floor."""
+  import json
+  import os
+
+  import jax.numpy as jnp
+  result, workdir = bf16_run(tmp_path, monkeypatch, calls, schedule, shape)
+  assert result.compiles == 1 and int(result.state['step']) == 8
+  assert {x.dtype for x in jax.tree.leaves(result.state['params'])} == {jnp.dtype(jnp.bfloat16)}
+  adam = [s for s in jax.tree.leaves(result.state['opt_state'], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1
+  assert {x.dtype for x in jax.tree.leaves((adam[0].mu, adam[0].nu))} == {jnp.dtype(jnp.float32)}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lrs = [r['lr'] for r in map(json.loads, f) if 'lr' in r]
+  assert len(lrs) == 8 and lrs[-1] == pytest.approx(1e-2 * 0.1) and lrs[0] == pytest.approx(1e-2 / 2)

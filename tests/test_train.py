@@ -133,3 +133,28 @@ def test_steps_per_call_changes_neither_losses_nor_outputs(full_run, tmp_path):
   logged = [[(r['step'], 'eval_loss' in r) for r in metrics.read_metrics(w)] for w in (workdir, str(tmp_path))]
   assert logged[0] == logged[1]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == sorted(os.listdir(tmp_path / 'checkpoints'))
+
+
+@pytest.mark.parametrize('stackwise', [False, True])
+@pytest.mark.parametrize('case', ['empty_eval', 'nothing_held_out'])
+def test_data_errors_found_by_reading_the_data_write_nothing(tmp_path, case, stackwise):
+  """An eval split that holds no document is only seen when the documents are read: the run still raises its
+  one-line DataError before writing anything in the workdir (it used to write config.json first)."""
+  import jaxtrain
+  from jaxtrain.errors import UserError
+  train_file = tmp_path / 'train.jsonl'
+  train_file.write_text(''.join(json.dumps({'text': f'def f{i}(x):\n  return x + {i}\n' * 20}) + '\n'
+                                for i in range(1 if case == 'nothing_held_out' else 20)))
+  config = tiny_config()
+  config.data.train, config.data.tokenizer_vocab_size = str(train_file), 300
+  if case == 'empty_eval':
+    (tmp_path / 'eval.jsonl').write_text('\n')
+    config.data.eval = str(tmp_path / 'eval.jsonl')
+  if stackwise:
+    config.stackwise.num_stacks, config.objective.kind = 2, 'diffusion'
+  before = config.to_dict()
+  workdir = tmp_path / 'w'
+  with pytest.raises(UserError, match='data.eval' if case == 'empty_eval' else 'data.eval_fraction'):
+    jaxtrain.run(config, str(workdir))
+  assert not workdir.exists()
+  assert config.to_dict() == before

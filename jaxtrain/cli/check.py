@@ -3,9 +3,13 @@
   jaxtrain check --config=configs/llama.py:size=1b
   python -m jaxtrain.main --config=configs/tiny.py --preflight   # the same report, then training
 
-Everything here works on shapes (`jax.eval_shape`): no parameter is allocated, nothing is compiled or
-written, so the report takes seconds for any model size. The memory figures are an estimate; the exact
-figure for one step is `jax.jit(step).lower(...).compile().memory_analysis()`, which needs a compile.
+  jaxtrain check --config=configs/lora_sft.py --preview_tokens=200         # more of each source's first record
+
+Everything about the model works on shapes (`jax.eval_shape`): no parameter is allocated, nothing is compiled
+and nothing is written to the workdir, so the report takes seconds for any model size. The data is read as
+training reads it: tokenized into the prepare cache (which the run then reuses), with bad records skipped,
+counted and refused over data.max_bad_fraction exactly as training does. The memory figures are an estimate;
+the exact figure for one step is `jax.jit(step).lower(...).compile().memory_analysis()`, which needs a compile.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ from jaxtrain.models.validate import check_vocab
 from jaxtrain.data import sources
 from jaxtrain.cli import common
 
-PREVIEW_TOKENS = 24
+PREVIEW_TOKENS = 24  # tokens shown of a long record (from its first assistant token, in a chat record)
+SHORT_RECORD = 64  # a record of at most this many tokens is shown whole
 PREVIEW_CHARS = 200
-# Text tokenized for the preview: plenty for PREVIEW_TOKENS tokens, and a huge first document stays cheap.
-_ENCODE_CHARS = 8192
 GIB = 2 ** 30
 
 
@@ -39,16 +42,21 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One stream of documents a run reads: a configured source's split."""
+  """One stream of documents a run reads: a configured source's split, named as `jaxtrain analyze` and the run's
+  log name it (the source's config name: 'stdlib' or 'train' for data.train alone, else the data.sources key)."""
   name: str
   split: str
   spec: str  # what the config names, for the report
   source: sources.SourceSpec | None = None
 
+  @property
+  def label(self) -> str:
+    return sources.split_label(self.name, self.split)
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenPreview:
-  """The first document of a source as the model will see it."""
+  """The first record of a source as the model will see it: its prepared tokens and loss mask."""
   source: Source
   files: int
   documents: int
@@ -57,6 +65,8 @@ class TokenPreview:
   ids: list[int]
   pieces: list[str]
   loss_mask: list[int]
+  length: int  # tokens of the whole record (EOS included)
+  report: str  # the run's log line of this source: documents, tokens, bad records skipped and why
 
 
 def data_sources(data_cfg: ml_collections.ConfigDict) -> list[Source]:
@@ -64,35 +74,53 @@ def data_sources(data_cfg: ml_collections.ConfigDict) -> list[Source]:
   out = []
   for spec in sources.source_specs(data_cfg):
     held_out = f'held-out {data_cfg.eval_fraction:g} of {spec.view.train}'
-    prefix = '' if not data_cfg.sources else f'{spec.name} '
-    out += [Source(f'{prefix}train', 'train', spec.view.train, spec),
-            Source(f'{prefix}eval', 'eval', spec.view.eval or held_out, spec)]
+    out += [Source(spec.name, 'train', spec.view.train, spec),
+            Source(spec.name, 'eval', spec.view.eval or held_out, spec)]
   return out
 
 
+def preview_length(mask: Any, requested: int = 0) -> int:
+  """How many tokens of a record with loss mask `mask` the preview shows: `requested` when > 0; else the whole
+  record when it is short (SHORT_RECORD tokens at most), else PREVIEW_TOKENS tokens, through PREVIEW_TOKENS
+  tokens of the first loss-masked turn (a chat's first assistant turn) when that starts later."""
+  mask = np.asarray(mask)
+  n = len(mask)
+  if requested > 0:
+    return min(int(requested), n)
+  if n <= SHORT_RECORD:
+    return n
+  ones = np.flatnonzero(mask)
+  if not len(ones) or ones[0] < PREVIEW_TOKENS:
+    return PREVIEW_TOKENS
+  start = int(ones[0])
+  after = np.flatnonzero(mask[start:] == 0)
+  end = start + int(after[0]) if len(after) else n
+  return min(end, start + PREVIEW_TOKENS)
+
+
 def preview_source(data_cfg: ml_collections.ConfigDict, tokenizer: data.Tokenizer, source: Source,
-                   n_tokens: int = PREVIEW_TOKENS) -> TokenPreview:
-  """Tokenizes the first document of `source` as the prepare step does (EOS; a chat template and its loss
-  mask). Raises DataError when the source holds no document."""
+                   n_tokens: int = 0, src: Any = None) -> TokenPreview:
+  """The first record of `source` as the prepare step tokenized it (EOS; a chat template and its loss mask),
+  `preview_length(mask, n_tokens)` tokens of it. `src`: its `data.pipeline.Source`, else it is loaded (through
+  the prepare cache, counting bad records as training does). Raises DataError as training would."""
   from jaxtrain.data import pipeline
 
   spec = source.source or sources.source_specs(data_cfg)[0]
+  if src is None:
+    src = next(s for s in pipeline.load_sources(data_cfg, tokenizer, source.split) if s.name == spec.name)
   files = data.list_files(spec.view, source.split)
-  docs = sources.load_documents(spec.view, source.split)
-  doc = docs[0]
-  encode, _ = pipeline.encoder_for(spec, tokenizer)
-  if spec.format == 'chat':
-    raw = json.dumps(doc, ensure_ascii=False)
-    templated = encode.render(doc)
-    ids, mask = encode.encode_record(doc)
+  ids, mask = src.prepared[0]
+  doc = src.docs[int(src.prepared.source_index[0])]
+  if spec.format in sources.CHAT_FORMATS:
+    encode, _ = pipeline.encoder_for(spec, tokenizer)
+    raw, templated = json.dumps(doc, ensure_ascii=False), encode.render(doc)
   else:
     raw, templated = doc, None
-    cut = doc[:_ENCODE_CHARS]
-    ids = tokenizer.encode(cut) + ([tokenizer.eos_id] if len(doc) <= _ENCODE_CHARS else [])
-    mask = [1] * len(ids)
-  ids, mask = [int(i) for i in ids[:n_tokens]], [int(m) for m in mask[:n_tokens]]
-  return TokenPreview(source=source, files=len(files), documents=len(docs), raw=raw, templated=templated, ids=ids,
-                      pieces=[tokenizer.decode([i]) for i in ids], loss_mask=mask)
+  n = preview_length(mask, n_tokens)
+  ids, mask = [int(i) for i in ids[:n]], [int(m) for m in mask[:n]]
+  return TokenPreview(source=source, files=len(files), documents=len(src.docs), raw=raw, templated=templated, ids=ids,
+                      pieces=[tokenizer.decode([i]) for i in ids], loss_mask=mask, length=len(src.prepared[0][0]),
+                      report=pipeline.source_report([src])[0])
 
 
 def _escape(text: str, limit: int = PREVIEW_CHARS) -> str:
@@ -101,8 +129,10 @@ def _escape(text: str, limit: int = PREVIEW_CHARS) -> str:
 
 
 def format_preview(p: TokenPreview) -> list[str]:
-  lines = [f'data source {p.source.name!r}: {p.source.spec} ({p.documents} documents in {p.files} files; '
-           'the first one)',
+  shown = 'the whole record' if len(p.ids) == p.length else f'{len(p.ids)} of its {p.length} tokens'
+  lines = [f'data source {p.source.label}: {p.source.spec} ({p.documents} documents in {p.files} files; '
+           f'the first one, {shown})',
+           f'  data       {p.report}',
            f'  raw        {_escape(p.raw)}',
            f'  templated  {_escape(p.templated) if p.templated is not None else "(no template)"}',
            f'  {"pos":>5} {"token id":>9}  {"piece":<24} loss mask']
@@ -254,13 +284,21 @@ def _flops(n: float) -> str:
   return f'{n:.0f} FLOP'
 
 
-def report(config: ml_collections.ConfigDict) -> list[str]:
-  """The preflight report as lines. Raises ConfigError or DataError on a config that cannot run."""
+def report(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> list[str]:
+  """The preflight report as lines. Raises ConfigError or DataError on a config that cannot run.
+
+  The data is read as training reads it (`data.pipeline.load_sources`: the prepare cache, built if missing and
+  then reused by the run), so bad records are skipped, counted and refused exactly as training does."""
+  from jaxtrain.data import pipeline
+
   tokenizer = data.load_tokenizer(config.data)
   check_vocab(config.model, tokenizer.vocab_size)
   lines = [f'tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}, EOS id {tokenizer.eos_id})']
+  loaded = {split: {s.name: s for s in pipeline.load_sources(config.data, tokenizer, split)}
+            for split in sources.SPLITS}
   for source in data_sources(config.data):
-    lines += format_preview(preview_source(config.data, tokenizer, source))
+    lines += format_preview(preview_source(config.data, tokenizer, source, preview_tokens,
+                                           loaded[source.split][source.name]))
 
   mc = models.model_config(config.model, tokenizer.vocab_size)
   # The config's compute dtype and block size on this backend; XLA attention: check never builds the kernel.
@@ -308,9 +346,9 @@ def stackwise_lines(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> 
   return lines
 
 
-def preflight(config: ml_collections.ConfigDict) -> None:
+def preflight(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> None:
   """Prints the report (on the first process only). Raises ConfigError or DataError."""
-  lines = report(config)
+  lines = report(config, preview_tokens)
   if jax.process_index() == 0:
     print('\n'.join(lines), flush=True)
 
@@ -321,9 +359,12 @@ def preflight(config: ml_collections.ConfigDict) -> None:
 def define(fv: flags.FlagValues) -> None:
   common.define_config(fv)
   common.define_workdir(fv)
+  flags.DEFINE_integer('preview_tokens', 0, 'Tokens of each source\'s first record to show with their loss mask; 0: '
+                       f'the whole record when short ({SHORT_RECORD} tokens at most), else {PREVIEW_TOKENS} tokens '
+                       'reaching into its first assistant turn.', lower_bound=0, flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> None:
   from jaxtrain.config import validate as config_lib
   config, workdir = common.config_and_workdir(fv)
-  preflight(config_lib.prepare(config, workdir))
+  preflight(config_lib.prepare(config, workdir), fv['preview_tokens'].value)

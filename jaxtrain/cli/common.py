@@ -75,6 +75,18 @@ def _text(error: BaseException) -> str:
   return ' '.join(text.split()).rstrip(':') or type(error).__name__
 
 
+def _user_error(error: BaseException) -> UserError | None:
+  """The innermost UserError in the chain of causes under `error`: what get_config raised (config_flags
+  re-raises it as `type(e)(message with the whole traceback)`)."""
+  seen, found = set(), None
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, UserError):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
+
+
 def one_line(error: BaseException) -> str:
   """The flag at fault and the root cause on one line (config_flags wraps the real reason, sometimes
   with a whole traceback, in a generic message)."""
@@ -85,6 +97,9 @@ def one_line(error: BaseException) -> str:
   if root is None:
     return _text(error)
   flag = re.match(r'(flag --\S+?): ', str(error))
+  user = _user_error(error)  # a config file's own UserError (a bad `:key=value` argument): its one line
+  if user is not None:
+    return f'{flag.group(1)}: {user.line()}' if flag else user.line()
   reason = _text(root)
   if isinstance(root, KeyError):
     reason = f'unknown config key {reason}'

@@ -54,7 +54,8 @@ def _model() -> ml_collections.ConfigDict:
   model.qkv_bias = False  # Qwen2-style q/k/v projection bias.
   model.qk_norm = False  # Qwen3-style per-head RMSNorm on q and k.
   model.init_std = 0.02  # standard deviation of the random weight initialisation.
-  model.param_dtype = 'float32'  # dtype the parameters are stored in: float32 | bfloat16
+  # dtype the parameters are stored in: float32 | bfloat16 (the optimizer state stays float32 either way)
+  model.param_dtype = 'float32'
   # dtype of activations and matmuls: auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16 | float16
   model.compute_dtype = 'auto'
   # activations recomputed in the backward pass (per block): none | full (all) | save_dots (keep matmul outputs)
@@ -141,7 +142,8 @@ def _data() -> ml_collections.ConfigDict:
   # rounding, and checkpoints resume with any process count).
   data.process_split = 'documents'
   # A mixture of named sources, each a `jaxtrain.data.sources.source(path, ...)` section added by a config file
-  # (weight, epochs, on_end, format text|chat, template, ...). Empty: data.train/data.eval are the one source.
+  # (weight, epochs, on_end, format text|chat|alpaca|sharegpt, template, ...). Empty: data.train/data.eval are
+  # the one source.
   data.sources = ml_collections.ConfigDict()
   # > 0: source shares proportional to (source tokens)^(1/T), instead of their weights; 0: the weights.
   data.temperature = 0.0
@@ -156,12 +158,20 @@ def _data() -> ml_collections.ConfigDict:
 
 
 def _optim() -> ml_collections.ConfigDict:
-  """AdamW with a weight-decay mask, global-norm clipping and a learning-rate schedule with linear warmup."""
+  """AdamW with a weight-decay mask, global-norm clipping and a learning-rate schedule with linear warmup.
+
+  The optimizer state (Adam's moments) is float32 whatever model.param_dtype is. The schedule follows the
+  train step count, skipped non-finite steps included (a skipped step consumes its schedule step), so the
+  logged lr is the applied one; the last trained step (train.steps) uses the final lr.
+  """
   optim = ml_collections.ConfigDict()
   optim.lr = 3e-3  # peak learning rate (reached at the end of warmup).
   optim.schedule = 'cosine'  # constant | linear | cosine | wsd (warmup-stable-decay)
-  optim.warmup_steps = 20  # steps of linear warmup to lr; 0: none.
-  optim.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio for linear/cosine/wsd, in [0, 1].
+  # steps of linear warmup to lr (step i uses lr*(i+1)/warmup_steps); 0: none. Longer than train.steps: clamped
+  # to train.steps, with a note at the start of the run.
+  optim.warmup_steps = 20
+  # final lr = lr * min_lr_ratio for linear/cosine/wsd, used by the last trained step, in [0, 1].
+  optim.min_lr_ratio = 0.1
   optim.decay_fraction = 0.2  # wsd: share of the steps spent decaying, in [0, 1].
   optim.decay_shape = 'linear'  # wsd: linear | cosine | sqrt
   optim.b1 = 0.9  # AdamW decay rate of the first moment, in [0, 1).
@@ -183,7 +193,7 @@ def _train() -> ml_collections.ConfigDict:
   train.eval_every = 100  # evaluate every this many steps; 0 disables periodic eval (the final eval still runs).
   train.eval_batches = 4  # held-out batches each evaluation averages over.
   # stop after this many consecutive non-finite steps (their updates are skipped), as read after each call of
-  # steps_per_call steps.
+  # steps_per_call steps; 0: never stop for them (they are still skipped; the header line and summary say so).
   train.max_bad_steps = 5
   # Train steps per compiled call (lax.scan over that many batches); 0: auto, 4 on CPU (XLA CPU zero-fills each
   # call's temporaries afresh: 4 a call ran the CPU benchmark step 13% faster), 1 on accelerators. Logs,
@@ -207,7 +217,7 @@ def _log() -> ml_collections.ConfigDict:
   log.every = 10  # log train metrics every this many steps.
   log.wandb = 'offline'  # Weights & Biases, in WORKDIR/wandb: disabled | offline | online
   log.wandb_project = 'jaxtrain'  # Weights & Biases project name.
-  log.progress = True  # a tqdm progress bar (first process only).
+  log.progress = True  # progress (first process only): a tqdm bar on a terminal, else a plain line per logged step.
   log.plot = True  # write WORKDIR/loss.png (train and eval loss per step) when the run ends.
   # per-device peak FLOP/s for MFU; 0: the table for known accelerators, else a CPU matmul probe.
   log.peak_flops = 0.0

@@ -45,7 +45,7 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   schema.check_ranges(cfg)
   model_rules.check(cfg.model, cfg.data.seq_len)
   sharding.check(cfg.mesh, cfg.data.batch_size, cfg.train.accum_steps, num_devices)
-  optim.check(cfg.optim, cfg.train.steps)
+  optim.check(cfg.optim)
   lora.check(cfg.lora, bool(cfg.init.lora_from))
   budget.check(cfg.estimate)
   stackwise.check(cfg)

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxtrain.data import sources
 from jaxtrain.data.prepare import Prepared
 
 PERCENTILES = (5, 25, 50, 75, 95, 99)
@@ -397,11 +398,11 @@ def chat_stats(records: Sequence[Any], prepared: Prepared | None = None) -> Chat
 
 @dataclasses.dataclass(frozen=True)
 class SourceAnalysis:
-  name: str
+  name: str  # the source's name (as `jaxtrain check`, sample ids and metrics name it)
   documents: int  # records of the source
   compared: int  # records compared for duplicates: readable (e.g. valid UTF-8) and not empty
   records: int  # prepared records (documents minus those the encoder skipped)
-  skipped: int
+  skipped: int  # bad records skipped by indexing (`docs.bad`, of the files read) and by the encoder
   tokens: int
   percentiles: dict[str, int]
   histogram: list[tuple[int, int, int]]
@@ -414,6 +415,11 @@ class SourceAnalysis:
   chat: ChatStats | None
   plot: str | None  # the PNG, when written
   names: dict[int, str]  # record index -> name, for the examples in the report
+  split: str = ''  # train or eval; '' for a corpus analysed on its own
+
+  @property
+  def label(self) -> str:
+    return sources.split_label(self.name, self.split) if self.split else repr(self.name)
 
   @property
   def exact_rate(self) -> float:
@@ -441,8 +447,9 @@ def _read(docs: Sequence) -> Iterator[tuple[int, Any]]:
 
 def analyze_source(name: str, docs: Sequence, prepared: Prepared, *, out: str | None = None, shingle: str = 'word',
                    ngram: int | None = None, num_perm: int = NUM_PERM, threshold: float = NEAR_THRESHOLD,
-                   seed: int = 0) -> SourceAnalysis:
-  """The figures of one source (see the module docstring); writes `out/<name>_lengths.png` when `out` is set."""
+                   seed: int = 0, split: str = '') -> SourceAnalysis:
+  """The figures of one source (see the module docstring); writes `out/<name>[-<split>]_lengths.png` when `out`
+  is set."""
   read = list(_read(docs))
   records = [r for _, r in read]
   # Empty records are skipped by the prepare step too; as duplicates of each other they would only add noise.
@@ -460,18 +467,21 @@ def analyze_source(name: str, docs: Sequence, prepared: Prepared, *, out: str | 
   seq_len = suggest_seq_len(pct['p95'])
   plot = None
   if out is not None:
-    plot = plot_lengths(lengths, os.path.join(out, f'{name}_lengths.png'),
-                        title=f'{name}: {len(prepared):,d} records, {prepared.total_tokens:,d} tokens',
+    stem = f'{name}-{split}' if split else name
+    plot = plot_lengths(lengths, os.path.join(out, f'{stem}_lengths.png'),
+                        title=f'{stem}: {len(prepared):,d} records, {prepared.total_tokens:,d} tokens',
                         marks={'p50': pct['p50'], 'p95': pct['p95'], 'seq_len': seq_len})
   namer = getattr(docs, 'name', None)
+  bad = docs.bad if isinstance(docs, sources.Documents) else None  # what indexing skipped
   wanted = {index[j] for pair in exact_examples for j in pair} | {k for a, b, _ in near.examples for k in (a, b)}
   names = {k: namer(k) if callable(namer) else f'document {k}' for k in sorted(wanted)}
   return SourceAnalysis(
       name=name, documents=len(docs), compared=len(compared), records=len(prepared),
-      skipped=prepared.skipped, tokens=prepared.total_tokens, percentiles=pct, histogram=length_histogram(lengths),
+      skipped=prepared.skipped + (bad.total if bad is not None else 0), tokens=prepared.total_tokens,
+      percentiles=pct, histogram=length_histogram(lengths),
       suggested_seq_len=seq_len, exact_duplicates=exact,
       exact_examples=tuple((index[i], index[j]) for i, j in exact_examples), near=near, shingle=shingle,
-      ngram=int(ngram), chat=chat_stats(records, prepared), plot=plot, names=names)
+      ngram=int(ngram), chat=chat_stats(records, prepared), plot=plot, names=names, split=split)
 
 
 def format_report(analysis: SourceAnalysis, *, skipped_reasons: Sequence[str] = ()) -> str:
@@ -479,7 +489,7 @@ def format_report(analysis: SourceAnalysis, *, skipped_reasons: Sequence[str] = 
   a = analysis
   pct = '  '.join(f'{k} {v:,d}' for k, v in a.percentiles.items())
   near = a.near
-  lines = [f'source {a.name!r}: {a.documents:,d} documents, {a.records:,d} prepared records, {a.tokens:,d} tokens '
+  lines = [f'source {a.label}: {a.documents:,d} documents, {a.records:,d} prepared records, {a.tokens:,d} tokens '
            f'({a.skipped:,d} skipped)']
   lines += [f'  skipped: {r}' for r in skipped_reasons]
   lines += [f'  tokens per record: {pct}',
@@ -529,9 +539,9 @@ def analyze_config(config: Any, out: str) -> tuple[list[str], list[SourceAnalysi
       shares = pipeline.source_shares(config.data, srcs)
       lines.append('mixture token shares: ' + ', '.join(f'{n} {v:.1%}' for n, v in shares.items()))
     for src in srcs:
-      name = f'{src.name}-{split}' if len(srcs) > 1 else split
-      result = analyze_source(name, src.docs, src.prepared, out=out)
-      lines.append(format_report(result, skipped_reasons=src.prepared.skipped_reasons))
+      result = analyze_source(src.name, src.docs, src.prepared, out=out, split=split)
+      reasons = [f'{n} {why}' for why, n in src.docs.bad.counts.items()] + src.prepared.skipped_reasons
+      lines.append(format_report(result, skipped_reasons=reasons))
       results.append(result)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'analysis.json'), 'w', encoding='utf-8') as fh:

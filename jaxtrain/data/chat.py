@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from jaxtrain.data.sources import DataError
+from jaxtrain.data.sources import DataError, source_specs
 from jaxtrain.data.chat_templates import (GENERATION_TAG, OWN_TEMPLATE, TEMPLATES, special_tokens,
-                                          template_names)
+                                          template_names, without_generation_tags)
 from jaxtrain.data.tokenizer import Tokenizer
 
 
@@ -77,6 +77,30 @@ def add_special_tokens(tokenizer: Tokenizer, template_name: str) -> Tokenizer:
     clone = copy.deepcopy(backend)
     clone.add_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in wanted], special_tokens=True)
   return Tokenizer(clone, eos_id=tokenizer.eos_id, path=tokenizer.path)
+
+
+def run_template(cfg: Any) -> str | None:
+  """The chat template a run's data renders with (`cfg`: the data section): the shipped template of its first
+  chat source, without the {% generation %} tags (same text; engines other than transformers lack the tag).
+  None for a run without chat sources or one using the tokenizer's own template (the tokenizer holds it)."""
+  names = [s.template for s in source_specs(cfg) if s.format == 'chat']
+  if not names or names[0] not in TEMPLATES:
+    return None
+  return without_generation_tags(TEMPLATES[names[0]])
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+  """The special token that ends an assistant turn in `tokenizer`'s own chat_template (<|im_end|>, <|eot_id|>,
+  <end_of_turn>, ...), found by rendering a one-exchange conversation: what `generate` must stop at. None when
+  the tokenizer has no chat template or the turn does not end with a special token."""
+  try:
+    encoder = ChatEncoder(tokenizer, OWN_TEMPLATE, mask='turns')
+    text, spans = encoder.assistant_spans([{'role': 'user', 'content': 'Hi'},
+                                           {'role': 'assistant', 'content': 'Hello'}])
+  except ValueError:  # DataError included: no chat template, no EOS, a template that rejects the exchange
+    return None
+  turn = text[spans[-1][0]:spans[-1][1]].rstrip()
+  return next((t for t in sorted(encoder._added, key=len, reverse=True) if turn.endswith(t)), None)
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:

@@ -70,7 +70,7 @@ class Source:
 def encoder_for(spec: sources.SourceSpec, tokenizer: Tokenizer) -> tuple[prepare.Encoder, Any]:
   """The prepare step's encoder of a source - plain text + EOS, or a chat template with an assistant-only
   loss mask - and what identifies it in the cache key."""
-  if spec.format == 'chat':
+  if spec.format in sources.CHAT_FORMATS:
     from jaxtrain.data import chat  # Deferred: transformers' templating costs an import only chat runs pay.
     encoder = chat.ChatEncoder(tokenizer, spec.template, key=f'data.sources.{spec.name}.template')
     return encoder, encoder.identity
@@ -85,17 +85,22 @@ def load_sources(cfg: Any, tokenizer: Tokenizer, split: str, log: Any = None) ->
     encoder, identity = encoder_for(spec, tokenizer)
     docs, prepared = prepare.prepare_split(spec.view, tokenizer, split, encode=encoder, template=identity,
                                            name=f'{spec.name}-{split}', log=log)
-    # Indexing already checked its own skips; records the encoder rejected count on top of them.
-    sources.check_bad_fraction(spec.view.config_keys[0], spec.view.train, docs.bad.total + prepared.skipped,
-                               len(docs) + docs.bad.total, (docs.bad.examples + prepared.skipped_reasons)[:3],
-                               float(getattr(cfg, 'max_bad_fraction', 1.0)))
+    # Indexing already checked its own skips over the records of the files read (both splits of a held-out
+    # source read the same files); records the encoder rejected count on top, as a share of this split.
+    use_eval = split == 'eval' and bool(spec.view.eval) and spec.view.train != sources.STDLIB
+    sources.check_bad_fraction(spec.view.config_keys[1 if use_eval else 0],
+                               spec.view.eval if use_eval else spec.view.train, docs.bad.total, docs.bad.read,
+                               (docs.bad.examples + prepared.skipped_reasons)[:3],
+                               float(getattr(cfg, 'max_bad_fraction', 1.0)), rejected=prepared.skipped,
+                               split_docs=prepared.source_documents, split=split)
     out.append(Source(spec, docs, prepared, offset))
     offset += len(docs)
   return out
 
 
-def source_report(srcs: Sequence[Source]) -> list[str]:
-  """One line per source: documents, tokens, and what was skipped and why (for the run's log)."""
+def source_report(srcs: Sequence[Source], blocked: frozenset[str] = frozenset()) -> list[str]:
+  """One line per source: documents, tokens, what was skipped and why, and how many documents the blocklist
+  `blocked` (data.exclude: `blocklist(cfg)`) keeps out of training (for the run's log)."""
   lines = []
   for s in srcs:
     bad = s.docs.bad
@@ -108,6 +113,9 @@ def source_report(srcs: Sequence[Source]) -> list[str]:
     if skipped:
       parts.append('skipped ' + ', '.join(f'{n} {why}' for why, n in skipped.items()))
       parts.append('first: ' + '; '.join((bad.examples + s.prepared.skipped_reasons)[:2]))
+    if blocked:
+      excluded = len(_excluded(s, blocked))
+      parts.append(f'{excluded} excluded by data.exclude ({len(s.prepared) - excluded} left)')
     lines.append('; '.join(parts))
   return lines
 

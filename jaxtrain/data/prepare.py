@@ -24,9 +24,11 @@ The key is the caller's `fingerprint`, normally `fingerprint_of(parts)`: a hash 
 tokens (the documents' fingerprint, the tokenizer's identity, the chat template, settings) plus FORMAT_VERSION.
 Every source gets its own cache, so adding a source to a mixture tokenizes only the new one.
 
-Records the encoder rejects (a ValueError for that record) are skipped and counted, as are empty ones. The
-encoder is called on chunks of documents (the Rust tokenizer encodes a batch in parallel); a chunk that raises
-is bisected until the offending records are isolated, so one bad record costs O(log chunk) extra calls.
+Records the encoder rejects (a ValueError or TypeError for that record: the Rust tokenizer raises TypeError
+on text it cannot take, such as a lone surrogate) are skipped and counted, as are empty ones and documents that
+cannot be read. The encoder is called on chunks of documents (the Rust tokenizer encodes a batch in parallel); a
+chunk that raises is bisected until the offending records are isolated, so one bad record costs O(log chunk)
+extra calls.
 """
 
 from __future__ import annotations
@@ -258,8 +260,8 @@ def prepare(docs: Sequence, encode: Encoder, fingerprint: str, *, name: str, roo
             chunk_docs: int = CHUNK_DOCS, log: Callable[[str], None] | None = None) -> Prepared:
   """The prepared cache of `docs` under `root/<fingerprint>/` (root: `default_root()`), built if missing.
 
-  `encode` maps a list of records to one (ids, loss mask) pair each, EOS already appended; a ValueError for a
-  record skips it (counted in `Prepared.skipped`), as does an empty record or one encoded to no token.
+  `encode` maps a list of records to one (ids, loss mask) pair each, EOS already appended; a ValueError or
+  TypeError for a record skips it (counted in `Prepared.skipped`), as does an empty record or one encoded to no token.
   `docs[i]` is read in order; `docs.name(i)`, where it exists, names skipped records. `log` receives a line
   when a build starts, waits for another process and ends.
   """
@@ -411,7 +413,7 @@ def _chunks(docs: Sequence, chunk_docs: int, on_skip: Callable[[int, str], None]
   for i in range(len(docs)):
     try:
       record = docs[i]
-    except ValueError as e:  # e.g. a text file that is not valid UTF-8
+    except ValueError as e:  # e.g. a text file that is not valid UTF-8 (any more: indexing read it)
       on_skip(i, f'unreadable ({str(e)[:120]})')
       continue
     chunk.append((i, record))
@@ -441,10 +443,11 @@ def _check_encoded(pair: Any) -> Encoded:
 
 def _encode_isolating(encode: Encoder, chunk: list[tuple[int, Any]],
                       on_skip: Callable[[int, str], None]) -> list[tuple[int, Encoded]]:
-  """Encodes `chunk`; where the encoder raises ValueError, halves the chunk until the bad records are alone."""
+  """Encodes `chunk`; where the encoder raises ValueError or TypeError, halves the chunk until the bad records
+  are alone."""
   try:
     out = encode([record for _, record in chunk])
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     if len(chunk) == 1:
       on_skip(chunk[0][0], str(e) or type(e).__name__)
       return []

@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 import zlib
 from collections.abc import Sequence
@@ -140,8 +141,13 @@ def list_files(cfg: Any, split: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- named sources
 
-FORMATS = ('text', 'chat')
+FORMATS = ('text', 'chat', 'alpaca', 'sharegpt')
+# Formats whose records become a list of messages, encoded with a chat template and an assistant-only loss mask.
+CHAT_FORMATS = ('chat', 'alpaca', 'sharegpt')
 ON_END = ('repeat', 'drop', 'stop')
+SHAREGPT_FIELD = 'conversations'
+_SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
+                   'tool': 'tool', 'function_call': 'assistant', 'observation': 'tool'}
 
 
 def source(path: str, **settings: Any) -> Any:
@@ -152,9 +158,11 @@ def source(path: str, **settings: Any) -> Any:
     weight      share of the mixture's tokens (normalised over the sources); ignored when data.temperature > 0
     epochs      0: endless (reshuffled every epoch); N: the source ends after N passes, then `on_end`
     on_end      repeat (start over) | drop (leave the mixture, the others share its tokens) | stop (end the run)
-    format      text (a document per record) | chat (a `messages` list per record)
+    format      text (a document per record) | chat (a `messages` list per record) | alpaca (instruction,
+                input, output) | sharegpt (`conversations` of {from: system|human|gpt, value}); the last three
+                are rendered with `template` and trained on the assistant's tokens only
     text_field  field / column of the text (format text)
-    messages_field  field of the messages list (format chat)
+    messages_field  field of the messages list (format chat; sharegpt: 'conversations' unless set)
     template    chat template: chatml | llama3 | mistral | gemma | qwen | tokenizer (the tokenizer's own)
     max_files   stdlib only: the first N files (0: all)
   """
@@ -204,6 +212,12 @@ class _View:
   config_keys: tuple[str, str, str]  # config keys of train, eval and the field, for messages
 
 
+def split_label(name: str, split: str) -> str:
+  """How `jaxtrain check` and `jaxtrain analyze` name a source's split: "'NAME', SPLIT split", NAME being the
+  source's name in sample ids, `tokens/NAME` metrics and the run's log."""
+  return f'{name!r}, {split} split'
+
+
 def source_specs(cfg: Any) -> list[SourceSpec]:
   """The run's sources: the `data.sources` sections in order, or data.train alone (named 'stdlib' for the
   embedded corpus, else 'train') when there are none."""
@@ -227,12 +241,17 @@ def source_specs(cfg: Any) -> list[SourceSpec]:
       raise DataError(f'{key}.epochs', s.epochs, 'is not valid', 'expected 0 (endless) or a number of passes')
     if not s.path:
       raise DataError(f'{key}.path', s.path, 'names no data', "expected 'stdlib' or globs of files")
-    field = s.messages_field if s.format == 'chat' else s.text_field
-    field_key = f'{key}.messages_field' if s.format == 'chat' else f'{key}.text_field'
+    field, field_key = s.text_field, f'{key}.text_field'
+    if s.format in ('chat', 'sharegpt'):
+      field, field_key = s.messages_field, f'{key}.messages_field'
+      if s.format == 'sharegpt' and field == 'messages':  # the default of `source()`: ShareGPT's own name
+        field = SHAREGPT_FIELD
+    elif s.format == 'alpaca':
+      field, field_key = 'instruction', f'{key}.format'
     view = _View(s.path, s.eval, cfg.eval_fraction, field, s.max_files, s.format, cfg.max_doc_bytes,
                  cfg.max_bad_fraction, (f'{key}.path', f'{key}.eval', field_key))
     specs.append(SourceSpec(name, view, float(s.weight), int(s.epochs), s.on_end, s.format, field,
-                            s.template if s.format == 'chat' else ''))
+                            s.template if s.format in CHAT_FORMATS else ''))
   return specs
 
 
@@ -253,14 +272,15 @@ class Documents(Sequence[Any]):
   (file, offset/row) plus Parquet text columns."""
 
   def __init__(self, files: Sequence[_FileSpec], file_idx: np.ndarray, loc: np.ndarray, in_file: np.ndarray,
-               text_field: str, columns: dict[int, Any], bad: BadRecords | None = None):
+               text_field: str, columns: dict[int, Any], bad: BadRecords | None = None, fmt: str = 'text'):
     self.files = list(files)
+    self.format = fmt
     self.bad = bad or BadRecords()  # what indexing skipped, for the per-source report
     self._file_idx = file_idx
-    self._loc = loc  # JSONL: byte offset of the line; Parquet: row; text: unused.
-    self._in_file = in_file  # JSONL: line index; Parquet: row; text: 0.
+    self._loc = loc  # JSONL: byte offset of the line; Parquet: row; JSON array: position in `columns`; text: unused.
+    self._in_file = in_file  # JSONL: line index; Parquet: row; JSON array: index in the array; text: 0.
     self._text_field = text_field
-    self._columns = columns
+    self._columns = columns  # Parquet: the text column (pyarrow); JSON array: the usable documents (a list)
 
   def __len__(self) -> int:
     return len(self._file_idx)
@@ -274,11 +294,15 @@ class Documents(Sequence[Any]):
     loc = int(self._loc[index])
     path = self.files[f].path
     if f in self._columns:
-      return self._columns[f][loc].as_py()
+      column = self._columns[f]
+      return column[loc] if isinstance(column, list) else column[loc].as_py()
     if path.endswith(_JSONL_EXTS):
       with open(path, 'rb') as fh:
         fh.seek(loc)
-        return json.loads(fh.readline())[self._text_field]
+        doc, problem = to_document(json.loads(fh.readline()), self._text_field, self.format, check_text=False)
+      if problem:  # the file changed since it was indexed: the prepare step skips and counts it
+        raise ValueError(problem)
+      return doc
     with open(path, encoding='utf-8') as fh:  # invalid UTF-8 raises: the prepare step skips and counts it
       return fh.read()
 
@@ -292,7 +316,7 @@ class Documents(Sequence[Any]):
   def subset(self, mask: np.ndarray) -> Documents:
     """The documents where `mask` is True, in the same order."""
     return Documents(self.files, self._file_idx[mask], self._loc[mask], self._in_file[mask], self._text_field,
-                     self._columns, self.bad)
+                     self._columns, self.bad, self.format)
 
   @property
   def total_bytes(self) -> int:
@@ -304,6 +328,8 @@ class Documents(Sequence[Any]):
     h = hashlib.sha256()
     for spec in self.files:
       h.update(f'{spec.rel}\0{spec.size}\0{spec.mtime_ns}\n'.encode())
+    if self.format not in ('text', 'chat'):  # the record -> messages conversion decides the documents too
+      h.update(f'format={self.format}\n'.encode())
     # `_in_file` follows from the files and `_loc`; leaving it out keeps older cache keys valid.
     h.update(self._file_idx.tobytes())
     h.update(self._loc.tobytes())
@@ -323,10 +349,14 @@ def _relative_specs(paths: Sequence[str]) -> list[_FileSpec]:
 
 @dataclasses.dataclass
 class BadRecords:
-  """Records of a source that indexing skipped, by reason, with the first few places for the report."""
+  """Records of a source that indexing skipped, by reason, with the first few places for the report.
+
+  `read` counts every record of the files indexed (usable, bad and empty): the denominator of the bad
+  fraction, the same for the train and eval split of a held-out source (they read the same files)."""
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   examples: list[str] = dataclasses.field(default_factory=list)
   empty: int = 0  # empty documents: skipped and reported, but not counted against data.max_bad_fraction
+  read: int = 0
 
   def add(self, reason: str, where: str) -> None:
     self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -341,16 +371,105 @@ class BadRecords:
     counts = dict(self.counts)
     for k, v in other.counts.items():
       counts[k] = counts.get(k, 0) + v
-    return BadRecords(counts, (self.examples + other.examples)[:3], self.empty + other.empty)
+    return BadRecords(counts, (self.examples + other.examples)[:3], self.empty + other.empty, self.read + other.read)
 
 
-def _check_value(value: Any, fmt: str) -> str | None:
-  """Why a record's field cannot be a document of format `fmt` (None: it can)."""
-  if fmt == 'chat':
-    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-      return f'a {type(value).__name__} where a list of messages was expected'
+def _type_problem(field: str, value: Any, expected: str = 'a string') -> str:
+  return f'field {field!r} holds a {type(value).__name__} where {expected} was expected'
+
+
+def _missing(field: str, record: Any) -> str:
+  present = sorted(record)[:8] if isinstance(record, dict) else f'a JSON {type(record).__name__}'
+  return f'no field {field!r} (present: {present})'
+
+
+def _alpaca_messages(record: Any) -> tuple[Any, str | None]:
+  """Alpaca's instruction / input / output (and an optional system prompt) as a user and an assistant turn."""
+  for key in ('instruction', 'output'):
+    if not isinstance(record, dict) or key not in record:
+      return None, _missing(key, record)
+  parts = {}
+  for key in ('system', 'instruction', 'input', 'output'):
+    value = record.get(key)
+    if value is None:
+      value = ''
+    if not isinstance(value, str):
+      return None, _type_problem(key, value)
+    parts[key] = value
+  if not parts['output']:
+    return [], None  # nothing to train on: an empty record
+  user = parts['instruction'] + ('\n\n' + parts['input'] if parts['input'] else '')
+  messages = [{'role': 'system', 'content': parts['system']}] if parts['system'] else []
+  return messages + [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': parts['output']}], None
+
+
+def _sharegpt_messages(record: Any, field: str) -> tuple[Any, str | None]:
+  """ShareGPT's `conversations` ({from: system|human|gpt, value}, or role/content) as messages."""
+  if not isinstance(record, dict) or field not in record:
+    return None, _missing(field, record)
+  turns = record[field]
+  if not isinstance(turns, list):
+    return None, _type_problem(field, turns, 'a list of turns')
+  messages = []
+  for k, turn in enumerate(turns):
+    if not isinstance(turn, dict):
+      return None, f'turn {k} of {field!r} is a {type(turn).__name__}; expected an object with from and value'
+    speaker = turn.get('from', turn.get('role'))
+    value = turn.get('value', turn.get('content'))
+    if speaker not in _SHAREGPT_ROLES:
+      return None, f'turn {k} of {field!r} is from {speaker!r}; expected one of {sorted(_SHAREGPT_ROLES)}'
+    if not isinstance(value, str):
+      return None, f'turn {k} of {field!r} has a value of type {type(value).__name__}; expected a string'
+    messages.append({'role': _SHAREGPT_ROLES[speaker], 'content': value})
+  return messages, None
+
+
+def _unusable_text(value: Any) -> str | None:
+  """Why the strings in `value` cannot be tokenized (a lone UTF-16 surrogate, a NUL character), else None."""
+  if isinstance(value, str):
+    if '\x00' in value:
+      return 'a NUL character'
+    try:
+      value.encode('utf-8')
+    except UnicodeEncodeError:
+      return 'a lone surrogate (not valid Unicode)'
     return None
-  return None if isinstance(value, str) else f'a {type(value).__name__} where a string was expected'
+  if isinstance(value, dict):
+    value = list(value.values())
+  if isinstance(value, list):
+    for item in value:
+      why = _unusable_text(item)
+      if why:
+        return why
+  return None
+
+
+def to_document(record: Any, field: str, fmt: str, *, check_text: bool = True) -> tuple[Any, str | None]:
+  """(document, None) of a parsed JSON record for format `fmt` - the text of `field`, a messages list for the
+  chat formats - or (None, why it cannot be one). An empty document comes back as '' or []."""
+  if fmt == 'alpaca':
+    doc, problem = _alpaca_messages(record)
+  elif fmt == 'sharegpt':
+    doc, problem = _sharegpt_messages(record, field)
+  elif not isinstance(record, dict) or field not in record:
+    doc, problem = None, _missing(field, record)
+  else:
+    doc, problem = record[field], None
+    if fmt == 'chat':
+      if not isinstance(doc, list) or not all(isinstance(m, dict) for m in doc):
+        problem = _type_problem(field, doc, 'a list of messages')
+    elif not isinstance(doc, str):
+      problem = _type_problem(field, doc)
+  if problem is None and check_text:
+    why = _unusable_text(doc)
+    if why:
+      problem = f'text holding {why}'
+  return (None, problem) if problem else (doc, None)
+
+
+# JSON escapes that can decode to text no tokenizer takes: lone surrogates and NUL (a raw NUL byte or invalid
+# UTF-8 already fails json.loads). Lines without them skip the walk over the parsed record.
+_SUSPECT_ESCAPE = re.compile(rb'\\u(?:[dD][89a-fA-F]|0000)')
 
 
 def _index_jsonl(spec: _FileSpec, field: str, fmt: str, max_bytes: int, bad: BadRecords) -> list[tuple[int, int]]:
@@ -363,6 +482,7 @@ def _index_jsonl(spec: _FileSpec, field: str, fmt: str, max_bytes: int, bad: Bad
       where = f'{spec.path}:{lineno}'
       if not line.strip():
         continue
+      bad.read += 1
       if max_bytes and len(line) > max_bytes:
         bad.add(f'a record over data.max_doc_bytes={max_bytes}', where)
         continue
@@ -371,19 +491,69 @@ def _index_jsonl(spec: _FileSpec, field: str, fmt: str, max_bytes: int, bad: Bad
       except ValueError as e:
         bad.add(f'not valid JSON or UTF-8 ({str(e)[:60]})', where)
         continue
-      if not isinstance(record, dict) or field not in record:
-        present = sorted(record)[:8] if isinstance(record, dict) else f'a JSON {type(record).__name__}'
-        bad.add(f'no field {field!r} (present: {present})', where)
-        continue
-      value = record[field]
-      problem = _check_value(value, fmt)
+      value, problem = to_document(record, field, fmt, check_text=bool(_SUSPECT_ESCAPE.search(line)))
       if problem:
-        bad.add(f'field {field!r} holds {problem}', where)
+        bad.add(problem, where)
       elif not value:
         bad.empty += 1
       else:
         found.append((lineno - 1, start))
   return found
+
+
+def _is_json_array(path: str) -> bool:
+  """Whether a .json file holds one JSON array (Alpaca-style) rather than a record per line."""
+  if not path.endswith('.json'):
+    return False
+  with open(path, 'rb') as fh:
+    head = fh.read(4096).lstrip(b'\xef\xbb\xbf \t\r\n')
+  return head.startswith(b'[')
+
+
+def _index_json_array(spec: _FileSpec, field: str, fmt: str, max_bytes: int, bad: BadRecords) -> tuple[list, list]:
+  """The usable documents of a file holding one JSON array of records, and their indexes in the array."""
+  with open(spec.path, 'rb') as fh:
+    raw = fh.read()
+  try:
+    # Invalid UTF-8 inside a string becomes lone surrogates, so only the records holding it are bad.
+    records = json.loads(raw.decode('utf-8-sig', 'surrogateescape'))
+  except ValueError as e:
+    bad.read += 1
+    bad.add(f'not valid JSON ({str(e)[:60]})', spec.path)
+    return [], []
+  if not isinstance(records, list):
+    bad.read += 1
+    bad.add(f'a JSON {type(records).__name__} where an array of records was expected', spec.path)
+    return [], []
+  docs, where = [], []
+  for k, record in enumerate(records):
+    bad.read += 1
+    place = f'{spec.path} record {k}'
+    if max_bytes and spec.size > max_bytes and len(json.dumps(record).encode()) > max_bytes:
+      bad.add(f'a record over data.max_doc_bytes={max_bytes}', place)
+      continue
+    value, problem = to_document(record, field, fmt)
+    if problem:
+      bad.add(problem, place)
+    elif not value:
+      bad.empty += 1
+    else:
+      docs.append(value)
+      where.append(k)
+  return docs, where
+
+
+def _read_text(path: str) -> tuple[str | None, str | None]:
+  """(text, None) of a text file, or (None, why it cannot be a document: not UTF-8, a NUL character)."""
+  with open(path, 'rb') as fh:
+    raw = fh.read()
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    return None, f'not valid UTF-8 (byte {e.object[e.start]:#04x})'
+  if '\x00' in text:
+    return None, 'text holding a NUL character'
+  return text, None
 
 
 def _load_parquet_column(spec: _FileSpec, text_field: str, max_bytes: int, bad: BadRecords):
@@ -400,6 +570,7 @@ def _load_parquet_column(spec: _FileSpec, text_field: str, max_bytes: int, bad: 
   if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
     raise DataError('data.text_field', text_field, f'has type {column.type} in {spec.path}',
                     'set data.text_field to a string column')
+  bad.read += len(column)
   lengths = pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
   usable = lengths > 0
   bad.empty += int((~usable).sum())
@@ -407,7 +578,10 @@ def _load_parquet_column(spec: _FileSpec, text_field: str, max_bytes: int, bad: 
     for r in np.flatnonzero(lengths > max_bytes)[:1_000_000]:
       bad.add(f'a record over data.max_doc_bytes={max_bytes}', f'{spec.path} row {int(r)}')
     usable &= lengths <= max_bytes
-  return column, np.flatnonzero(usable)
+  nul = pc.fill_null(pc.match_substring(column, '\x00'), False).to_numpy(zero_copy_only=False) & usable
+  for r in np.flatnonzero(nul):
+    bad.add('text holding a NUL character', f'{spec.path} row {int(r)}')
+  return column, np.flatnonzero(usable & ~nul)
 
 
 @functools.lru_cache(maxsize=16)
@@ -420,30 +594,38 @@ def _index_files(specs: tuple[_FileSpec, ...], key: str, value: str, field: str,
     if spec.path.endswith(_COMPRESSED_EXTS):
       raise DataError(key, value, f'matches a compressed file {spec.path}',
                       'expected uncompressed .jsonl/.json/.parquet/text files')
-    if spec.path.endswith(_JSONL_EXTS):
+    if _is_json_array(spec.path):
+      records, where = _index_json_array(spec, field, fmt, max_bytes, bad)
+      columns[f] = records
+      entries = [(k, j) for j, k in enumerate(where)]
+    elif spec.path.endswith(_JSONL_EXTS):
       entries = _index_jsonl(spec, field, fmt, max_bytes, bad)
-    elif fmt == 'chat':
-      raise DataError(key, value, f'matches {spec.path}, which cannot hold chat records',
-                      'expected .jsonl/.json files with a list of messages per line for format chat')
+    elif fmt in CHAT_FORMATS:
+      raise DataError(key, value, f'matches {spec.path}, which cannot hold {fmt} records',
+                      f'expected .jsonl/.json files of JSON records for format {fmt}')
     elif spec.path.endswith(_PARQUET_EXTS):
       column, rows = _load_parquet_column(spec, field, max_bytes, bad)
       columns[f] = column
       entries = [(int(r), int(r)) for r in rows]
-    elif spec.size == 0:
-      bad.empty += 1
-      entries = []
-    elif max_bytes and spec.size > max_bytes:
-      bad.add(f'a file over data.max_doc_bytes={max_bytes}', spec.path)
-      entries = []
     else:
-      entries = [(0, 0)]
+      bad.read += 1
+      problem = None
+      if spec.size == 0:
+        bad.empty += 1
+      elif max_bytes and spec.size > max_bytes:
+        problem = f'a file over data.max_doc_bytes={max_bytes}'
+      else:
+        problem = _read_text(spec.path)[1]  # read once here, so a bad file is counted before anything uses it
+      if problem:
+        bad.add(problem, spec.path)
+      entries = [] if problem or spec.size == 0 else [(0, 0)]
     for index, loc in entries:
       file_idx.append(f)
       locs.append(loc)
       in_file.append(index)
       in_eval.append(_in_eval(f'{spec.rel}:{index}', eval_fraction))
   docs = Documents(specs, np.asarray(file_idx, np.int32), np.asarray(locs, np.int64), np.asarray(in_file, np.int64),
-                   field, columns, bad)
+                   field, columns, bad, fmt)
   return docs, np.asarray(in_eval, bool)
 
 
@@ -455,10 +637,11 @@ def config_keys(cfg: Any) -> tuple[str, str, str]:
 def load_documents(cfg: Any, split: str) -> Documents:
   """The documents of `split` ('train' or 'eval') of the data section or of a `SourceSpec.view`.
 
-  Records that cannot be documents (malformed JSON or UTF-8, a missing or mistyped field, over
-  data.max_doc_bytes) are skipped and counted in `Documents.bad`, as are empty ones; more bad records than
-  data.max_bad_fraction of the split raises DataError, as does a split without documents. Indexes are cached
-  per process and keyed on file sizes and mtimes, so repeated calls read the files once.
+  Records that cannot be documents (malformed JSON or UTF-8, a missing or mistyped field, text no tokenizer
+  takes - a lone surrogate or a NUL character -, over data.max_doc_bytes) are skipped and counted in
+  `Documents.bad`, as are empty ones; more bad records than data.max_bad_fraction of the records read from the
+  split's files raises DataError, as does a split without documents. Indexes are cached per process and keyed
+  on file sizes and mtimes, so repeated calls read the files once.
   """
   check_split(split)
   train_key, eval_key, field_key = config_keys(cfg)
@@ -478,7 +661,7 @@ def load_documents(cfg: Any, split: str) -> Documents:
     held_out = not cfg.eval
   fraction = _check_fraction(cfg) if held_out else 0.0
   docs, in_eval = _index_files(tuple(specs), key, value, cfg.text_field, fmt, max_bytes, fraction)
-  check_bad_fraction(key, value, docs.bad.total, len(docs) + docs.bad.total, docs.bad.examples,
+  check_bad_fraction(key, value, docs.bad.total, docs.bad.read, docs.bad.examples,
                      float(getattr(cfg, 'max_bad_fraction', 1.0)))
   if held_out:
     docs = docs.subset(in_eval if split == 'eval' else ~in_eval)
@@ -487,14 +670,26 @@ def load_documents(cfg: Any, split: str) -> Documents:
       raise DataError('data.eval_fraction', cfg.eval_fraction,
                       f'holds out no document of {train_key}={cfg.train!r}', _SPLIT_HINT)
     raise DataError(key, value, f'holds no non-empty document for the {split} split',
-                    f'expected files with {"messages" if fmt == "chat" else "text"} in field/column '
+                    f'expected files with {f"{fmt} records" if fmt in CHAT_FORMATS else "text"} in field/column '
                     f'{field_key}={cfg.text_field!r}')
   return docs
 
 
-def check_bad_fraction(key: str, value: Any, bad: int, seen: int, examples: Sequence[str], max_fraction: float) -> None:
-  """DataError when `bad` of `seen` records is more than data.max_bad_fraction; `examples` name the first."""
-  if bad and bad > max_fraction * seen:
-    raise DataError(key, value, f'has {bad} bad records of {seen} ({bad / seen:.1%}, more than '
-                    f'data.max_bad_fraction={max_fraction:g}; first: {"; ".join(examples)})',
-                    'fix or remove those records, or raise data.max_bad_fraction to skip them')
+def check_bad_fraction(key: str, value: Any, bad: int, read: int, examples: Sequence[str], max_fraction: float, *,
+                       rejected: int = 0, split_docs: int = 0, split: str = '') -> None:
+  """DataError when the bad share of a source's records is more than data.max_bad_fraction.
+
+  `bad` of the `read` records of the files were unusable at indexing (the same files, and so the same share, for
+  both splits of a held-out source); `rejected` of the `split_docs` documents of `split` were then rejected by
+  the tokenizer or chat template. The share is bad / read + rejected / split_docs; `examples` name the first.
+  """
+  share = bad / max(read, 1) + (rejected / max(split_docs, 1) if rejected else 0.0)
+  if (bad or rejected) and share > max_fraction:
+    first = f'first: {"; ".join(examples)}'
+    if rejected:
+      what = (f'has {bad + rejected} bad records ({bad} of the {read} records read, {rejected} of the {split_docs} '
+              f'{split} documents rejected by the tokenizer or template; {share:.1%}, more than '
+              f'data.max_bad_fraction={max_fraction:g}; {first})')
+    else:
+      what = f'has {bad} bad records of {read} ({share:.1%}, more than data.max_bad_fraction={max_fraction:g}; {first})'
+    raise DataError(key, value, what, 'fix or remove those records, or raise data.max_bad_fraction to skip them')

@@ -116,6 +116,42 @@ def _load_pretrained_dir(value: str, path: str) -> Tokenizer:
   return Tokenizer(backend, eos_id=eos_id, path=path)
 
 
+def as_transformers(tokenizer: Tokenizer, chat_template: str | None = None) -> Any:
+  """A transformers tokenizer giving the same ids as `tokenizer`, whose eos_token is `tokenizer.eos_id` and,
+  when given, whose chat_template is `chat_template` (a copy: `tokenizer` is left unchanged)."""
+  import copy
+
+  import transformers  # Deferred: importing transformers costs seconds.
+
+  backend = tokenizer._backend
+  if isinstance(backend, tokenizers.Tokenizer):
+    eos = backend.id_to_token(tokenizer.eos_id)
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(backend.to_str()),
+                                               eos_token=eos)
+  else:
+    out = copy.deepcopy(backend)
+    if out.eos_token_id != tokenizer.eos_id:  # an EOS found by the fallbacks: say which it is
+      out.eos_token = out.convert_ids_to_tokens(tokenizer.eos_id)
+  if chat_template:
+    out.chat_template = chat_template
+  return out
+
+
+def save_dir(tokenizer: Tokenizer, directory: str, chat_template: str | None = None) -> str:
+  """Writes `tokenizer` as a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json holding the
+  EOS token and the chat template) that `load_tokenizer` (data.tokenizer=DIR) and transformers' AutoTokenizer
+  read back with the same ids. Written aside, then renamed over `directory`. Returns `directory`."""
+  import shutil
+
+  directory = os.path.abspath(directory)
+  tmp = f'{directory}.{os.getpid()}.{uuid.uuid4().hex}.tmp'
+  as_transformers(tokenizer, chat_template).save_pretrained(tmp, save_jinja_files=False)
+  if os.path.isdir(directory):
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+  return directory
+
+
 # ----------------------------------------------------------------------------- the built BPE
 
 
@@ -152,7 +188,11 @@ def training_texts(docs: Sequence[str], total_bytes: int, budget: int = TRAIN_BU
   for i in range(0, len(docs), stride):
     if left <= 0:
       return
-    text = _as_text(docs[i])[:left]
+    try:
+      doc = docs[i]
+    except ValueError:  # unreadable since it was indexed (the prepare step skips and counts it)
+      continue
+    text = _as_text(doc)[:left]
     left -= len(text)
     yield text
 
@@ -170,7 +210,7 @@ def build_bpe(texts: Iterator[str], vocab_size: int, specials: Sequence[str] = (
 
 def _template_specials(specs: Sequence[sources.SourceSpec]) -> list[str]:
   """Special tokens the chat templates of `specs` need, in a stable order."""
-  names = sorted({s.template for s in specs if s.format == 'chat' and s.template != 'tokenizer'})
+  names = sorted({s.template for s in specs if s.format in sources.CHAT_FORMATS and s.template != 'tokenizer'})
   if not names:
     return []
   return list(dict.fromkeys(t for name in names for t in chat_templates.special_tokens(name)))
@@ -183,7 +223,7 @@ def _built_tokenizer(cfg: Any) -> Tokenizer:
                     f'expected at least {min_vocab} (256 bytes + EOS); 4096-32768 are typical')
   specs = sources.source_specs(cfg)
   for spec in specs:
-    if spec.format == 'chat' and spec.template == 'tokenizer':
+    if spec.format in sources.CHAT_FORMATS and spec.template == 'tokenizer':
       raise DataError(f'data.sources.{spec.name}.template', spec.template, 'needs a tokenizer with a chat template',
                       "set data.tokenizer to a Hugging Face tokenizer directory, or name a shipped template")
   parts = [(spec.name, sources.load_documents(spec.view, 'train')) for spec in specs]

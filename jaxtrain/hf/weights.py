@@ -324,31 +324,36 @@ def hf_config(target: Target, special: Mapping[str, int | None], dtype: str) -> 
   return out
 
 
-def _save_tokenizer(tokenizer: Any, out_dir: str, vocab_size: int) -> dict[str, int | None]:
-  """Writes tokenizer.json + tokenizer_config.json so AutoTokenizer.from_pretrained(out_dir) works; returns
-  the bos/eos/pad ids for config.json. `tokenizer`: a jaxtrain Tokenizer, a transformers tokenizer, a
-  tokenizers.Tokenizer, a tokenizer.json path or a tokenizer directory."""
+def save_tokenizer(tokenizer: Any, out_dir: str, vocab_size: int | None = None) -> dict[str, Any]:
+  """Writes tokenizer.json + tokenizer_config.json (with the chat template, if any) so AutoTokenizer.from_pretrained
+  (out_dir) gives the same ids; returns the bos/eos/pad ids for config.json and `end_of_turn`: the id of the token
+  ending an assistant turn of the chat template (None without one, or when it is EOS). `tokenizer`: a jaxtrain
+  Tokenizer, a transformers tokenizer, a tokenizers.Tokenizer, a tokenizer.json path or a tokenizer directory."""
   import tokenizers
   import transformers  # Deferred: seconds to import, and only writing needs it.
 
-  from jaxtrain.data import tokenizer as tokenizer_lib
+  from jaxtrain.data import chat, tokenizer as tokenizer_lib
 
   if isinstance(tokenizer, str):
     tokenizer = tokenizer_lib.load_tokenizer(ml_collections.ConfigDict({'tokenizer': tokenizer}))
-  eos_id = getattr(tokenizer, 'eos_id', None)
-  backend = getattr(tokenizer, '_backend', tokenizer)  # a jaxtrain Tokenizer wraps one of the others
-  if isinstance(backend, tokenizers.Tokenizer):
-    eos = backend.id_to_token(eos_id) if eos_id is not None else None
-    backend = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos)
+  if isinstance(tokenizer, tokenizers.Tokenizer):
+    backend = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+  elif isinstance(tokenizer, tokenizer_lib.Tokenizer):
+    backend = tokenizer_lib.as_transformers(tokenizer)  # its EOS and chat template kept
+  else:
+    backend = tokenizer
   if not isinstance(backend, transformers.PreTrainedTokenizerBase):
     raise HfError(f'tokenizer {tokenizer!r} is not one jaxtrain can write; give a jaxtrain Tokenizer, a '
                   'transformers tokenizer, a tokenizers.Tokenizer, a tokenizer.json path or a tokenizer directory')
-  if len(backend) > vocab_size:
+  if vocab_size is not None and len(backend) > vocab_size:
     raise HfError(f'the tokenizer has {len(backend)} tokens but the model only {vocab_size} embedding rows')
-  backend.save_pretrained(out_dir)
-  eos_id = backend.eos_token_id if eos_id is None else eos_id
+  backend.save_pretrained(out_dir, save_jinja_files=False)  # the chat template inside tokenizer_config.json
+  eos_id = backend.eos_token_id
   bos_id = backend.bos_token_id if backend.bos_token_id is not None else eos_id
-  return {'bos_token_id': bos_id, 'eos_token_id': eos_id, 'pad_token_id': backend.pad_token_id}
+  turn = chat.end_of_turn_token(backend) if backend.chat_template else None
+  turn_id = backend.convert_tokens_to_ids(turn) if turn else None
+  return {'bos_token_id': bos_id, 'eos_token_id': eos_id, 'pad_token_id': backend.pad_token_id,
+          'end_of_turn': turn_id if turn_id != eos_id else None}
 
 
 def _as_model_config(model: Any, params: Mapping) -> ModelConfig:
@@ -376,8 +381,9 @@ def save(params: Mapping, model: ModelConfig | Mapping, tokenizer: Any, out_dir:
   mc = _as_model_config(model, params)
   target = export_target(mc)
   os.makedirs(out_dir, exist_ok=True)
-  special = (_save_tokenizer(tokenizer, out_dir, mc.vocab_size) if tokenizer is not None
+  special = (save_tokenizer(tokenizer, out_dir, mc.vocab_size) if tokenizer is not None
              else {'bos_token_id': None, 'eos_token_id': None, 'pad_token_id': None})
+  end_of_turn = special.pop('end_of_turn', None)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   _, _, shapes = models.describe(target.mc)
 
@@ -423,6 +429,8 @@ def save(params: Mapping, model: ModelConfig | Mapping, tokenizer: Any, out_dir:
   if special['eos_token_id'] is not None:
     generation = {'_from_model_config': True, 'transformers_version': transformers.__version__,
                   **{k: v for k, v in special.items() if v is not None}}
+    if end_of_turn is not None:  # generate() stops at the end of the assistant's turn, as at the end of a document
+      generation['eos_token_id'] = [special['eos_token_id'], end_of_turn]
     with open(os.path.join(out_dir, 'generation_config.json'), 'w', encoding='utf-8') as f:
       json.dump(generation, f, indent=2)
   return [os.path.join(out_dir, n) for n in names]

@@ -28,6 +28,8 @@ from jaxtrain.models import rack
 from jaxtrain.stackwise.checkpoint import StackCheckpointer
 
 KEEP_KEYS = ('doc_ids', 'doc_chunks')  # masks are keyed by sample id
+# What "loss" (train and eval, per stage and final) is for each objective: one name, explained once.
+LOSS_MEANING = {'diffusion': 'the masked-diffusion ELBO bound', 'mlm': 'masked-token CE', 'clm': 'next-token CE'}
 
 
 def parts_of(host_rack: dict, stacks: list[int]) -> dict[str, Any]:
@@ -60,6 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_tokenizer(config.data)
   check_vocab(config.model, tokenizer.vocab_size)
+  train.check_data(config, tokenizer)  # before any write
   rd, obj = stackwise.rack_setup(config, tokenizer.vocab_size, execution.plan(config))  # before any write
   stages = stackwise.plan(config)
   schedule = stackwise.depth_schedule(config)
@@ -67,9 +70,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     resume.start_over(workdir, (paths.RACK, paths.STAGES))
   # WORKDIR/config.json is shared by the rack and every stage's checkpoints; each stage's state is compared
   # with its own checkpoints when the stage starts (`Checkpointer.restore_latest`).
+  # The stages' lengths follow train.steps, so a rack cannot be resumed with another one.
   resume.check(config, workdir, [paths.RACK] + [os.path.join(paths.STAGES, str(s.index), paths.CHECKPOINTS)
-                                                 for s in stages])
-  train.write_config(config, workdir)
+                                                 for s in stages], fixed=('train.steps',))
+  train.write_config(config, workdir, tokenizer)  # + WORKDIR/tokenizer/, the copy an export reads
   primary = jax.process_index() == 0
   store = StackCheckpointer(paths.in_run(workdir, paths.RACK))
   host_rack = stackwise.initial_rack(rd, config.train.seed, tokenizer.vocab_size)
@@ -99,7 +103,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
       train_flops, eval_flops = stage_flops(config, rd, stage)
       job = train.Job(built, train.FixedStep(train_step, train_flops), eval_step, stage.steps,
                       config.train.seed + stage.index, train_flops, eval_flops, KEEP_KEYS, stage.name)
-      result = train.fit(config, job, paths.stage_dir(workdir, stage.index), mesh, tokenizer)
+      # The run's WORKDIR/STOP (not the stage directory's) stops the stage at its next step, saved and resumable.
+      result = train.fit(config, job, paths.stage_dir(workdir, stage.index), mesh, tokenizer,
+                         stop_file=paths.in_run(workdir, paths.STOP))
       if result.stopped:
         reason, where = result.stopped
         if primary:
@@ -129,9 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     for prompt, text in result['samples']:
       print(f'sample {prompt!r} -> {text!r}', flush=True)
     final = stages[-1]
-    what = 'ELBO bound' if obj.kind == 'diffusion' else 'loss'
-    print(f'stackwise: {len(stages)} stages, rack stacks {list(final.order)}; final eval {what} '
-          f'{result["eval"]:.4f} nats/token (ppl {"<= " if obj.kind == "diffusion" else ""}'
+    print(f'stackwise: {len(stages)} stages, rack stacks {list(final.order)}; final eval loss '
+          f'{result["eval"]:.4f} nats/token ({LOSS_MEANING[obj.kind]}; ppl {"<= " if obj.kind == "diffusion" else ""}'
           f'{math.exp(min(result["eval"], 50)):.2f}); rack saved in {store.directory}/stage_{final.index}.json',
           flush=True)
   return result
@@ -156,17 +161,18 @@ def masked_ce(ev: dict) -> float | None:
 
 
 def stage_table(records: list[dict], obj: objectives.Objective) -> str:
-  """A fixed-width per-stage summary."""
-  what = {'diffusion': 'ELBO', 'mlm': 'masked CE', 'clm': 'CE'}[obj.kind]
-  lines = [f'{"stage":>5} {"stacks":<14} {"new":<6} {"ratio":>5} {"trained":>9} {"steps":>5} '
-           f'{"loss first->last (" + what + ")":>26} {"eval":>7} {"eval mCE":>8} {"sec":>6} {"written":>9}']
+  """A fixed-width per-stage summary. "loss" is the objective's loss everywhere (the stages' own lines, this
+  table, the final line): `LOSS_MEANING` says once what it is."""
+  lines = [f'stages (loss: {LOSS_MEANING[obj.kind]}, nats/token; eval mCE: unweighted CE of the masked tokens)',
+           f'{"stage":>5} {"stacks":<14} {"new":<6} {"ratio":>5} {"trained":>9} {"steps":>5} '
+           f'{"loss first->last":>26} {"eval loss":>9} {"eval mCE":>8} {"sec":>6} {"written":>9}']
   for r in records:
     ratio = '-' if r.get('ratio') is None else f'{r["ratio"]:.2f}'
     written = f'{r.get("bytes_written", 0) / 2**20:.1f}MiB' if 'bytes_written' in r else '(saved)'
     first, last = r.get('loss_first'), r.get('loss_last')
     losses = f'{first:.3f} -> {last:.3f}' if first is not None else '-'
     lines.append(f'{r["stage"]:>5} {str(r["stacks"]):<14} {str(r["new"]):<6} {ratio:>5} '
-                 f'{r["trained_params"] / 1e6:>8.3f}M {r["steps"]:>5} {losses:>26} {r["eval_loss"]:>7.3f} '
+                 f'{r["trained_params"] / 1e6:>8.3f}M {r["steps"]:>5} {losses:>26} {r["eval_loss"]:>9.3f} '
                  f'{_maybe(r.get("eval_masked_ce")):>8} '
                  f'{r["seconds"]:>6.1f} {written:>9}')
   return '\n'.join(lines)

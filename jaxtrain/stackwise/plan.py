@@ -38,7 +38,7 @@ from jaxtrain import models, sharding
 from jaxtrain.stackwise import objectives
 from jaxtrain.train import steps
 from jaxtrain.models import flops
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.models import ModelConfig, rack
 from jaxtrain.train.state import Built, QUANTIZED, trainable, with_frozen
 
@@ -57,8 +57,11 @@ class StackwiseError(ConfigError):
   """A StackWise setting that cannot work; the message names the key, the value and what is valid."""
 
   def __init__(self, message: str):  # pylint: disable=super-init-not-called
-    ValueError.__init__(self, message)
-    self.key = self.value = self.valid = None
+    UserError.__init__(self, message)  # the whole line is the message (it names the key and value itself)
+    self.key = None
+
+  def __reduce__(self):
+    return type(self), (self.what,)
 
 
 @dataclasses.dataclass(frozen=True)

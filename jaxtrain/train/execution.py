@@ -48,8 +48,10 @@ def attention_impl(model: Any, cpu: bool) -> str:
                       'or xla')
   if why and why not in _warned:
     _warned.add(why)
-    warnings.warn(f'model.attention_impl=auto: XLA attention, the fused CPU kernel does not build here: {why}',
-                  stacklevel=2)
+    # One line on the console: the reason folded, and no source line under it (warnings.warn would print the
+    # line of code that warned; a location without a source file prints none).
+    warnings.warn_explicit(f'model.attention_impl=auto: XLA attention, the fused CPU kernel does not build here: '
+                           f'{_one_line(why)}', UserWarning, 'jaxtrain', 0, module=__name__)
   return 'xla' if why else 'cpu_fused'
 
 
@@ -61,3 +63,11 @@ def steps_per_call(config: Any, backend: str | None = None) -> int:
   """`train.steps_per_call` resolved: 0 (auto) is 4 on CPU (host overhead per call dominates small steps),
   1 on accelerators (see defaults.py)."""
   return config.train.steps_per_call or (4 if (backend or jax.default_backend()) == 'cpu' else 1)
+
+
+def dtypes(config: Any, backend: str | None = None) -> str:
+  """'param dtype P, compute dtype C' of `config.model` on `backend` (compute_dtype auto resolved as `plan`
+  does), for a run's header line."""
+  model = config.model
+  compute = execution_lib.from_model(model, None, backend=backend).compute_dtype
+  return f'param dtype {model.get("param_dtype", "float32")}, compute dtype {compute}'

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import ml_collections
 
 from jaxtrain import paths
 from jaxtrain.errors import UserError
-from jaxtrain.config.defaults import base_config
+from jaxtrain.train import rundir
 
 
 class ExportError(UserError):
@@ -26,24 +27,8 @@ class ExportError(UserError):
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json on top of today's defaults (keys added since the run was trained keep defaults)."""
-  path = paths.in_run(workdir, paths.CONFIG)
-  if not os.path.isdir(workdir):
-    raise ExportError(f'--workdir={workdir} does not exist')
-  if not os.path.isfile(path):
-    raise ExportError(f'--workdir={workdir} has no config.json; expected the directory of a jaxtrain training run')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
-  config = base_config()
-
-  def merge(node: ml_collections.ConfigDict, values: dict) -> None:
-    for key, value in values.items():
-      if key in node and isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-        merge(node[key], value)
-      elif key in node:
-        node[key] = value
-  merge(config, saved)
-  return config
+  """WORKDIR/config.json, completely (`rundir.load_config`); a missing run raises ExportError."""
+  return rundir.load_config(workdir, ExportError)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -70,15 +55,16 @@ def restore_state(workdir: str, step: int) -> dict:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def model_params_for_export(config: ml_collections.ConfigDict, state: dict) -> dict:
+def model_params_for_export(config: ml_collections.ConfigDict, state: dict, tokenizer: Any = None) -> dict:
   """The full model parameters of a restored state: `state['params']`, or for a LoRA run (lora.rank > 0 or
-  init.lora_from set) the unquantized base (rebuilt from init.from_hf or the seed) with the adapters merged."""
+  init.lora_from set) the unquantized base (rebuilt from init.from_hf or the seed) with the adapters merged.
+  `tokenizer`: the run's (its vocabulary sizes the base); default `config.data`'s."""
   if config.lora.rank == 0 and not config.init.lora_from:
     return state['params']
   from jaxtrain import data, models
   from jaxtrain.train import state as state_lib  # LoRA runs only
 
-  vocab = config.model.vocab_size or data.load_tokenizer(config.data).vocab_size
+  vocab = config.model.vocab_size or (tokenizer or data.load_tokenizer(config.data)).vocab_size
   return state_lib.merged_params(config, models.model_config(config.model, vocab), state)
 
 
@@ -101,14 +87,15 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ExportError(f'--out={out} exists and is not an empty directory; choose a new one')
   state = restore_state(workdir, step)
+  from jaxtrain.hf import weights as hf_weights
+  # Exactly the tokenizer the run trained with (its copy in WORKDIR/tokenizer/), with its chat template.
+  tokenizer = rundir.load_tokenizer(config, workdir)
   if fmt == 'peft':
     from jaxtrain.hf import peft as peft_io  # written for LoRA runs only
     peft_io.save_adapters(config, state, out)
-    return f'exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT format)'
-  from jaxtrain import data
-  from jaxtrain.hf import weights as hf_weights
-  params = model_params_for_export(config, state)
-  tokenizer = data.load_tokenizer(config.data)
+    hf_weights.save_tokenizer(tokenizer, out)
+    return f'exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT format, tokenizer {tokenizer.path})'
+  params = model_params_for_export(config, state, tokenizer)
   files = hf_weights.save(params, config.model, tokenizer, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
   with open(os.path.join(out, 'config.json'), encoding='utf-8') as f:
     architecture = json.load(f)['architectures'][0]

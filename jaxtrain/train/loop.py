@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain import paths
-from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, steps, stopping
+from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, rundir, steps, stopping
 from jaxtrain import data, models, sharding
 from jaxtrain.adapters import lora
 from jaxtrain.models import flops
@@ -77,13 +77,19 @@ def run_steps(train_step: Any, state: dict, host_batches: list[dict[str, Any]], 
               mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
   """One call of a `jit_steps` train step built for `k` steps per call on 1..k host batches: (state,
   metrics), the metrics stacked (k,) when k > 1 (slots past len(host_batches) ran nothing)."""
+  return train_step(state, *step_inputs(host_batches, k, mesh))
+
+
+def step_inputs(host_batches: list[dict[str, Any]], k: int, mesh: jax.sharding.Mesh) -> tuple:
+  """The arguments after the state of one call of a `jit_steps` train step built for `k` steps per call on
+  1..k host batches: (global batch,), or (K stacked global batches, active mask)."""
   if not 1 <= len(host_batches) <= k:
     raise ValueError(f'{len(host_batches)} batches for a call of {k} steps: give 1..{k}')
   if k == 1:
-    return train_step(state, sharding.to_global(host_batches[0], mesh))
+    return (sharding.to_global(host_batches[0], mesh),)
   filled = host_batches + host_batches[-1:] * (k - len(host_batches))  # inactive slots: copies, never run
   stacked = {key: np.stack([b[key] for b in filled]) for key in host_batches[0]}
-  return train_step(state, sharding.to_global(stacked, mesh, stacked=True), np.arange(k) < len(host_batches))
+  return sharding.to_global(stacked, mesh, stacked=True), np.arange(k) < len(host_batches)
 
 
 def step_args(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch: dict[str, Any]) -> tuple:
@@ -202,7 +208,8 @@ class Flops:
 class RunResult:
   """What `fit` did. `losses`: {step: loss} of the steps run now; `eval`: the final evaluation (None when
   stopped); `stopped`: (reason, checkpoint) of a stop request; `data_ended`: the step after which the training
-  data ran out; `compiles`: train-step programs compiled; `state`: the train state at the end."""
+  data ran out; `compiles`: train-step programs compiled; `state`: the train state at the end; `skipped`: the
+  non-finite steps whose updates were skipped."""
 
   start_step: int
   losses: dict[int, float]
@@ -212,6 +219,7 @@ class RunResult:
   compiles: int
   flops: Flops
   state: dict
+  skipped: int = 0
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> RunResult:
@@ -225,6 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = data.load_tokenizer(config.data)
   check_vocab(config.model, tokenizer.vocab_size)
+  check_data(config, tokenizer)
   mc = models.model_config(config.model, tokenizer.vocab_size)
   ex = execution.plan(config, mc)  # the attention kernel and layer scan for this backend; before any write
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -233,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     if start_over:
       resume.start_over(workdir)
     resume.check(config, workdir, abstract=built.abstract)
-    write_config(config, workdir)
+    write_config(config, workdir, tokenizer)
     train_step, eval_step = jit_steps(config, built, tx, schedule, mesh)
     # Training and evaluation FLOPs differ (backward; a frozen LoRA base needs no weight gradients).
     trains = lora.flops_of(built.abstract['params']) if 'frozen' in built.shardings else None
@@ -248,17 +257,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
     return fit(config, job, workdir, mesh, tokenizer)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """WORKDIR/config.json (process 0), so a run directory says how it was made."""
+def check_data(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer) -> None:
+  """Reads every source's train and eval split (through the prepare cache, which `fit` then opens in
+  milliseconds), so that what validation cannot see without the documents (an eval split left empty, too many
+  bad records) raises its one-line DataError before the run writes anything, not even config.json."""
+  for split in ('train', 'eval'):
+    data.pipeline.load_sources(config.data, tokenizer, split)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str, tokenizer: data.Tokenizer | None = None) -> None:
+  """WORKDIR/config.json and a copy of `tokenizer` (the run's) in WORKDIR/tokenizer/ (process 0), so a run
+  directory says how it was made and exports without the corpus or the cache (`rundir`)."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(paths.in_run(workdir, paths.CONFIG), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    if tokenizer is not None:
+      rundir.save_tokenizer(config, tokenizer, workdir)
 
 
 def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sharding.Mesh,
-        tokenizer: data.Tokenizer) -> RunResult:
+        tokenizer: data.Tokenizer, stop_file: str | None = None) -> RunResult:
   """The loop: resume from WORKDIR/checkpoints if possible, step, log, evaluate, save; call under the mesh.
+
+  `stop_file` is the file whose appearance stops the loop (default WORKDIR/STOP): a job that runs `fit` in a
+  directory of its own (a StackWise stage in RUN/stages/K) passes its run's RUN/STOP.
 
   Train records log `mfu` (of what trains: LoRA-aware) and `train_flops_total` (all steps since step 0); eval
   records log `eval_flops` (that evaluation) and `eval_tflops_per_s`. Each call runs up to
@@ -267,7 +290,7 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   """
   os.makedirs(workdir, exist_ok=True)
   loop = _Loop(config, job, workdir, mesh, tokenizer)
-  with stopping.StopRequests(workdir) as stop:
+  with stopping.StopRequests(workdir, stop_file=stop_file) as stop:
     while loop.done < job.steps and loop.data_ended is None:
       loop.run_call()
       if loop.after_call(stop):
@@ -312,16 +335,27 @@ class _Loop:
     self.last_time = time.perf_counter()
     self.bad: list[tuple[int, dict]] = []  # the current streak of non-finite steps: (step, provenance of its rows)
     self.tripped: list[tuple[int, dict]] = []  # the first streak that reached max_bad_steps
+    self.skipped = 0  # non-finite steps skipped in this fit
     self.pending: tuple[dict, list[tuple]] | None = None  # the last call: its metrics on device, its steps
+    self.compiled: list[Any] = []  # the jitted steps called so far (their first call compiles them)
+    self.compile_s: dict[int, float] = {}  # first step of a call that compiled its step -> seconds, until logged
 
   def _header(self, srcs: Any, peak_source: str) -> None:
     job, calls = self.job, self.calls
+    if peak_source.startswith('measured'):  # a probe of this process: it varies between identical runs
+      peak_source += "; MFU is against this run's probe"
     self.logger.write(f'jaxtrain{" " + job.label if job.label else ""}: {job.built.description}, '
+                      f'{execution.dtypes(self.config)}, '
                       f'{jax.device_count()} devices, mesh {dict(self.mesh.shape)}, {self.tokens_per_step} '
                       f'tokens/step, {job.flops_per_token / 1e6:.1f} MFLOPs/token train, '
                       f'{job.eval_flops_per_token / 1e6:.1f} eval, peak {self.peak / 1e9:.0f} GFLOP/s/device '
-                      f'[{peak_source}]' + (f', {calls} steps per call' if calls > 1 else ''))
-    for line in data.pipeline.source_report(srcs):
+                      f'[{peak_source}]' + (f', {calls} steps per call' if calls > 1 else '')
+                      + (', non-finite steps are skipped and never stop the run (train.max_bad_steps=0)'
+                         if self.config.train.max_bad_steps == 0 else ''))
+    note = optim.warmup_note(self.config.optim, job.steps)
+    if note:
+      self.logger.write(note)
+    for line in data.pipeline.source_report(srcs, data.pipeline.blocklist(self.config.data)):
       self.logger.write(f'data {line}')
     if self.start:
       self.logger.write(f'resumed from {self.ckpt.directory}/{self.start}')
@@ -362,11 +396,29 @@ class _Loop:
     step = self.done
     host_batches, records = self.next_batches(step, self.call_end(step))
     if host_batches:
-      self.state, step_metrics = run_steps(self.job.train_step.at(step), self.state, host_batches, self.calls,
-                                           self.mesh)
-      self.flush()  # the previous call's metrics, fetched while this one runs
+      train_step, args = self.job.train_step.at(step), step_inputs(host_batches, self.calls, self.mesh)
+      if any(train_step is seen for seen in self.compiled):
+        self.state, step_metrics = train_step(self.state, *args)
+        self.flush()  # the previous call's metrics, fetched while this one runs
+      else:
+        self.state, step_metrics = self.compile_and_call(train_step, args, step)
       self.pending = (step_metrics, records)
       self.done = step + len(host_batches)
+
+  def compile_and_call(self, train_step: Any, args: tuple, step: int) -> tuple[dict, dict]:
+    """The first call of a jitted step: the previous call is logged first, so its time ends before this
+    compile; the call itself (which traces and compiles, then dispatches the work asynchronously) is timed as
+    the compile time, logged once and as `compile_s` of step `step` + 1, and kept out of every step time."""
+    self.flush()
+    t = time.perf_counter()
+    out = train_step(self.state, *args)
+    seconds = time.perf_counter() - t
+    self.compiled.append(train_step)
+    self.compile_s[step + 1] = seconds
+    which = ', '.join(f'{k} {v}' for k, v in self.job.train_step.step_metrics(step).items())
+    self.logger.write(f'compiled the train step{f" ({which})" if which else ""} in {seconds:.2f} s')
+    self.last_time = time.perf_counter()
+    return out
 
   def after_call(self, stop: stopping.StopRequests) -> bool:
     """What follows a call: the non-finite check, the end of the data, a stop request, a checkpoint, an
@@ -400,7 +452,10 @@ class _Loop:
 
   def save(self, step: int, wait: bool = False) -> str:
     """Saves checkpoint `step` (unless saved already, or step 0) with its sidecars: the sample ids of every step
-    it covers (so a resume loses none) and the per-source token counts; `wait`: until it is on disk."""
+    it covers (so a resume loses none) and the per-source token counts; `wait`: until it is on disk. The
+    pending call is logged first: metrics.jsonl holds every step a checkpoint covers before the checkpoint
+    exists, so a resume (which drops the rows past its step) never leaves a step unlogged."""
+    self.flush()
     self.recorder.flush()
     if step and step not in self.ckpt.all_steps():
       self.ckpt.save(step, checkpointed(self.state), self.data_iter)
@@ -434,6 +489,8 @@ class _Loop:
       values = {k: float(v[i] if self.calls > 1 else v) for k, v in fetched.items()}
       values.update(sources_seen)
       values.update(choice.step_metrics(step - 1))
+      if step in self.compile_s:
+        values['compile_s'] = self.compile_s.pop(step)
       flops_step = choice.flops_per_token(step - 1)  # per token: this step; below, steps 0..step-1
       values.update(step_time=step_time, data_wait_s=data_wait, tokens_per_s=tokens / step_time,
                     mfu=flops_step * tokens / step_time / (self.peak * jax.device_count()),
@@ -448,6 +505,7 @@ class _Loop:
     if note:
       self.logger.write(note)
     if values['skipped']:
+      self.skipped += 1
       self.bad.append((step, provenance))
       if len(self.bad) == self.config.train.max_bad_steps:
         self.tripped[:] = self.bad  # the streak to stop for, even if the steps already run after it recover
@@ -455,7 +513,7 @@ class _Loop:
                         f"{values['grad_norm']}); update skipped")
     else:
       self.bad.clear()
-    if step % self.config.log.every == 0 or step == self.job.steps or values['skipped']:
+    if step % self.config.log.every == 0 or step == self.job.steps or values['skipped'] or 'compile_s' in values:
       self.logger.log(step, values)
     self.logger.advance()
 
@@ -472,7 +530,8 @@ class _Loop:
     """Closes the log, prints the summary line (process 0) and returns the result."""
     saved = self.ckpt.latest_step()
     result = RunResult(self.start, self.losses, self.eval, self.stopped, self.data_ended,
-                       self.job.train_step._cache_size(), self.flops, self.state)  # pylint: disable=protected-access
+                       self.job.train_step._cache_size(), self.flops, self.state,  # pylint: disable=protected-access
+                       self.skipped)
     self.logger.close()
     if self.primary:
       if self.config.log.plot:
@@ -544,5 +603,6 @@ def _summary_text(result: RunResult, workdir: str, checkpoint: str, total: int) 
     return (f"nothing to train: {workdir} already holds step {result.start_step} of {total}; "
             f"eval loss {ev['eval_loss']:.4f}")
   first, last = min(losses), max(losses)
-  return (f"steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}; "
+  skipped = f'; {result.skipped} of {len(losses)} steps skipped (non-finite)' if result.skipped else ''
+  return (f"steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}{skipped}; "
           f"eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f}); checkpoint {checkpoint}")

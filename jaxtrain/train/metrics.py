@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from jaxtrain import paths
@@ -12,19 +13,29 @@ from jaxtrain import paths
 
 
 class Logger:
-  """Writes metrics to WORKDIR/metrics.jsonl, a progress bar and (optionally) wandb.
+  """Writes metrics to WORKDIR/metrics.jsonl, progress to the terminal and (optionally) wandb.
 
-  With `enabled=False` (processes other than the first of a multi-process run) it writes nothing."""
+  Progress (`cfg.progress`) is a bar when stdout and stderr are terminals, else one plain line per logged train
+  step (step, loss, lr, tokens/s), so a file or CI log holds no carriage-return walls. A run that starts at
+  `start_step` first drops the rows a crashed run logged past it (`truncate_metrics`), so each step is logged
+  once. With `enabled=False` (processes other than the first of a multi-process run) it writes nothing."""
 
   def __init__(self, workdir: str, cfg: Any, total_steps: int, start_step: int, run_config: dict,
                enabled: bool = True):
     self.path = paths.in_run(workdir, paths.METRICS)
     self.enabled = enabled
+    self.total_steps = total_steps
+    if enabled:
+      truncate_metrics(self.path, start_step, total_steps)
     self._file = open(self.path, 'a') if enabled else None
     self._bar = None
+    self._plain = False
     if cfg.progress and enabled:
-      import tqdm
-      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+      if _is_terminal():
+        import tqdm
+        self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+      else:
+        self._plain = True
     self._wandb = None
     if cfg.wandb != 'disabled' and enabled:
       self._wandb = _start_wandb(workdir, cfg, run_config, self.write)
@@ -37,8 +48,15 @@ class Logger:
     self._file.flush()
     if self._wandb is not None:
       self._wandb.log(record, step=step)
-    if self._bar is not None and 'loss' in record:
-      self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
+    if 'loss' not in record:
+      return
+    if self._bar is not None:
+      # Not drawn now: the loop advances the counter to this step next, and that draw shows both together
+      # (drawn here, the bar showed step N's loss beside the counter of step N-1).
+      self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+                            refresh=False)
+    elif self._plain:
+      print(progress_line(record, self.total_steps), flush=True)
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:
@@ -60,6 +78,48 @@ class Logger:
       self._wandb.finish()
     if self._file is not None:
       self._file.close()
+
+
+def progress_line(record: dict[str, float], total_steps: int) -> str:
+  """The plain progress line of a logged train step (progress without a terminal)."""
+  return (f"step {record['step']}/{total_steps}: loss {record['loss']:.4f}, lr {record.get('lr', 0.0):.3g}, "
+          f"{record.get('tokens_per_s', 0.0):,.0f} tokens/s")
+
+
+def _is_terminal() -> bool:
+  """Whether both stdout and stderr are terminals (the bar draws on stderr, log lines go to stdout)."""
+  try:
+    return sys.stdout.isatty() and sys.stderr.isatty()
+  except (AttributeError, ValueError):  # replaced or closed streams
+    return False
+
+
+def truncate_metrics(path: str, keep_through: int, total_steps: int) -> None:
+  """Rewrites metrics.jsonl with only the rows of steps <= `keep_through` (the step a run resumes from, 0 for
+  a fresh start): a run that died after its last checkpoint logged steps it now runs again, and consumers (the
+  plot, compare, dashboards) must see each step once. Eval rows at `total_steps` go too: a run that is already
+  complete logs its final evaluation again. A torn last line (a crash mid-write) is dropped."""
+  if not os.path.exists(path):
+    return
+  kept, dropped = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        step = int(record['step'])
+      except (ValueError, KeyError, TypeError):
+        dropped += 1
+        continue
+      evaluation = any(k.startswith('eval_') for k in record)
+      if step <= keep_through and not (evaluation and step == total_steps):
+        kept.append(line if line.endswith('\n') else line + '\n')
+      else:
+        dropped += 1
+  if not dropped:
+    return
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
 
 
 def _start_wandb(workdir: str, cfg: Any, run_config: dict, say: Any) -> Any:

@@ -17,17 +17,24 @@ DECAY_SHAPES = ('linear', 'cosine', 'sqrt')
 
 
 def make_schedule(cfg: Any, total_steps: int) -> Callable[[Any], jax.Array]:
-  """lr(step) for `cfg` (the optim config section): linear warmup, then constant/linear/cosine/wsd.
+  """lr(step) for `cfg` (the optim config section) over a run of `total_steps` train steps, `step` being the
+  0-based index of the train step (the state's step counter before the step: skipped steps count).
 
-  Warmup reaches the peak at step `warmup_steps` (lr*(step+1)/warmup before, so step 0 already moves).
-  linear and cosine decay from the peak to lr*min_lr_ratio at `total_steps`; wsd holds the peak and
-  decays over the last `decay_fraction` of the steps with shape linear, cosine or sqrt (1 - sqrt(u)).
+  Warmup: w = min(warmup_steps, total_steps) (a warmup longer than the run is clamped to it, see
+  `warmup_note`); step i < w uses lr*(i+1)/w, so step 0 already moves and step w-1 is the first at the peak.
+  Then constant holds the peak; linear and cosine go from the peak at step w to lr*min_lr_ratio at step
+  total_steps-1, the last trained step; wsd holds the peak and decays over the last
+  D = max(1, round(decay_fraction*total_steps)) steps with shape linear, cosine or sqrt (1 - sqrt(u)),
+  u = (step - (total_steps-1-D)) / D, so the last step is at the floor. Where warmup leaves no step to decay
+  in (w >= total_steps-1), the run ends at the end of its warmup instead.
   """
-  peak, warmup, floor = float(cfg.lr), int(cfg.warmup_steps), float(cfg.min_lr_ratio)
+  peak, floor = float(cfg.lr), float(cfg.min_lr_ratio)
+  warmup = min(int(cfg.warmup_steps), total_steps)
   if cfg.schedule not in SCHEDULES:
     raise ValueError(f'optim.schedule={cfg.schedule!r}; valid: {SCHEDULES}')
+  last = total_steps - 1  # the index of the last trained step: it trains at the floor
   decay_steps = max(1, round(float(cfg.decay_fraction) * total_steps))
-  decay_start = total_steps - decay_steps
+  decay_start = last - decay_steps  # the last step at the peak (u = 0)
 
   def shape(u: jax.Array) -> jax.Array:  # 1 -> 0 as u goes 0 -> 1
     if cfg.decay_shape == 'cosine':
@@ -38,7 +45,7 @@ def make_schedule(cfg: Any, total_steps: int) -> Callable[[Any], jax.Array]:
 
   def schedule(step: Any) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)
-    span = max(1, total_steps - warmup)
+    span = max(1, last - warmup)
     s = jnp.clip((step - warmup) / span, 0.0, 1.0)
     if cfg.schedule == 'constant':
       factor = jnp.ones_like(s)
@@ -56,14 +63,22 @@ def make_schedule(cfg: Any, total_steps: int) -> Callable[[Any], jax.Array]:
   return schedule
 
 
-def check(cfg: Any, total_steps: int) -> None:
-  """The `optim` section's rules (single-key ranges: `jaxtrain.config.schema`): the schedule and decay shape,
-  warmup within `total_steps` (train.steps), and a `no_decay` that compiles. Raises ConfigError."""
+def warmup_note(cfg: Any, total_steps: int) -> str | None:
+  """The line a run prints at its start when `optim.warmup_steps` is longer than its `total_steps` and is
+  clamped to them (`make_schedule`), else None."""
+  if cfg.warmup_steps <= total_steps:
+    return None
+  return (f'note: optim.warmup_steps={cfg.warmup_steps} is longer than the {total_steps} steps of this run; '
+          f'warming up over all {total_steps} (the run ends at the peak lr)')
+
+
+def check(cfg: Any) -> None:
+  """The `optim` section's rules (single-key ranges: `jaxtrain.config.schema`): the schedule and decay shape and
+  a `no_decay` that compiles. Raises ConfigError. A warmup longer than the run is clamped, not refused
+  (`make_schedule`, `warmup_note`)."""
   for key, options in (('schedule', SCHEDULES), ('decay_shape', DECAY_SHAPES)):
     if cfg[key] not in options:
       raise ConfigError(f'optim.{key}', cfg[key], f'must be one of {", ".join(options)}')
-  if cfg.warmup_steps > total_steps:
-    raise ConfigError('optim.warmup_steps', cfg.warmup_steps, f'must be <= train.steps={total_steps}')
   try:
     re.compile(cfg.no_decay)
   except re.error as e:
@@ -81,10 +96,47 @@ def decay_mask(params: Any, no_decay: str) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-  """(optax transform, schedule) for the optim config section."""
+def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` run on float32 copies of the gradients and parameters, so the state it keeps (Adam's moments) and
+  the updates it returns are float32 whatever the parameters are stored in (`optax.apply_updates` casts each
+  update back to its parameter's dtype)."""
+  tx = optax.with_extra_args_support(tx)
+
+  def f32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+    return tx.update(f32(updates), state, None if params is None else f32(params), **extra_args)
+
+  return optax.GradientTransformationExtraArgs(lambda params: tx.init(f32(params)), update)
+
+
+def scale_by_step_schedule(schedule: Callable[[Any], jax.Array]) -> optax.GradientTransformationExtraArgs:
+  """Multiplies the updates by -schedule(step), `step` being the train step the caller passes
+  (`tx.update(..., step=state['step'])`, as `steps.make_train_step` does). Keeps no counter of its own, so the
+  lr follows the train step count, skipped steps included."""
+
+  def update(updates: Any, state: Any, params: Any = None, *, step: Any = None, **extra_args: Any):
+    del params, extra_args
+    if step is None:
+      raise TypeError('this optimizer takes the train step: tx.update(grads, opt_state, params, step=step)')
+    lr = schedule(step)
+    return jax.tree.map(lambda u: -lr * u, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformationExtraArgs, Callable]:
+  """(optax transform, schedule) for the optim config section: global-norm clipping, then AdamW (the same
+  updates as `optax.adamw`) with the learning rate lr = schedule(step).
+
+  One step counter drives the lr: the transform's `update` takes the train step (`step=state['step']`) and
+  keeps no schedule counter of its own, so a skipped non-finite step consumes its schedule step like any other
+  (the logged `lr` is the applied one). Adam's bias correction counts the updates actually applied. The
+  optimizer state (Adam's moments) is float32 whatever `model.param_dtype` is (`in_float32`).
+  """
   schedule = make_schedule(cfg, total_steps)
-  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                      mask=lambda p: decay_mask(p, cfg.no_decay))
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  return optax.chain(*parts, adamw), schedule
+  parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.no_decay))]
+  return optax.chain(in_float32(optax.chain(*parts)), scale_by_step_schedule(schedule)), schedule

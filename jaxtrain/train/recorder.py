@@ -3,7 +3,7 @@
   WORKDIR/samples/process_<i>.tsv.gz  process i's rows: one line per (step, row): 'step<TAB>row<TAB>id<TAB>id...'
   WORKDIR/samples/process_<i>.idx     int64 records (first step, last step, byte offset, byte length), one
                                       per gzip member of the .tsv.gz
-  WORKDIR/spikes/step_<N>.json        a loss spike: the step's metrics, rolling means, reason, and per row the
+  WORKDIR/spikes/step_<N>.json        a spike (loss, grad norm, non-finite): metrics, means, reason, and per row the
                                       sample ids and the decoded text of each document segment
   WORKDIR/spikes/history.bin          float64 records (step, loss, grad_norm, flagged) the detector resumes from
 
@@ -81,13 +81,23 @@ def check(v: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Spike:
-  """A flagged step: its loss and grad norm, the rolling means it was judged against, and why."""
+  """A flagged step: its loss and grad norm, the rolling means it was judged against, and why; `flagged`
+  names the metrics that spiked ('loss', 'grad_norm') and `finite` whether they were finite."""
 
   loss: float
   grad_norm: float
   loss_mean: float
   grad_norm_mean: float
   reason: str
+  flagged: tuple[str, ...] = ('loss',)
+  finite: bool = True
+
+  @property
+  def what(self) -> str:
+    """What spiked, for a log line: 'loss spike', 'grad_norm spike', 'loss and grad_norm spike', or
+    'non-finite loss' (and/or grad_norm)."""
+    names = ' and '.join(self.flagged)
+    return f'{names} spike' if self.finite else f'non-finite {names}'
 
 
 class SpikeDetector:
@@ -113,12 +123,15 @@ class SpikeDetector:
     """Judges one step; a step that is not a spike joins the window."""
     loss, grad_norm = float(loss), float(grad_norm)
     loss_mean, norm_mean = self.means()
+    flagged = [name for name, value in (('loss', loss), ('grad_norm', grad_norm)) if not math.isfinite(value)]
     reasons = [f'non-finite {name} ({value})' for name, value in (('loss', loss), ('grad_norm', grad_norm))
                if not math.isfinite(value)]
+    finite = not reasons
     if not reasons and self._seen >= self.warmup and self._losses:
       # A mean <= 0 gives no scale to compare against (CE losses and norms are >= 0 anyway).
       for name, value, mean in (('loss', loss, loss_mean), ('grad_norm', grad_norm, norm_mean)):
         if mean > 0 and value > self.factor * mean:
+          flagged.append(name)
           reasons.append(f'{name} {value:.4g} > {self.factor:g} x mean {mean:.4g} of the last {len(self._losses)} '
                          'steps')
     if not reasons:
@@ -135,7 +148,7 @@ class SpikeDetector:
         self._norms.extend(v for _, v in self._streak)
         self._streak = []
         reasons.append(f'the last {self.window} steps all exceeded it: they are the new baseline')
-    return Spike(loss, grad_norm, loss_mean, norm_mean, '; '.join(reasons))
+    return Spike(loss, grad_norm, loss_mean, norm_mean, '; '.join(reasons), tuple(flagged), finite)
 
   def get_state(self) -> dict[str, Any]:
     """A JSON-serialisable state; `set_state` on a detector with the same settings continues identically."""
@@ -389,13 +402,14 @@ class Recorder:
     if spike is None:
       return ''
     if batch is None:  # observed without its batch (only outside the train loop)
-      return f'step {step}: loss spike: {spike.reason}'
+      return f'step {step}: {spike.what}: {spike.reason}'
     if self._dumps >= self._max_dumps:
-      return f'step {step}: loss spike: {spike.reason}; not dumped (provenance.max_dumps={self._max_dumps} reached)'
+      return (f'step {step}: {spike.what}: {spike.reason}; not dumped (provenance.max_dumps={self._max_dumps} '
+              'reached)')
     path = os.path.join(self._spikes, f'step_{step}.json')
     _write_json(path, self._dump(step, spike, *batch))
     self._dumps += 1
-    return f'step {step}: loss spike: {spike.reason}; its rows and texts are in {path}'
+    return f'step {step}: {spike.what}: {spike.reason}; its rows and texts are in {path}'
 
   def _dump(self, step: int, spike: Spike, tokens: np.ndarray, segment_ids: np.ndarray, provenance: dict) -> dict:
     row_samples = self._names(provenance)
@@ -416,6 +430,7 @@ class Recorder:
     d = self._detector
     return {'step': step, 'loss': spike.loss, 'grad_norm': spike.grad_norm, 'loss_mean': spike.loss_mean,
             'grad_norm_mean': spike.grad_norm_mean, 'factor': d.factor, 'window': d.window, 'reason': spike.reason,
+            'what': spike.what,
             'process_rows': [offset, offset + len(tokens)], 'rows': rows}
 
   def flush(self) -> None:

@@ -56,15 +56,17 @@ def resumable(key: str) -> bool:
   return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)
 
 
-def config_difference(saved: dict, config: ml_collections.ConfigDict) -> tuple[str, Any, Any] | None:
+def config_difference(saved: dict, config: ml_collections.ConfigDict,
+                      fixed: Iterable[str] = ()) -> tuple[str, Any, Any] | None:
   """(key, saved value, this run's value) of the first key outside `RESUMABLE_KEYS` that differs between a
   saved config.json and `config` (compared as JSON); None when none does. A key the saved config lacks
-  (written before the key existed) counts as its default."""
+  (written before the key existed) counts as its default. `fixed`: resumable keys this job still cannot change
+  (a StackWise rack's stage lengths follow train.steps)."""
   defaults = flat(json.loads(base_config().to_json_best_effort()))
   old = flat(saved)
   for key, value in flat(json.loads(config.to_json_best_effort())).items():
     before = old.get(key, defaults.get(key, _ABSENT))
-    if before != value and not resumable(key):
+    if before != value and (key in fixed or not resumable(key)):
       return key, before, value
   return None
 
@@ -78,7 +80,7 @@ def _saved_config(workdir: str) -> dict | None:
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iterable[str] = (paths.CHECKPOINTS,),
-          abstract: Any = None) -> None:
+          abstract: Any = None, fixed: Iterable[str] = ()) -> None:
   """Raises ResumeError when `workdir` holds checkpoints (under any of `checkpoint_dirs`, relative to it)
   that this run cannot resume: newer format, another config (WORKDIR/config.json), or with `abstract`,
   another train state in the newest readable checkpoint of the first directory. Reads files only."""
@@ -90,11 +92,11 @@ def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iter
     for step in step_dirs(d)[:1]:
       check_format(os.path.join(d, str(step)))
   saved = _saved_config(workdir)
-  diff = config_difference(saved, config) if saved is not None else None
+  diff = config_difference(saved, config, tuple(fixed)) if saved is not None else None
   if diff is not None:
     key, before, now = diff
     was = 'absent' if before is _ABSENT else repr(before)
-    where = ', '.join(found)
+    where = found[0] + (f' (and {len(found) - 1} more)' if len(found) > 1 else '')
     raise ResumeError(f'config.{key}', now, f'the checkpoints in {where} were trained with {key}={was}; resume '
                       f'with that value, or {HOW_TO_PROCEED}')
   if abstract is not None:

@@ -18,7 +18,8 @@ import optax
 from jaxtrain import sharding
 
 Batch = dict[str, jax.Array]
-# loss_fn(model_params, batch, rng) -> (objective sum to differentiate, {'tokens': count, other sums...}).
+# loss_fn(model_params, batch, rng) -> (objective sum to differentiate, {'loss_sum': objective sum, 'tokens': loss
+# token count, optional further 'X_sum's (logged as X per token)}).
 # rng is None in evaluation: anything random (e.g. diffusion times) must then be a function of the batch, so
 # every evaluation of every run and stage scores the same corruptions.
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
@@ -84,12 +85,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     skip_nonfinite: bool = True) -> Callable[[dict, Batch], tuple[dict, dict]]:
   """Builds the pure `train_step(state, batch) -> (state, metrics)`.
 
-  The loss is normalised once by the number of loss tokens in the whole global batch (all micro-batches,
-  all devices). Metrics: loss, z_loss, grad_norm (before clipping), lr, loss_tokens, skipped.
-  With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params and optimizer state
-  unchanged (the step counter still advances, as the batch was consumed) and reports skipped = 1.
+  The loss's sums must hold `loss_sum` (the objective summed over the batch) and `tokens` (the loss tokens);
+  every other `X_sum` it reports (e.g. `z_loss_sum`) is optional and logged as `X` per loss token. The loss
+  is normalised once by the number of loss tokens in the whole global batch (all micro-batches, all
+  devices). Metrics: loss, grad_norm (before clipping), loss_tokens, skipped, lr (with a `schedule`), and one
+  per further sum (z_loss with the decoder's loss).
+
+  `tx.update` is given the train step (`step=state['step']`): `optim.make_optimizer`'s transform takes its
+  lr from it, and `schedule(state['step'])` is the lr logged, so the logged lr is the applied one; a plain
+  optax transform ignores it. The state keeps the dtypes it was created with (parameters in
+  model.param_dtype, the optimizer state in what its `init` made: float32 moments with make_optimizer), so
+  the step compiles once. With `skip_nonfinite`, a step whose loss or gradients are not finite leaves params
+  and optimizer state unchanged (the step counter still advances, as the batch was consumed, and with it the
+  lr schedule) and reports skipped = 1.
   """
   grads_and_sums = make_grad_fn(loss_fn, param_transform, accum_steps)
+  tx = optax.with_extra_args_support(tx)
 
   def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
     rng = jax.random.fold_in(state['rng'], state['step'])
@@ -98,9 +109,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     tokens = jnp.maximum(sums['tokens'], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'], step=state['step'])
     params = optax.apply_updates(state['params'], updates)
-    finite = jnp.isfinite(sums['loss_sum'] + sums['z_loss_sum']) & jnp.isfinite(grad_norm)
+    same_dtype = lambda new, old: new.astype(old.dtype) if hasattr(old, 'dtype') else new  # noqa: E731
+    params = jax.tree.map(same_dtype, params, state['params'])
+    opt_state = jax.tree.map(same_dtype, opt_state, state['opt_state'])
+    finite = jnp.isfinite(sums['loss_sum'] + sums.get('z_loss_sum', 0.0)) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
       keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
       params = jax.tree.map(keep, params, state['params'])
@@ -108,14 +122,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
     metrics = {
         'loss': sums['loss_sum'] / tokens,
-        'z_loss': sums['z_loss_sum'] / tokens,
         'grad_norm': grad_norm,
         'loss_tokens': sums['tokens'],
         'skipped': 1.0 - finite.astype(jnp.float32),
     }
-    # Further sums a loss reports (e.g. masked-token cross-entropy) are logged per loss token too.
+    # Further sums a loss reports (z_loss, masked-token cross-entropy, ...) are logged per loss token too.
     for k, v in sums.items():
-      if k.endswith('_sum') and k not in ('loss_sum', 'z_loss_sum'):
+      if k.endswith('_sum') and k != 'loss_sum':
         metrics[k[:-len('_sum')]] = v / tokens
     if schedule is not None:
       metrics['lr'] = schedule(state['step'])

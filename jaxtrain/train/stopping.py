@@ -24,8 +24,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 class StopRequests:
   """Installs the handlers on enter and restores the previous ones on exit (main thread only)."""
 
-  def __init__(self, workdir: str):
-    self.stop_file = paths.in_run(workdir, paths.STOP)
+  def __init__(self, workdir: str, stop_file: str | None = None):
+    """Watches `stop_file`, by default WORKDIR/STOP (a StackWise stage watches its run's STOP, not its own)."""
+    self.stop_file = stop_file or paths.in_run(workdir, paths.STOP)
     self._reason: str | None = None
     self._previous: dict[int, object] = {}
 
