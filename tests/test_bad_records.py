@@ -14,7 +14,7 @@ import pytest
 
 from jaxtrain import cli
 from jaxtrain.cli import check
-from jaxtrain.data import load_tokenizer, pipeline, sources
+from jaxtrain.data import load_tokenizer, pipeline, records
 from tests.conftest import REPO
 
 # Two steps of the tiny model, with one vocabulary size and XLA attention for every run here, so the runs share
@@ -226,12 +226,12 @@ def test_alpaca_and_sharegpt_train_on_assistant_tokens_only_and_check_and_analyz
   tok = load_tokenizer(cfg.data)
   srcs = {s.name: s for s in pipeline.load_sources(cfg.data, tok, 'train')}
   assert all(s.prepared.tokenized == 0 for s in srcs.values())  # what the commands prepared
-  for name, records in (('alp', ALPACA), ('sgpt', SHAREGPT)):
+  for name, rows in (('alp', ALPACA), ('sgpt', SHAREGPT)):
     src = srcs[name]
     assert len(src.prepared) == len(src.docs) > 10
     for r in range(len(src.prepared)):
       ids, mask = src.prepared[r]
-      record = records[int(src.docs.name(int(src.prepared.source_index[r])).rsplit(':', 1)[1])]
+      record = rows[int(src.docs.name(int(src.prepared.source_index[r])).rsplit(':', 1)[1])]
       if name == 'alp':
         user = record['instruction'] + ('\n\n' + record['input'] if record['input'] else '')
         assistant = [record['output']]
@@ -243,17 +243,17 @@ def test_alpaca_and_sharegpt_train_on_assistant_tokens_only_and_check_and_analyz
 
 
 def test_records_of_each_instruction_format():
-  record, problem = sources.to_document(ALPACA[1], 'instruction', 'alpaca')
+  record, problem = records.to_document(ALPACA[1], 'instruction', 'alpaca')
   assert problem is None and record == [{'role': 'user', 'content': 'Name a colour number 1.\n\nBe brief.'},
                                         {'role': 'assistant', 'content': 'Blue, the colour 1.'}]
-  assert sources.to_document(ALPACA[0], 'instruction', 'alpaca')[0][0]['content'] == 'Name a colour number 0.'
-  assert sources.to_document({'instruction': 'x'}, 'instruction', 'alpaca')[1].startswith("no field 'output'")
-  assert sources.to_document({'instruction': 'x', 'output': 3}, 'i', 'alpaca')[1] == \
+  assert records.to_document(ALPACA[0], 'instruction', 'alpaca')[0][0]['content'] == 'Name a colour number 0.'
+  assert records.to_document({'instruction': 'x'}, 'instruction', 'alpaca')[1].startswith("no field 'output'")
+  assert records.to_document({'instruction': 'x', 'output': 3}, 'i', 'alpaca')[1] == \
       "field 'output' holds a int where a string was expected"
-  msgs, problem = sources.to_document(SHAREGPT[0], 'conversations', 'sharegpt')
+  msgs, problem = records.to_document(SHAREGPT[0], 'conversations', 'sharegpt')
   assert problem is None and [m['role'] for m in msgs] == ['system', 'user', 'assistant', 'user', 'assistant']
   bad = {'conversations': [{'from': 'narrator', 'value': 'x'}]}
-  assert "is from 'narrator'" in sources.to_document(bad, 'conversations', 'sharegpt')[1]
+  assert "is from 'narrator'" in records.to_document(bad, 'conversations', 'sharegpt')[1]
   assert check.preview_length(np.ones(10)) == 10 and check.preview_length(np.ones(100)) == check.PREVIEW_TOKENS
   assert check.preview_length(np.r_[np.zeros(70), np.ones(5), np.zeros(30)]) == 75
   assert check.preview_length(np.r_[np.zeros(70), np.ones(50)]) == 70 + check.PREVIEW_TOKENS
