@@ -39,8 +39,13 @@ def test_every_command_rejects_an_unknown_flag_in_one_line_and_answers_help(comm
     (['check'], 'error: --config is required'),
     (['blocklist', '--workdir=/x', 'stray'], "error: unexpected arguments ['stray']"),
     (['samples', '--workdir=/x', '--step=two'], 'error: flag --step=two: '),
-    (['train', '--config=configs/tiny.py', '--config.train.stepz=3'], 'stepz'),
-    (['check', '--config=configs/nope.py'], 'nope.py'),
+    (['train', '--config=configs/tiny.py', '--config.train.stepz=3'],
+     "error: --config.train.stepz: unknown config key 'train.stepz': train has no key 'stepz'; did you mean "
+     "'train.steps'?"),
+    (['check', '--config=configs/tiny.py', '--config.data.sources.web.weight=2'],
+     "unknown config key 'data.sources.web.weight': data.sources has no key 'web' (a source is defined in the "
+     "config file"),
+    (['check', '--config=configs/nope.py'], 'error: --config=configs/nope.py: no such config file'),
     (['merge-adapters', '--adapters', 'a', 'b', '--weights', '1', 'x', '--out=/tmp/o'],
      "error: --weights='1,x': must be numbers"),
 ])

@@ -81,8 +81,13 @@ def test_start_over_moves_the_checkpoints_aside_and_trains_from_zero(trained, tm
   proc = cli(workdir, '--config.model.d_model=48', '--start_over')
   assert proc.returncode == 0, proc.stderr
   assert 'steps 1..4' in proc.stdout and 'resumed' not in proc.stdout, proc.stdout
-  [aside] = glob.glob(os.path.join(workdir, 'checkpoints.old-*'))
-  assert sorted(os.listdir(aside)) == sorted(os.listdir(os.path.join(trained, 'checkpoints')))
+  [aside] = glob.glob(os.path.join(workdir, 'old-*'))
+  assert sorted(os.listdir(os.path.join(aside, 'checkpoints'))) == sorted(os.listdir(os.path.join(trained,
+                                                                                                 'checkpoints')))
+  with open(os.path.join(aside, 'metrics.jsonl')) as f:  # the old run's rows kept whole, the new run's alone
+    assert [json.loads(line)['step'] for line in f if '"loss"' in line][-1] == 4
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert [json.loads(line)['step'] for line in f if '"loss"' in line][0] == 1
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['d_model'] == 48
 
@@ -170,5 +175,6 @@ def test_stackwise_compares_the_shared_config_with_its_rack(tmp_path, monkeypatc
   with pytest.raises(checkpoint.ResumeError, match='config.train.steps='):
     resume.check(longer, workdir, ['rack', 'stages/0/checkpoints'], fixed=('train.steps',))
   moved = resume.start_over(workdir, ('rack', 'stages'), say=lambda _: None)
-  assert [os.path.basename(m).split('.old-')[0] for m in moved] == ['rack']
+  assert [os.path.relpath(m, workdir).split(os.sep)[1] for m in moved] == ['rack']
+  assert os.listdir(workdir) and not os.path.exists(os.path.join(workdir, 'rack'))
   assert stackwise_run.run.__defaults__[-1] is False  # run(config, workdir, start_over=False)

@@ -87,7 +87,28 @@ def _user_error(error: BaseException) -> UserError | None:
   return found
 
 
-def one_line(error: BaseException) -> str:
+def _unknown_key(error: KeyError, argv: Sequence[str]) -> str:
+  """`--config.train.stepz: unknown config key 'train.stepz' (did you mean 'train.steps'?)`: config_flags
+  names only the last key and not the flag, so the override is found among the arguments."""
+  text = _text(error)
+  named = re.match(r"'([^']+)'", text)
+  key = named.group(1) if named else text
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  for arg in argv:
+    path = arg.split('=', 1)[0].removeprefix('--config.')
+    parts = path.split('.')
+    if arg.startswith('--config.') and key in parts:
+      section = '.'.join(parts[:parts.index(key)])
+      where = f'{section} has no key {key!r}' if section else f'the config has no section or key {key!r}'
+      if section == 'data.sources':
+        where += " (a source is defined in the config file: c.data.sources.NAME = source('files', ...))"
+      elif hint:
+        where += f"; did you mean {'.'.join([*parts[:parts.index(key)], hint.group(1)])!r}?"
+      return f'--config.{path}: unknown config key {path!r}: {where}'
+  return f'unknown config key {key!r}' + (f'; did you mean {hint.group(1)!r}?' if hint else '')
+
+
+def one_line(error: BaseException, argv: Sequence[str] = ()) -> str:
   """The flag at fault and the root cause on one line (config_flags wraps the real reason, sometimes
   with a whole traceback, in a generic message)."""
   missing = re.match(r'flag --(\S+)=None: Flag --\S+ must have a value other than None', str(error))
@@ -96,13 +117,16 @@ def one_line(error: BaseException) -> str:
   root = error.__cause__ or error.__context__  # one level down holds the specific reason
   if root is None:
     return _text(error)
+  if isinstance(root, FileNotFoundError) or 'No such file or directory' in str(root):
+    config = next((a for a in argv if a.startswith('--config=')), '--config')
+    return f'{config}: no such config file (valid: a get_config(arg) file such as configs/tiny.py)'
   flag = re.match(r'(flag --\S+?): ', str(error))
   user = _user_error(error)  # a config file's own UserError (a bad `:key=value` argument): its one line
   if user is not None:
     return f'{flag.group(1)}: {user.line()}' if flag else user.line()
-  reason = _text(root)
   if isinstance(root, KeyError):
-    reason = f'unknown config key {reason}'
+    return _unknown_key(root, argv)
+  reason = _text(root)
   return f'{flag.group(1)}: {reason}' if flag else reason
 
 
@@ -114,7 +138,7 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     if 'config' in fv and fv['config'].value is not None:
       fv['config'].value.keys()  # config_flags defers some load errors (a missing file) to the first use.
   except (flags.Error, OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-    raise UserError(one_line(e)) from e
+    raise UserError(one_line(e, argv)) from e
   if rest[1:]:
     raise UserError(f'unexpected arguments {rest[1:]}', valid='give every setting as a --flag' +
                     (' or --config.KEY=VALUE' if 'config' in fv else ''))

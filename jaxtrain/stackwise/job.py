@@ -67,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   stages = stackwise.plan(config)
   schedule = stackwise.depth_schedule(config)
   if start_over:
-    resume.start_over(workdir, (paths.RACK, paths.STAGES))
+    resume.start_over(workdir, paths.STACKWISE_HISTORY)
   # WORKDIR/config.json is shared by the rack and every stage's checkpoints; each stage's state is compared
   # with its own checkpoints when the stage starts (`Checkpointer.restore_latest`).
   # The stages' lengths follow train.steps, so a rack cannot be resumed with another one.

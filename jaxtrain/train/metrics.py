@@ -178,7 +178,7 @@ def plot_losses(workdir: str) -> str | None:
   ax.set_ylabel('loss (nats/token)')
   ax.legend()
   ax.grid(alpha=0.3)
-  path = os.path.join(workdir, 'loss.png')
+  path = os.path.join(workdir, paths.LOSS_PLOT)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -5,8 +5,8 @@ with the same config, up to the keys that may change on a resume (`RESUMABLE_KEY
 often to log, evaluate and save, execution choices). `check` compares the run's config with the saved
 WORKDIR/config.json, and the run's abstract state with the tree the newest readable checkpoint holds (orbax
 metadata: paths, shapes, dtypes; no array is read); a difference raises `checkpoint.ResumeError`, one line
-naming the first differing key or parameter path with both values. `start_over` moves the old checkpoints
-aside (`<dir>.old-<time>`) so that the run trains from step 0.
+naming the first differing key or parameter path with both values. `start_over` moves the old run's history
+(checkpoints, metrics, samples, spikes: `paths.HISTORY`) into WORKDIR/old-<time>/ so the run trains from step 0.
 """
 
 from __future__ import annotations
@@ -105,19 +105,23 @@ def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iter
         return
 
 
-def start_over(workdir: str, names: Iterable[str] = (paths.CHECKPOINTS,), say: Any = print) -> list[str]:
-  """Moves WORKDIR/<name> aside to WORKDIR/<name>.old-<time> for each name that exists (process 0; all
-  processes wait for it), so the run trains from step 0. Returns the new paths."""
-  stamp = time.strftime('%Y%m%d-%H%M%S')
+def start_over(workdir: str, names: Iterable[str] = paths.HISTORY, say: Any = print) -> list[str]:
+  """Moves each WORKDIR/<name> that exists into WORKDIR/old-<time>/ (process 0; all processes wait for it), so
+  the run trains from step 0 and nothing of the old run is lost or mixed into the new one. Returns the new
+  paths."""
+  aside_dir = os.path.join(workdir, 'old-' + time.strftime('%Y%m%d-%H%M%S'))
+  while os.path.exists(aside_dir):  # two start-overs within a second
+    aside_dir += '+'
   moved = []
   for name in names:
     path = os.path.join(workdir, name)
     if os.path.exists(path):
-      aside = f'{path}.old-{stamp}'
-      if jax.process_index() == 0:
-        os.rename(path, aside)
-        say(f'start_over: moved {path} to {aside}')
-      moved.append(aside)
+      moved.append(os.path.join(aside_dir, name))
+  if moved and jax.process_index() == 0:
+    os.makedirs(aside_dir)
+    for aside in moved:
+      os.rename(os.path.join(workdir, os.path.basename(aside)), aside)
+    say(f'start_over: moved {", ".join(os.path.basename(m) for m in moved)} of the old run to {aside_dir}')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('jaxtrain-start-over')
   return moved
