@@ -71,6 +71,9 @@ def test_config_files_refuse_unknown_arguments_in_one_line(config, needle, capsy
 def test_commands_and_unknown_command(capsys):
   code, out, _ = status(['--help'], capsys)
   assert code == 0 and all(f'  {name} ' in out for name in cli.COMMANDS)
+  code, out, err = status([], capsys)
+  assert code == 2 and 'usage: jaxtrain COMMAND' in out
+  assert err == [f"error: no command given; expected one of {', '.join(cli.COMMANDS)}"]
   code, _, err = status(['trian'], capsys)
   assert code == 2 and err == [f"error: unknown command 'trian'; valid: {', '.join(cli.COMMANDS)}"]
 

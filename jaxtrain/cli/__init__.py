@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     print('usage: jaxtrain COMMAND [flags]   (jaxtrain COMMAND --help: its flags)\n\ncommands:')
     for name, (_, text) in COMMANDS.items():
       print(f'  {name:15s} {text}')
-    sys.exit(0 if len(argv) >= 2 else 2)
+    if len(argv) < 2:
+      print(f'error: no command given; expected one of {", ".join(COMMANDS)}', file=sys.stderr)
+      sys.exit(2)
+    sys.exit(0)
   name = argv[1]
   if name not in COMMANDS:
     print(f'error: unknown command {name!r}; valid: {", ".join(COMMANDS)}', file=sys.stderr)
