@@ -10,14 +10,25 @@ asynchronous; `close()` waits for the last one so no checkpoint is left half wri
 uncompressed by default: zstd saves ~8% of the bytes of float32 weights and moments but is most of the
 writer's CPU time, which an async save takes from the train step on a host with few cores
 (benchmarks/checkpoint_blocking.py). Either kind restores with either setting.
+
+Two things keep orbax's internals off the user's terminal. Reads run under `drained_event_loops()`: orbax runs
+each read in a fresh asyncio loop and, when one array fails (a truncated file), closes that loop with its other
+reads still pending; their TensorStore callbacks then hit the closed loop ("Event loop is closed") and their
+abandoned coroutines print tracebacks when collected, some at interpreter exit. And a save interrupted by a
+kill leaves `<step>.orbax-checkpoint-tmp`, which orbax removes with a warning only when that step is saved
+again; `restore_latest` discards it itself and says so in one line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import re
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -27,8 +38,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from jaxtrain.errors import UserError
-
-
 
 # The layout of a checkpoint directory that this jaxtrain writes and reads. Bump it when a change means an older
 # jaxtrain would misread new checkpoints; a checkpoint of a newer format than this is refused.
@@ -48,12 +57,81 @@ HOW_TO_PROCEED = ('pass another --workdir, or --start_over to move the old check
                   'step 0')
 
 
+# What orbax leaves of a save that never finished: `<step>.orbax-checkpoint-tmp` (orbax 0.12; older versions
+# appended `-<timestamp>`). A finished step is renamed to the bare number, so these names are never a checkpoint.
+_INTERRUPTED = re.compile(r'(\d+)\.orbax-checkpoint-tmp(-\d+)?')
+
+# How long closing a read's event loop waits for the reads still in flight (each is one array's shard; they
+# end within the time of a whole restore) before cancelling what remains.
+_DRAIN_S = 600.0
+
+
 def step_dirs(directory: str) -> list[int]:
   """The finished checkpoint steps under `directory`, newest first (orbax finishes a step by renaming its
   temporary directory to the bare step number); reads the listing only."""
   if not os.path.isdir(directory):
     return []
   return sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+
+
+def interrupted_saves(directory: str) -> list[int]:
+  """Steps whose save was interrupted (a kill, a crash) and left an orbax temporary directory, ascending."""
+  if not os.path.isdir(directory):
+    return []
+  found = (_INTERRUPTED.fullmatch(n) for n in os.listdir(directory))
+  return sorted({int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(directory, m.group(0)))})
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, closed with tasks still pending, first lets them finish (as `asyncio.run` does).
+
+  orbax's `run_sync` closes its loop as soon as the awaited coroutine raises; the sibling reads of an
+  `asyncio.gather` are then left pending on a closed loop. Letting them end here, and retrieving their
+  exceptions, leaves nothing for TensorStore's callbacks or the garbage collector to report later.
+  """
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      self._drain()
+    super().close()
+
+  def _drain(self) -> None:
+    # Not cancelled first: a cancelled read's TensorStore callback could still fire after the close. Repeated:
+    # a task that ends may have started others (a gather of its own reads).
+    deadline, seen = time.monotonic() + _DRAIN_S, set()
+    while pending := [t for t in asyncio.all_tasks(self) if not t.done()]:
+      seen.update(pending)
+      if (left := deadline - time.monotonic()) <= 0:
+        for t in pending:
+          t.cancel()
+        self.run_until_complete(asyncio.wait(pending, timeout=5))
+        break
+      self.run_until_complete(asyncio.wait(pending, timeout=left))
+    for t in seen:
+      if t.done() and not t.cancelled():
+        t.exception()  # retrieved: the restore already raised the first failure
+    self.run_until_complete(self.shutdown_asyncgens())
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  """asyncio's default policy whose new loops drain before closing (Python 3.14 deprecates policies; orbax
+  creates its loops with `asyncio.new_event_loop`, which this hooks on the Pythons jaxtrain supports)."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def drained_event_loops() -> Iterator[None]:
+  """Around orbax reads: every event loop created meanwhile finishes its pending tasks before it closes
+  (`_DrainingLoop`), so a failed restore leaves no asyncio or TensorStore noise behind. The policy is
+  process-wide while it is set; loops made by other threads meanwhile only gain the same orderly close."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def checkpoint_format(step_dir: str) -> int:
@@ -83,7 +161,8 @@ def saved_tree(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]] | None:
   """{leaf path: (shape, dtype)} of the state saved in `step_dir`, from orbax's metadata (no array is read);
   None when that metadata cannot be read (a truncated or incomplete checkpoint)."""
   try:
-    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / 'state')
+    with drained_event_loops():
+      meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / 'state')
     leaves = jax.tree_util.tree_flatten_with_path(meta)[0]
     return {_path_text(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in leaves}
   except Exception:  # noqa: BLE001 -- unreadable metadata: the restore decides (corrupt, moved aside)
@@ -159,6 +238,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.every = every
     self.shared_data_state = shared_data_state
+    self._saved = False  # whether this checkpointer started a save (its temporary directory is then its own)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         # We decide when to save (`should_save`); orbax should not second-guess the interval.
@@ -184,6 +264,7 @@ class Checkpointer:
       items['data'] = ocp.args.JsonSave(data_iter.get_state())  # written by process 0 only
     elif data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    self._saved = True
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True, custom_metadata={_FORMAT_KEY: FORMAT})
 
   def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None) -> Any:
@@ -194,7 +275,8 @@ class Checkpointer:
       self._check_topology(step)
       items['data'] = (ocp.args.JsonRestore() if self.shared_data_state
                        else grain.checkpoint.CheckpointRestore(data_iter))
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    with drained_event_loops():
+      restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
     if data_iter is not None and self.shared_data_state:
       data_iter.set_state(restored['data'])
     return restored['state']
@@ -220,13 +302,18 @@ class Checkpointer:
     A checkpoint that fails to restore (truncated or missing files) is reported in one line and moved
     aside to `<step>.corrupt-<time>` (never deleted: it may still be worth a look), so the previous one is
     used and a later save of the same step does not collide with it. An intact checkpoint of another train
-    state or a newer format raises `ResumeError` before anything is read or moved (`check_state`).
+    state or a newer format raises `ResumeError` before anything is read or moved (`check_state`); any other
+    UserError of the restore (another process count, a data-iterator state this pipeline refuses) is raised
+    as it is, with nothing moved.
+
+    A save interrupted by a kill left a temporary directory: once a step is restored (or none is found) it is
+    discarded and reported in one line ("resuming from step N; the interrupted save of step M was discarded").
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
         check_state(os.path.join(self.directory, str(step)), abstract_state)
-        return step, self.restore(step, abstract_state, data_iter)
-      except (TopologyError, ResumeError):
+        state = self.restore(step, abstract_state, data_iter)
+      except UserError:  # an intact checkpoint this run cannot use (topology, state, data pipeline): refuse
         raise
       except Exception as e:  # noqa: BLE001 -- any failure to read means: not usable, try the previous
         reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
@@ -238,7 +325,30 @@ class Checkpointer:
         say(f'checkpoint {self.directory}/{step} is incomplete or corrupt ({reason}); moved to {aside}, '
             'trying the previous one')
         self._mngr.reload()
+      else:  # outside the `try`: a failure to discard must not make this good checkpoint look corrupt
+        self._discard_interrupted(step, say)
+        return step, state
+    self._discard_interrupted(0, say)
     return 0, None
+
+  def _discard_interrupted(self, resumed: int, say: Callable[[str], None]) -> None:
+    """Removes the temporary directories of interrupted saves (never a finished step: those are bare numbers)
+    and says so. Not once this checkpointer has saved: a temporary directory may then be its own save's."""
+    if self._saved:
+      return
+    steps = []  # process 0 decides; the others wait for it (each process may list before or after its removal)
+    if jax.process_index() == 0:
+      steps = interrupted_saves(self.directory)
+      for name in os.listdir(self.directory) if steps else ():
+        if _INTERRUPTED.fullmatch(name) and not os.path.islink(path := os.path.join(self.directory, name)):
+          shutil.rmtree(path, ignore_errors=True)  # what stays, orbax removes when it saves that step again
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('jaxtrain-discard-interrupted')
+    if steps:
+      saves = (f'save of step {steps[0]} was' if len(steps) == 1
+               else f'saves of steps {", ".join(map(str, steps))} were')
+      say(f'{"resuming from step" if resumed else "training from step"} {resumed}; the interrupted {saves} '
+          'discarded')
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk; re-raises their errors."""
