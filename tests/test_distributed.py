@@ -39,6 +39,12 @@ def test_two_processes_train_one_run_that_refuses_another_process_count(tmp_path
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2, 3, 4, 5, 6]  # written once, not twice
   assert records[0]['loss_tokens'] > 0 and all(r['loss'] == r['loss'] for r in records if 'loss' in r)
+  # Per-source counters are the run's, not process 0's: 6 global batches of 8 x 64 tokens, rows ~99% full
+  # (process 0 alone holds half), and the saved counts are the logged ones.
+  last = [r for r in records if 'loss' in r][-1]
+  assert 0.95 * 6 * 8 * 64 <= last['tokens/stdlib'] <= 6 * 8 * 64
+  with open(os.path.join(workdir, 'source_tokens.json')) as f:
+    assert json.load(f)['6'] == {'stdlib': last['tokens/stdlib']}
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', '6', 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
 
@@ -78,8 +84,17 @@ def launch(workdir: str, processes: int, devices_each: int, steps: int, extra: t
 
 
 def train_losses(workdir: str) -> dict[int, float]:
+  return {step: r['loss'] for step, r in train_records(workdir).items()}
+
+
+def train_records(workdir: str) -> dict[int, dict]:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+    return {r['step']: r for r in map(json.loads, f) if 'loss' in r}
+
+
+def source_counts(workdir: str, keys: tuple[str, ...] = ('tokens/stdlib', 'epochs/stdlib')) -> dict[int, tuple]:
+  """The logged per-source counters of every step (they are the run's, whatever the process count)."""
+  return {step: tuple(r[k] for k in keys) for step, r in train_records(workdir).items()}
 
 
 @pytest.mark.slow
@@ -91,6 +106,12 @@ def test_two_processes_match_one_and_one_process_restores_their_checkpoint(tmp_p
   assert sorted(one) == sorted(two) == list(range(1, 9))
   for step in one:  # the same global batch on the same 4-device program; only the collectives differ
     assert two[step] == pytest.approx(one[step], rel=1e-6), (step, one[step], two[step])
+  # The logged tokens/<source> and epochs/<source> are global (summed over processes): the same global batches,
+  # the same counts; so are the saved ones.
+  counts = source_counts(single)
+  assert source_counts(double) == counts and counts[1][0] > 0
+  with open(os.path.join(single, 'source_tokens.json')) as f, open(os.path.join(double, 'source_tokens.json')) as g:
+    assert json.load(f) == json.load(g)
   data_dir = os.path.join(double, 'checkpoints', '8', 'data')
   assert sorted(os.listdir(data_dir)) == ['commit_success.txt', 'metadata']  # one shared iterator state
   # A single process resumes the two-process run from its step-4 checkpoint and continues as the
@@ -101,3 +122,4 @@ def test_two_processes_match_one_and_one_process_restores_their_checkpoint(tmp_p
   resumed = train_losses(double)
   for step in range(5, 9):
     assert resumed[step] == pytest.approx(one[step], rel=1e-6), (step, one[step], resumed[step])
+  assert source_counts(double) == counts  # the counters continue from the two processes' global counts

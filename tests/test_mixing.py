@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from jaxtrain.data.mixing import Mix, mixture_weights
+from jaxtrain.data.packing import BestFitPack
 from jaxtrain.data.sources import DataError
+from jaxtrain.errors import UserError
 
 # Synchronous reads: the tests re-create many small iterators, and thread pools would dominate their runtime.
 SYNC = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -374,3 +376,34 @@ def test_state_of_other_sources_is_rejected():
   with pytest.raises(DataError, match=r"^data\.sources=\['a', 'c'\] differ from the restored data-iterator "
                                       r"state's sources \['a', 'b'\]; "):
     it.set_state(state)
+
+
+def _real_tokens(row: dict[str, np.ndarray]) -> int:
+  return int(np.count_nonzero(row['segment_ids']))
+
+
+def test_packed_rows_of_each_source_mix_by_their_real_tokens_and_resume():
+  """The pipeline's order: each source packed into rows of its own, the rows mixed by their non-padding tokens.
+  Every prefix of the stream keeps the deficit rule's bound with one row (<= seq_len real tokens) as the
+  element, padding does not count, and a resume through the per-source packers is bitwise."""
+  def build():
+    def rows(name, n_docs, base_len, seed):
+      return BestFitPack(_source(name, n_docs, base_len, repeat=True), seq_len=64, features={'tokens': 0, 'feat': 0},
+                         buffer_docs=16, seed=seed)
+    return Mix({'a': rows('a', 9, 5, 1), 'b': rows('b', 7, 40, 2), 'c': rows('c', 5, 60, 3)},
+               {'a': 0.6, 'b': 0.2, 'c': 0.2}, length=_real_tokens)
+  out = _take(iter(build()), 120)
+  counted = collections.Counter()
+  for row in out:
+    counted[_origin(row)[0]] += _real_tokens(row)
+    total = sum(counted.values())
+    for name, share in build().shares.items():
+      assert -64 <= share * total - counted[name] <= 2 * 64, (name, counted)
+  assert min(_real_tokens(r) for r in out) < 64 and counted['c'] > 0  # rows with padding, every source read
+  it = iter(build())
+  _take(it, 37)
+  restored = iter(build())
+  restored.set_state(json.loads(json.dumps(it.get_state())))
+  assert _same(_take(restored, 83), out[37:])
+  with pytest.raises(UserError, match=r'^the data-iterator state being restored: was written by a different '):
+    restored.set_state({'parent': {}, 'window': 0, 'emitted': 0})

@@ -88,27 +88,44 @@ def test_main_end_to_end_in_a_subprocess(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
+def test_sources_log_their_weighted_tokens_and_finite_ones_end_by_policy(tmp_path):
+  """Weights 3:1:1 as the run logs them: after every step each source's tokens/<source> is within
+  (sources - 1) * seq_len tokens of its share of all tokens, with the default shuffle and packing windows (far
+  larger than the small sources). 'memos' (one epoch, then dropped) keeps its 20% until its last token, then
+  'notes' and 'essays' share the tokens 3:1; 'essays' (two epochs, then stop) ends the run."""
   from jaxtrain.data.sources import source
-  for name, n, words in (('notes', 400, 6), ('essays', 12, 40)):
+  for name, n, words in (('notes', 400, 6), ('memos', 30, 12), ('essays', 12, 40)):
     (tmp_path / f'{name}.jsonl').write_text(''.join(
         json.dumps({'text': f'{name} {i}: ' + ' '.join(f'w{(i + k) % 31}' for k in range(words))}) + '\n'
         for i in range(n)))
   config = tiny_config(**{'train.steps': 400, 'train.eval_every': 0, 'checkpoint.every': 4})
   config.data.train = str(tmp_path / 'notes.jsonl')
-  config.data.sources.notes = source(str(tmp_path / 'notes.jsonl'))
+  config.data.sources.notes = source(str(tmp_path / 'notes.jsonl'), weight=3.0)
+  config.data.sources.memos = source(str(tmp_path / 'memos.jsonl'), epochs=1, on_end='drop')
   config.data.sources.essays = source(str(tmp_path / 'essays.jsonl'), epochs=2, on_end='stop')
-  config.data.shuffle_window, config.data.pack_buffer = 0, 64
   workdir = str(tmp_path / 'run')
   summary = train.run(config, workdir)
   ended = summary.data_ended
   assert 0 < ended < 400 and max(summary.losses) == ended
   assert summary.eval is not None and os.path.isdir(os.path.join(workdir, 'checkpoints', str(ended)))
   records = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
+  assert [r['step'] for r in records] == list(range(1, ended + 1))
+  seq_len = config.data.seq_len
+  dropped = next(r['step'] for r in records if r['epochs/memos'] == 1.0)  # all of its tokens, exactly once
+  assert 2 < dropped < ended and records[-1]['epochs/memos'] == 1.0
+  for r in records:
+    tokens = {n: r[f'tokens/{n}'] for n in ('notes', 'memos', 'essays')}
+    assert min(tokens.values()) > 0, r  # from the first step on: no source waits for a window
+    if r['step'] <= dropped:
+      shares = {'notes': 0.6, 'memos': 0.2, 'essays': 0.2}
+    else:  # the drop renormalises the others (a slack of one row for the switch)
+      shares, tokens = {'notes': 0.75, 'essays': 0.25}, {n: tokens[n] for n in ('notes', 'essays')}
+    total = sum(tokens.values())
+    for n, share in shares.items():
+      assert abs(tokens[n] - share * total) <= 2 * seq_len, (r['step'], tokens)
   last = records[-1]
   assert last['step'] == ended
   assert last['epochs/essays'] == pytest.approx(2.0, abs=0.15)  # two passes, then the stop
-  assert last['tokens/notes'] == pytest.approx(last['tokens/essays'], rel=0.1)  # equal weights: equal tokens
   # A resume from an earlier checkpoint continues the per-source counts where that checkpoint left them.
   at = {r['step']: r for r in records}
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(ended)))
@@ -116,7 +133,8 @@ def test_two_sources_log_their_tokens_and_a_finite_one_ends_the_run(tmp_path):
   again = train.run(config, workdir)
   assert again.start_step == keep and again.data_ended == ended
   resumed = {r['step']: r for r in metrics.read_metrics(workdir) if 'loss' in r}
-  assert resumed[ended]['tokens/essays'] == at[ended]['tokens/essays']
+  for step in range(keep + 1, ended + 1):
+    assert all(resumed[step][f'tokens/{n}'] == at[step][f'tokens/{n}'] for n in ('notes', 'memos', 'essays'))
 
 
 @pytest.mark.slow

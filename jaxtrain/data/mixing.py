@@ -3,18 +3,19 @@
 Two pieces:
   `mixture_weights`  target shares from explicit per-source weights, or temperature sampling over token counts
                      (p_i proportional to n_i^(1/T): T=1 proportional to size, larger T flatter, towards uniform).
-  `Mix`              a grain IterDataset interleaving per-source IterDatasets of elements (dicts of numpy arrays
-                     with int32 'tokens' [n]) by a deterministic deficit rule.
+  `Mix`              a grain IterDataset interleaving per-source IterDatasets of elements (dicts of numpy arrays:
+                     seq_len pieces, or packed rows as the pipeline mixes) by a deterministic deficit rule.
 
 Why a deficit rule rather than a seeded RNG: every next() emits one element of the active source furthest below
 its target token share, i.e. the largest `share_i * T - tokens_i` where T is the tokens emitted so far by the
 active sources (ties: sorted source names). The emitted shares are then exact up to a few elements, whatever the
 mix of lengths: the source picked is never behind its target (deficits sum to 0), so no source gets ahead by more
-than one longest element L, and none falls behind by more than (sources - 1) * L; the share error shrinks like
-1/T. An RNG drawing per element drifts like sqrt(T) instead, and drawing elements rather than tokens would give
-a source of long documents far more than its share. The rule also needs no random state: the iterator state is just the
-token counters (plus the parents' states), so resuming, and inspecting why a source was picked, is arithmetic.
-Within a source the order is the parent's own (shuffle there, e.g. `MapDataset.shuffle().repeat()`).
+than one longest element L, and none falls behind by more than (sources - 1) * L; this holds after every element,
+so any prefix of the stream (the batches trained so far) has it. An RNG drawing per element drifts like sqrt(T)
+instead, and drawing elements rather than tokens would give a source of long documents far more than its share.
+The rule also needs no random state: the iterator state is just the token counters (plus the parents' states), so
+resuming, and inspecting why a source was picked, is arithmetic. Within a source the order is the parent's own
+(shuffle there, e.g. `MapDataset.shuffle().repeat()`): a reordering after the mix would undo the bound.
 
 A finite parent ends by its policy: 'repeat' re-creates the parent's iterator (same order; an epoch is counted),
 'drop' removes the source and the rule renormalises the others' shares (the deficit then runs over the tokens of
@@ -30,13 +31,14 @@ up on the whole history, which can starve a source for a while; start a new mixt
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import numpy as np
 
 from jaxtrain.data.sources import DataError
+from jaxtrain.errors import UserError
 
 POLICIES = ('repeat', 'drop', 'stop')
 _POLICY_HINT = ("expected one of ('repeat', 'drop', 'stop'): 'repeat' restarts the source, 'drop' removes it "
@@ -119,11 +121,13 @@ class Mix(grain.IterDataset):
 
   `shares`: one finite value >= 0 per parent (normalised here; e.g. from `mixture_weights`). `on_end`: the
   policy when a finite parent ends, per name or one for all ('repeat', 'drop' or 'stop'). `length_key`: the
-  element field whose first-axis length counts as the element's tokens. Elements pass through unchanged.
+  element field whose first-axis length counts as the element's tokens; `length`: instead, a function of the
+  element giving its tokens (e.g. the non-padding tokens of a packed row). Elements pass through unchanged.
   """
 
   def __init__(self, parents: Mapping[str, grain.IterDataset], shares: Mapping[str, float],
-               on_end: Mapping[str, str] | str = 'repeat', *, length_key: str = 'tokens'):
+               on_end: Mapping[str, str] | str = 'repeat', *, length_key: str = 'tokens',
+               length: Callable[[Any], int] | None = None):
     names = sorted(parents)  # Sorted: ties and the state do not depend on how the mapping was built.
     if not names:
       raise DataError('data.sources', dict(parents), 'names no source', 'expected at least one named source')
@@ -146,6 +150,7 @@ class Mix(grain.IterDataset):
     self.shares = _check_shares(names, shares)
     self.on_end = {name: policies[name] for name in names}
     self.length_key = length_key
+    self.length = length
     self._by_name = {name: parents[name] for name in names}
 
   def __iter__(self) -> MixIterator:
@@ -184,6 +189,8 @@ class MixIterator(grain.DatasetIterator):
     return max(active, key=lambda n: shares[n] * total_tokens - total_share * self._tokens[n])
 
   def _length(self, name: str, element: Any) -> int:
+    if self._mix.length is not None:
+      return int(self._mix.length(element))
     try:
       tokens = element[self._mix.length_key]
     except (KeyError, TypeError, IndexError):
@@ -260,6 +267,9 @@ class MixIterator(grain.DatasetIterator):
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from `get_state()` of an iterator of an identically built `Mix` (same sources)."""
     names = list(self._mix.names)
+    if not isinstance(state, Mapping) or 'parents' not in state:
+      raise UserError('the data-iterator state being restored', valid='was written by a different data pipeline '
+                      '(an older jaxtrain); resume with the version that wrote it, or start a fresh workdir')
     saved = sorted(state['parents'])
     if saved != names:
       raise DataError('data.sources', names, f"differ from the restored data-iterator state's sources {saved}",

@@ -1,15 +1,23 @@
-"""The grain pipeline: sources -> prepared token ids -> seq_len pieces -> token-share mixture -> best-fit
-packed rows -> batches.
+"""The grain pipeline: sources -> prepared token ids -> seq_len pieces -> per-source shuffle and best-fit
+packed rows -> token-share mixture of rows -> batches.
 
   per source    documents (sources.py) tokenized once into the prepare cache (prepare.py; chat records through
                 a template with an assistant-only loss mask, chat.py); an index stream, sharded by process,
                 shuffled per epoch from the seed, endless or `epochs` passes long; each document cut into
-                consecutive seq_len pieces (nothing is truncated);
-  mixture       the sources' pieces interleaved so each source's share of tokens follows its weight, or
-                n_i^(1/T) with data.temperature (mixing.py); a finite source ends by its `on_end` policy;
-  train only    a window shuffle of pieces (data.shuffle_window), so a long file does not fill whole batches;
-  packing       best-fit over data.pack_buffer pieces (packing.py): no piece is split, rows ~99% full;
-  batches       `batch_size` rows, prefetched in a background thread.
+                consecutive seq_len pieces (nothing is truncated); train only: a window shuffle of the pieces
+                (data.shuffle_window), so a long file does not fill whole batches; best-fit packing over
+                data.pack_buffer pieces (packing.py): no piece is split, rows ~99% full;
+  mixture       the sources' rows interleaved so each source's share of (non-padding) tokens follows its weight,
+                or n_i^(1/T) with data.temperature (mixing.py); a finite source ends by its `on_end` policy;
+  batches       `batch_size` consecutive rows of the mixture, prefetched in a background thread.
+
+Why the shuffle and the packer run per source, before the mixture: any reordering after the mixer reads ahead
+over thousands of pieces, which spreads a source's tokens over hundreds of steps (a small finite source that the
+mixer has already dropped keeps trickling in) and turns the mixer's exact shares into a random sample per batch.
+With the mixer last, the batches trained so far are a prefix of its output, so its bound holds at every step:
+each source's tokens are within (number of sources - 1) * seq_len of its share of all tokens (per process), and
+a source's read-ahead (its shuffle window and packing window) only ever holds its own pieces. Rows are
+single-source; each source keeps its own windows (memory: sources x the windows).
 
 Every stage's iterator state is a small dict of ints, so `iter(ds).get_state()` is saved with a checkpoint
 and `set_state` resumes exactly (same next batch, bit for bit). Eval data goes through the same stages
@@ -327,17 +335,10 @@ def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, batch
   for src in srcs:
     docs = document_dataset(src, split=split, seed=seed, process_index=process_index, process_count=process_count,
                             blocked=blocked)
-    parents[src.name] = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(), _SplitPieces(seq_len))
+    pieces = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(), _SplitPieces(seq_len))
+    parents[src.name] = _source_rows(pieces, cfg, src.name, split=split, seed=seed)
   on_end = {s.name: s.spec.on_end if split == 'train' else 'repeat' for s in srcs}
-  it = mixing.Mix(parents, shares, on_end)
-  if split == 'train' and cfg.shuffle_window > 1:
-    # Long files become dozens of consecutive pieces; without this they fill whole batches and the loss
-    # swings with whichever file is being read. Restores re-read the window from its recorded start.
-    it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=_uint32(seed + 1))
-  # Rows leave a packing window in a seeded order: in creation order the longest pieces would come first, and
-  # a short evaluation would score only long documents. Eval uses one fixed order whatever the run's seed.
-  it = packing.BestFitPack(it, seq_len=seq_len, features={'tokens': 0, 'loss_mask': 0, 'origin': -1},
-                           buffer_docs=cfg.pack_buffer, seed=_uint32(seed) if split == 'train' else 0)
+  it = mixing.Mix(parents, shares, on_end, length=_row_tokens)
   it = it.map(functools.partial(_to_batch_keys, intra_doc_mask=bool(cfg.intra_doc_mask)))
   it = it.batch(batch_size, drop_remainder=True)
   if rows is not None:
@@ -345,6 +346,25 @@ def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str, seed: int, batch
   if prefetch:
     it = _ThreadPrefetch(it, prefetch)
   return it
+
+
+def _source_rows(pieces: grain.IterDataset, cfg: Any, name: str, *, split: str, seed: int) -> grain.IterDataset:
+  """One source's pieces, window-shuffled (train) and best-fit packed into rows of its own."""
+  if split == 'train' and cfg.shuffle_window > 1:
+    # Long files become dozens of consecutive pieces; without this they fill whole batches and the loss
+    # swings with whichever file is being read. Restores re-read the window from its recorded start.
+    pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=cfg.shuffle_window,
+                                                         seed=_source_seed(seed + 1, name))
+  # Rows leave a packing window in a seeded order: in creation order the longest pieces would come first, and
+  # a short evaluation would score only long documents. Eval uses one fixed order whatever the run's seed.
+  return packing.BestFitPack(pieces, seq_len=cfg.seq_len, features={'tokens': 0, 'loss_mask': 0, 'origin': -1},
+                             buffer_docs=cfg.pack_buffer, seed=_source_seed(seed + 2, name) if split == 'train' else 0)
+
+
+def _row_tokens(row: Mapping[str, np.ndarray]) -> int:
+  """A packed row's non-padding tokens: what the mixer counts against its source's share (and what the run logs
+  as tokens/<source>: loss-masked prompt tokens count, padding does not)."""
+  return int(np.count_nonzero(row['segment_ids']))
 
 
 def sample_ids(cfg: Any, split: str, batch: Mapping[str, np.ndarray]) -> list[list[str]]:
@@ -374,36 +394,50 @@ def _uint32(seed: int) -> int:
 
 
 class SourceTokens:
-  """Tokens each source has contributed to the batches a run trained on, and the epochs that makes.
+  """Tokens each source has contributed to the batches a run trained on, all processes together, and the
+  epochs that makes.
 
-  Counted on the host from this process's rows (exact whatever the packing and prefetching did). Epochs are
-  tokens seen / this process's share of the source's train tokens: with process_split 'documents' it reads
-  1/process_count of the documents, with 'rows' it keeps 1/process_count of every batch, so the share is the
-  same. `state()`/`restore()` carry the counts across a resume.
+  Each process counts the non-padding tokens of its own rows on the host (`add`: exact whatever the packing and
+  prefetching did; `local()` is a copy of its counts since the run started or resumed). The run's counts
+  (`run_counts`) are the restored ones plus the sum of every process's local counts, which the caller forms
+  (e.g. an allgather that every process calls at the same steps): this module stays free of JAX. Epochs are
+  run tokens / the source's train tokens (the processes read the whole source together, whatever
+  data.process_split). `state()` is the run's counts, so `restore()` works with any process count.
   """
 
-  def __init__(self, srcs: Sequence[Source], process_count: int = 1):
+  def __init__(self, srcs: Sequence[Source]):
     self.names = [s.name for s in srcs]
     self._starts = np.cumsum([0] + [len(s.docs) for s in srcs])
-    self._totals = np.asarray([max(1, s.prepared.total_tokens // process_count) for s in srcs], np.float64)
-    self.tokens = np.zeros(len(srcs), np.int64)
+    self._totals = np.asarray([max(1, s.prepared.total_tokens) for s in srcs], np.float64)
+    self._restored = np.zeros(len(srcs), np.int64)  # the run's counts at the restored checkpoint
+    self._local = np.zeros(len(srcs), np.int64)  # this process's counts since then
 
   def add(self, doc_ids: np.ndarray) -> None:
     ids = np.asarray(doc_ids).reshape(-1)
     ids = ids[ids >= 0]
     which = np.searchsorted(self._starts, ids, side='right') - 1
-    self.tokens += np.bincount(which, minlength=len(self.names))[:len(self.names)]
+    self._local += np.bincount(which, minlength=len(self.names))[:len(self.names)]
 
-  def metrics(self) -> dict[str, float]:
-    """{'tokens/<source>': tokens so far, 'epochs/<source>': passes over it so far}."""
+  def local(self) -> np.ndarray:
+    """This process's tokens per source since the start or the restore (int64, in `names` order)."""
+    return self._local.copy()
+
+  def run_counts(self, summed_local: np.ndarray) -> np.ndarray:
+    """The run's tokens per source, from `local()` summed over every process (same shape, or stacked rows)."""
+    return self._restored + np.asarray(summed_local, np.int64)
+
+  def metrics(self, counts: np.ndarray) -> dict[str, float]:
+    """{'tokens/<source>': tokens so far, 'epochs/<source>': passes over it so far} for run counts `counts`."""
     out = {}
-    for name, n, total in zip(self.names, self.tokens.tolist(), self._totals.tolist(), strict=True):
+    for name, n, total in zip(self.names, np.asarray(counts).tolist(), self._totals.tolist(), strict=True):
       out[f'tokens/{name}'] = float(n)
       out[f'epochs/{name}'] = n / total
     return out
 
-  def state(self) -> dict[str, int]:
-    return dict(zip(self.names, self.tokens.tolist(), strict=True))
+  def state(self, counts: np.ndarray) -> dict[str, int]:
+    """What `restore` takes: the run counts `counts` by source name."""
+    return dict(zip(self.names, np.asarray(counts).tolist(), strict=True))
 
   def restore(self, state: Mapping[str, int]) -> None:
-    self.tokens = np.asarray([int(state.get(n, 0)) for n in self.names], np.int64)
+    self._restored = np.asarray([int(state.get(n, 0)) for n in self.names], np.int64)
+    self._local[:] = 0

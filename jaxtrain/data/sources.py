@@ -154,7 +154,8 @@ def source(path: str, **settings: Any) -> Any:
 
     path        'stdlib' or comma-separated globs of .jsonl/.json/.parquet/text files
     eval        globs of its held-out files; '' holds out data.eval_fraction of `path`
-    weight      share of the mixture's tokens (normalised over the sources); ignored when data.temperature > 0
+    weight      share of the mixture's tokens (every non-padding token, loss-masked ones too; normalised over the
+                sources); ignored when data.temperature > 0
     epochs      0: endless (reshuffled every epoch); N: the source ends after N passes, then `on_end`
     on_end      repeat (start over) | drop (leave the mixture, the others share its tokens) | stop (end the run)
     format      text (a document per record) | chat (a `messages` list per record) | alpaca (instruction,

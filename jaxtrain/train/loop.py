@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain import paths
-from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, rundir, steps, stopping
+from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, rundir, sourcecounts, steps, stopping
 from jaxtrain import data, models, sharding
 from jaxtrain.adapters import lora
 from jaxtrain.models import flops
@@ -312,7 +312,7 @@ class _Loop:
                                             batch_size=config.data.batch_size // jax.process_count(),
                                             process_index=jax.process_index(), process_count=jax.process_count(),
                                             srcs=srcs))
-    self.seen = data.pipeline.SourceTokens(srcs, jax.process_count())
+    self.seen = data.pipeline.SourceTokens(srcs)  # tokens per source, summed over processes when logged
     self.eval_srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')  # once, not at every evaluation
     self.ckpt = Checkpointer(paths.in_run(workdir, paths.CHECKPOINTS), every=config.checkpoint.every,
                              keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
@@ -359,7 +359,7 @@ class _Loop:
       self.logger.write(f'data {line}')
     if self.start:
       self.logger.write(f'resumed from {self.ckpt.directory}/{self.start}')
-      self.seen.restore(_load_source_tokens(self.workdir, self.start))
+      self.seen.restore(sourcecounts.load(self.workdir, self.start))
 
   def call_end(self, step: int) -> int:
     """Where the call starting after `step` completed steps ends: at most `calls` steps, never past a
@@ -372,7 +372,7 @@ class _Loop:
 
   def next_batches(self, step: int, end: int) -> tuple[list[dict], list[tuple]]:
     """The host batches of steps step+1..end (fewer if the data ends: then `data_ended` is set) and one
-    (step, data_wait, provenance, sources_seen) record per batch."""
+    (step, data_wait, provenance, this process's tokens per source so far) record per batch."""
     host_batches, records = [], []
     for s in range(step, end):
       t0 = time.perf_counter()
@@ -388,7 +388,7 @@ class _Loop:
       self.seen.add(provenance['doc_ids'])  # counted now, so a checkpoint saved after this step includes it
       self.recorder.record(s + 1, host_batch, provenance)  # before to_global: the dump decodes these tokens
       host_batches.append(host_batch)
-      records.append((s + 1, data_wait, provenance, self.seen.metrics()))
+      records.append((s + 1, data_wait, provenance, self.seen.local()))
     return host_batches, records
 
   def run_call(self) -> None:
@@ -459,7 +459,8 @@ class _Loop:
     self.recorder.flush()
     if step and step not in self.ckpt.all_steps():
       self.ckpt.save(step, checkpointed(self.state), self.data_iter)
-      _save_source_tokens(self.workdir, step, self.seen.state(), self.ckpt.all_steps())
+      local = sourcecounts.sum_over_processes(self.seen.local()[None], self.calls)[0]  # every process calls it
+      sourcecounts.save(self.workdir, step, self.seen.state(self.seen.run_counts(local)), self.ckpt.all_steps())
     if wait:
       self.ckpt.wait()
     return f'{self.ckpt.directory}/{step}'
@@ -480,14 +481,16 @@ class _Loop:
 
   def emit(self, on_device: dict, records: list[tuple]) -> None:
     """Logs the steps of a finished call: its metrics on device and one (step, data_wait, provenance,
-    sources_seen) per step it ran; they share the call's time equally."""
+    local tokens per source) per step it ran; they share the call's time equally. Every process calls it at the
+    same calls: the per-source counts are summed over processes here."""
     fetched = jax.device_get(on_device)
     now = time.perf_counter()
     step_time, self.last_time = (now - self.last_time) / len(records), now
     choice, tokens = self.job.train_step, self.tokens_per_step
-    for i, (step, data_wait, provenance, sources_seen) in enumerate(records):
+    seen = self.seen.run_counts(sourcecounts.sum_over_processes(np.stack([r[3] for r in records]), self.calls))
+    for i, (step, data_wait, provenance, _) in enumerate(records):
       values = {k: float(v[i] if self.calls > 1 else v) for k, v in fetched.items()}
-      values.update(sources_seen)
+      values.update(self.seen.metrics(seen[i]))
       values.update(choice.step_metrics(step - 1))
       if step in self.compile_s:
         values['compile_s'] = self.compile_s.pop(step)
@@ -539,32 +542,6 @@ class _Loop:
       print(_summary_line(result, self.workdir, f'{self.ckpt.directory}/{saved}', self.job.steps, self.job.label),
             flush=True)
     return result
-
-
-def _load_source_tokens(workdir: str, step: int) -> dict[str, int]:
-  """Tokens per source trained on up to checkpoint `step` (empty if that run did not record them)."""
-  try:
-    with open(paths.in_run(workdir, paths.SOURCE_TOKENS), encoding='utf-8') as f:
-      return json.load(f).get(str(step), {})
-  except (OSError, ValueError):
-    return {}
-
-
-def _save_source_tokens(workdir: str, step: int, counts: dict[str, int], steps: list[int]) -> None:
-  """WORKDIR/source_tokens.json: the per-source token counts at each kept checkpoint step (process 0)."""
-  if jax.process_index():
-    return
-  path = paths.in_run(workdir, paths.SOURCE_TOKENS)
-  try:
-    with open(path, encoding='utf-8') as f:
-      table = json.load(f)
-  except (OSError, ValueError):
-    table = {}
-  keep = {str(s) for s in steps} | {str(step)}
-  table = {k: v for k, v in table.items() if k in keep} | {str(step): counts}
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(table, f)
-  os.replace(path + '.tmp', path)
 
 
 def _nonfinite_message(bad: list[tuple[int, dict]], done: int, checkpoint: str, config: ml_collections.ConfigDict,
