@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtrain.cli import check
 from jaxtrain import data, models, sharding
-from jaxtrain.train import optim
+from jaxtrain.train import memory, optim
 from jaxtrain.data import sources
 from tests.conftest import REPO
 
@@ -73,9 +72,9 @@ def test_check_tiny_previews_tokens_counts_params_and_writes_nothing(tmp_path):
 
   mc = models.model_config(config.model, tokenizer.vocab_size)
   assert printed_param_count(out) == models.count_params(models.init_params(mc, jax.random.PRNGKey(0)))
-  for row in ('parameters', 'gradients', 'optimizer state', 'activations', 'total'):
+  for row in ('weights', 'adapters', 'optimizer state', 'gradients', 'activations', 'workspace', 'total'):
     assert re.search(rf'^  {row} +\d+\.\d+ GiB', out, re.M), row
-  assert 'per token' in out
+  assert 'per token' in out and 'figures for cpu, float32 compute' in out and 'for a fits / does-not-fit' in out
 
 
 def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
@@ -119,35 +118,114 @@ def test_check_rejects_bad_configs_in_one_line(tmp_path):
     assert 'Traceback' not in err and not os.path.exists(tmp_path / 'run')
 
 
-def test_memory_estimate_matches_eval_shape_bytes():
+def test_memory_prediction_matches_eval_shape_bytes():
   config = load_config('tiny.py')
   mc = models.model_config(config.model, data.load_tokenizer(config.data).vocab_size)
   shapes = jax.eval_shape(lambda key: models.init_params(mc, key), jax.random.PRNGKey(0))
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
   nbytes = lambda tree: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
-  replicated = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  mem = check.estimate_memory(config, mc, replicated)
-  assert mem.params == nbytes(shapes) == 4 * models.count_params(shapes)
-  assert mem.grads == nbytes(shapes)
-  assert mem.opt_state == nbytes(jax.eval_shape(tx.init, shapes))
-  assert mem.micro_rows == 1 and mem.total == mem.params + mem.grads + mem.opt_state + mem.activations
+  def predict(mesh_cfg: dict, devices=None) -> memory.Prediction:
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    rows = config.data.batch_size // config.train.accum_steps // sharding.data_parallel_size(mesh)
+    return memory.predict(memory.StepState(config, mc, mesh), rows, config.data.seq_len, config.train.accum_steps)
+
+  mem = predict({'data': 8, 'fsdp': 1, 'tensor': 1})
+  assert mem.state.weights == nbytes(shapes) == 4 * models.count_params(shapes) == mem.state.trained
+  assert mem.gradients == nbytes(shapes) and mem.state.adapters == 0
+  assert mem.state.optimizer == nbytes(jax.eval_shape(tx.init, shapes))
+  assert mem.rows == 1 and mem.total == (mem.state.total + mem.batch + mem.gradients + mem.activations
+                                         + mem.workspace)
 
   # fsdp splits every parameter with an embed dimension 8 ways; norms stay whole.
-  fsdp = check.estimate_memory(config, mc, sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1}))
+  fsdp = predict({'data': 1, 'fsdp': 8, 'tensor': 1})
   norms = sum(math.prod(x.shape) * 4 for path, x in jax.tree_util.tree_leaves_with_path(shapes)
               if 'norm' in jax.tree_util.keystr(path))
-  assert fsdp.params == (mem.params - norms) // 8 + norms
+  assert fsdp.state.weights == (mem.state.weights - norms) // 8 + norms
 
   config.train.accum_steps = 2  # a running gradient sum beside each micro-batch's gradient
-  four = sharding.make_mesh({'data': 4, 'fsdp': 1, 'tensor': 1}, jax.devices()[:4])
-  assert check.estimate_memory(config, mc, four).grads == 2 * mem.grads
+  assert predict({'data': 4, 'fsdp': 1, 'tensor': 1}, jax.devices()[:4]).gradients == 2 * mem.gradients
 
 
 def test_activation_estimate_orders_remat_policies():
   config = load_config('llama.py', 'size=1b')
   mc = models.model_config(config.model, 32768)
-  by_policy = {p: check.activation_bytes(dataclasses.replace(mc, remat=p), 4, 2048, 1)
+  by_policy = {p: memory.activation_bytes(dataclasses.replace(mc, remat=p), 4, 2048, 1)
                for p in ('none', 'save_dots', 'full')}
   assert by_policy['none'] > by_policy['save_dots'] > by_policy['full'] > 0
-  assert check.activation_bytes(mc, 4, 2048, 2) < by_policy['save_dots'] < check.activation_bytes(mc, 8, 2048, 1)
+  assert memory.activation_bytes(mc, 4, 2048, 2) < by_policy['save_dots'] < memory.activation_bytes(mc, 8, 2048, 1)
+
+
+# A model whose weights weigh next to its activations (the tiny one's do not).
+SMALL = ['--config=configs/tiny.py', '--config.model.d_model=128', '--config.model.mlp_dim=384']
+
+
+def _mib(out: str, row: str) -> float:
+  """Bytes of a memory row of the report ('  weights   0.002 GiB   1.8 MiB ...'), to 0.05 MiB."""
+  m = re.search(rf'^  {re.escape(row)} +[\d.]+ GiB +([\d,.]+) MiB', out, re.M)
+  assert m, (row, out[-3000:])
+  return float(m.group(1).replace(',', '')) * 2 ** 20
+
+
+@pytest.mark.parametrize('quantize', ['none', 'nf4'])
+def test_check_counts_lora_and_qlora_as_the_compiled_training_step_holds_them(quantize, tmp_path, capsys):
+  # Issue 27: check printed full training's memory for LoRA and QLoRA runs (dense weights, their gradients and
+  # optimizer state: 2.4x the compiled QLoRA step) and no adapter count. Its figures are now held against the
+  # memory analysis of training's own step (`train.jit_steps`, compiled on abstract inputs).
+  from jaxtrain import cli
+  from jaxtrain.cli import estimate
+  args = [*SMALL, '--config.lora.rank=4', f'--config.lora.quantize={quantize}', f'--workdir={tmp_path}/run']
+  cli.main(['jaxtrain', 'check', *args, '--memory-budget=64MiB'])
+  out = capsys.readouterr().out
+  # Adapters of rank 4 on q, k, v, o, gate, up, down of 2 blocks (d 128, 4 heads and 2 kv heads of 32, mlp 384):
+  # r x (inputs + outputs) each.
+  d, kv, f = 128, 2 * 32, 384
+  adapters = 2 * 4 * ((d + d) + 2 * (d + kv) + (d + d) + 2 * (d + f) + (f + d))
+  assert re.search(rf'^  trained params +{adapters:,d}  \(.*LoRA params \(rank 4', out, re.M), out[-3000:]
+  assert ('nf4-quantized' in out) == (quantize == 'nf4')
+
+  config = load_config('tiny.py')
+  config.model.d_model, config.model.mlp_dim = 128, 384
+  config.lora.rank, config.lora.quantize = 4, quantize
+  mc = models.model_config(config.model, data.load_tokenizer(config.data).vocab_size)
+  sm = estimate.StepMemory(config, mc, sharding.make_mesh(config.mesh))
+  compiled = sm(1)  # 8 rows over 8 devices
+  b = sm.ss.bytes
+  assert b.adapters == 4 * adapters and b.trained_params == adapters  # float32, replicated over the data axis
+  # The state rows are exact: they are the compiled step's arguments (with the batch, step and rng).
+  state = sum(_mib(out, row) for row in ('weights', 'adapters', 'optimizer state', 'batch, step, rng'))
+  assert state == pytest.approx(compiled.argument, abs=0.2 * 2 ** 20)
+  assert _mib(out, 'weights') == pytest.approx(b.weights, abs=0.05 * 2 ** 20)
+  assert _mib(out, 'gradients') == pytest.approx(4 * adapters, abs=0.05 * 2 ** 20)  # of the adapters only
+  total = _mib(out, 'total')
+  assert abs(total - compiled.total) <= 0.15 * compiled.total, (total, compiled)
+  assert 'figures for cpu, float32 compute' in out and 'predicted peak of the compiled step' in out
+  assert re.search(r'^  budget .* from estimate.memory_budget: the prediction fits the budget of 64.0 MiB', out, re.M)
+
+  # The same figure against a budget it exceeds: the verdict, and exit status 1.
+  with pytest.raises(SystemExit) as e:
+    cli.main(['jaxtrain', 'check', *args, f'--memory-budget={int(total) // 2}B'])
+  assert e.value.code == 1
+  assert 'the prediction does not fit the budget' in capsys.readouterr().out
+  assert not (tmp_path / 'run').exists()
+
+
+def test_check_refuses_the_lora_targets_training_refuses(tmp_path, capsys):
+  # Issue 27: `--config.lora.targets='blocks/attn/qq'` passed check (exit 0) and failed training. Both now build
+  # the state the same way (`state.build`) and refuse it with the same line, before anything is written.
+  import jaxtrain
+  from jaxtrain import cli
+  from jaxtrain.adapters import lora
+  workdir = tmp_path / 'run'
+  with pytest.raises(SystemExit) as e:
+    cli.main(['jaxtrain', 'check', '--config=configs/tiny.py', '--config.lora.rank=4',
+              '--config.lora.targets=blocks/attn/qq', f'--workdir={workdir}'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1, err
+  assert err[0].startswith("error: lora.targets='blocks/attn/qq' matches no parameter"), err
+  config = load_config('tiny.py')
+  config.lora.rank, config.lora.targets = 4, 'blocks/attn/qq'
+  with pytest.raises(lora.LoraError) as trained:
+    jaxtrain.run(config, str(workdir))
+  assert err[0] == f'error: {trained.value.line()}'
+  assert not workdir.exists()

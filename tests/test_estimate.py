@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import pytest
 
 from jaxtrain.config import validate as config_lib
-from jaxtrain import data, models, sharding
+from jaxtrain import cli, data, models, sharding
 from jaxtrain.cli import estimate
 from jaxtrain.models import flops
 from jaxtrain.train import budget as estimate_budget
@@ -41,8 +42,8 @@ def full():
 
 def test_compile_only_creates_no_state(full):
   sm, one, _, created = full
-  b = sm.breakdown(1)
-  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(sm.state))
+  b = sm.ss.bytes
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(sm.ss.abstract))
   # A created state would hold weights + optimizer state (~410 KiB); the PRNG key of state.build is 8 bytes.
   assert created < 1024 < b.weights + b.optimizer, created
   # Arguments are the donated state plus the batch rows, step and key: the exact part of the breakdown.
@@ -55,39 +56,55 @@ def test_search_picks_the_largest_micro_batch_under_the_budget(full):
   for budget in ((one.total + two.total) // 2, one.total):  # between the two sizes, and exactly the first
     result = estimate.search(sm, budget, max_rows=4096)
     assert result.rows == 1 and sm(1).total <= budget < sm(2).total
-    assert [m.rows for m in result.tried] == [1, 2] and result.compiles == 2 and not result.capped
+    assert [m.rows for m in result.tried] == [1, 2] and result.compiles == 2 and not result.capped and result.exact
   none = estimate.search(sm, one.total - 1, max_rows=4096)
   assert none.rows == 0  # not even one row: the report says what would shrink the step
   text = '\n'.join(estimate.memory_lines(sm, none, tiny_config()))
   assert 'not even 1 row of 64 tokens per device fits' in text and '--config.mesh.fsdp=-1' in text
-  assert '--config.model.remat=full' in text and 'XLA compiled' in text
+  assert '--config.model.remat=full' in text and 'does not fit the budget' in text
   assert sm.global_batch(3) == 3 * 8  # 8 data-parallel devices, accum_steps 1
 
 
-def test_search_doubles_then_bisects():
-  def linear(rows: int) -> estimate.Measured:  # 1 MB of state plus 10 kB per row
-    return estimate.Measured(rows, argument=10 ** 6, output=10 ** 6, alias=10 ** 6, temp=10 ** 4 * rows)
+def linear(rows: int, per_row: int = 10 ** 4) -> estimate.Measured:
+  """1 MB of state plus `per_row` bytes per row."""
+  return estimate.Measured(rows, argument=10 ** 6, output=10 ** 6, alias=10 ** 6, temp=per_row * rows)
 
-  result = estimate.search(linear, 10 ** 6 + 37 * 10 ** 4, max_rows=4096)
-  assert result.rows == 37 and not result.capped
-  assert [m.rows for m in result.tried] == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
-  capped = estimate.search(linear, 10 ** 9, max_rows=100)
-  assert capped.rows == 100 and capped.capped and [m.rows for m in capped.tried][-2:] == [64, 100]
-  none = estimate.search(linear, 10 ** 6, max_rows=4096)
-  assert none.rows == 0 and none.compiles == 1
-  refused = lambda rows: estimate.Measured(rows, 0, 0, 0, 0, oom=rows > 5)  # a TPU compile failing for OOM
-  assert estimate.search(refused, 10 ** 9, max_rows=4096).rows == 5
+
+def test_search_lands_on_the_boundary_in_few_compiles():
+  budget = 10 ** 6 + 37 * 10 ** 4  # 37 rows fit, 38 do not
+  # From the formula's answer and slope (here 10% over, as check's formula on CPU): 4 compiles, the last two
+  # verifying the boundary.
+  result = estimate.search(linear, budget, 4096, start=34, per_row=1.1e4)
+  assert result.rows == 37 and result.exact and [m.rows for m in result.tried] == [34, 36, 37, 38]
+  # A formula that is far off in either direction still costs only a handful.
+  for start, per_row in ((1, 0.0), (4096, 0.0), (3, 1e5), (900, 1e3), (20, 5e3)):
+    got = estimate.search(linear, budget, 4096, start, per_row)
+    assert got.rows == 37 and got.exact and got.compiles <= 7, (start, per_row, [m.rows for m in got.tried])
+  # Memory that is not affine in rows (XLA's buffers grow in steps): the log-scale bisection takes over.
+  def steps(rows: int) -> estimate.Measured:
+    return estimate.Measured(rows, 10 ** 6, 10 ** 6, 10 ** 6, temp=10 ** 3 * 64 * math.ceil(rows / 64))
+
+  stepped = estimate.search(steps, 10 ** 6 + 10 ** 3 * 650, 4096, start=1000, per_row=1e3)
+  assert stepped.rows == 640 and stepped.exact and stepped.compiles <= 12
+  capped = estimate.search(linear, 10 ** 9, max_rows=100, start=10, per_row=1e4)
+  assert capped.rows == 100 and capped.capped and capped.compiles == 2
+  none = estimate.search(linear, 10 ** 6, max_rows=4096, start=50, per_row=1e4)
+  assert none.rows == 0 and none.tried[-1].rows == 1
+  refused = lambda rows: estimate.Measured(rows, 0, 0, 0, 0, oom=rows > 5)  # noqa: E731  a TPU compile failing for OOM
+  assert estimate.search(refused, 10 ** 9, max_rows=4096, start=64).rows == 5
+  bounded = estimate.search(linear, budget, 4096, start=1, per_row=0.0, max_compiles=3)
+  assert bounded.compiles == 3 and not bounded.exact and not bounded.capped and bounded.miss is None
+  assert linear(bounded.rows).total <= budget
 
 
 def test_lora_state_is_smaller_than_full_training(full):
   sm_full, one_full, _, _ = full
   lora, qlora = step_memory(**{'lora.rank': 4}), step_memory(**{'lora.rank': 4, 'lora.quantize': 'nf4'})
-  f, lo, q = sm_full.breakdown(1), lora.breakdown(1), qlora.breakdown(1)
-  state = lambda b: b.weights + b.adapters + b.gradients + b.optimizer
+  f, lo, q = sm_full.ss.bytes, lora.ss.bytes, qlora.ss.bytes
   assert lora.lora and not sm_full.lora
   assert f.adapters == 0 and 0 < lo.adapters < f.weights / 4
   assert lo.weights == f.weights and lo.optimizer < f.optimizer / 4
-  assert state(q) < state(lo) < state(f)
+  assert q.total < lo.total < f.total
   compiled = lora(1)  # the LoRA step (frozen base, adapters, transform) compiles through the same path
   assert lo.weights + lo.adapters + lo.optimizer <= compiled.argument < one_full.argument
 
@@ -149,13 +166,39 @@ def test_cli_prints_the_search_breakdown_and_cost_table(full, tmp_path):
   assert code == 0, err[-2000:]
   assert 'largest micro-batch: 1 row per device x 64 tokens (estimate.max_rows: more may fit)' in out
   assert 'global batch 8 (x 8 data-parallel x 1 accum_steps)' in out
-  for row in ('weights', 'adapters', 'gradients', 'optimizer state', 'activations', 'XLA compiled', 'budget'):
+  for row in ('weights', 'adapters', 'optimizer state', 'batch, step, rng', 'outputs', 'temporaries', 'peak (sum)'):
     assert f'\n  {row} ' in out, row
-  assert '64.0 MiB' in out
+  assert 'fits the budget of 64.0 MiB' in out
   for kind in base_config().estimate.price_per_hour.keys():
     assert f'    {kind} ' in out, kind
   assert '  * this machine ' in out and "XLA:CPU's" in out
   assert not (tmp_path / 'run').exists()
+
+
+def _bytes(text: str) -> float:
+  number, unit = text.split()
+  return float(number.replace(',', '')) * {'KiB': 2 ** 10, 'MiB': 2 ** 20, 'GiB': 2 ** 30}[unit]
+
+
+def test_cli_breakdown_sums_to_the_figure_compared_with_the_budget(tmp_path, capsys):
+  # Issue 27: the breakdown summed to 91 GiB over an 80 GB budget next to "fits" (it added estimated activations
+  # to exact state; the verdict used XLA's peak). Now its rows split XLA's peak exactly, and the search, started
+  # from check's formula, needs a handful of compiles where doubling and bisecting took a dozen.
+  cli.main(['jaxtrain', 'estimate', '--config=configs/tiny.py', '--memory-budget=24MiB', f'--workdir={tmp_path}/run'])
+  out = capsys.readouterr().out
+  compiles = int(re.search(r'(\d+) compiles? \(at most estimate.max_compiles', out).group(1))
+  tried = {int(r): (_bytes(size), verdict) for r, size, verdict in
+           re.findall(r'^ +(\d+) rows +([\d.,]+ [KMG]iB) +(fits|over)', out, re.M)}
+  rows = int(re.search(r'largest micro-batch: (\d+) rows per device', out).group(1))
+  assert compiles == len(tried) <= 5, out
+  assert tried[rows][1] == 'fits' and tried[rows + 1][1] == 'over'  # the boundary, verified on both sides
+  parts = dict(re.findall(r'^  (weights|adapters|optimizer state|batch, step, rng|outputs|temporaries) +'
+                          r'([\d.,]+ [KMG]iB)', out, re.M))
+  peak = re.search(r'^  peak \(sum\) +([\d.,]+ [KMG]iB) +fits the budget of 24.0 MiB', out, re.M)
+  assert len(parts) == 6 and peak, out
+  assert sum(map(_bytes, parts.values())) == pytest.approx(_bytes(peak.group(1)), abs=0.3 * 2 ** 20)
+  assert _bytes(peak.group(1)) == pytest.approx(tried[rows][0], abs=0.06 * 2 ** 20)
+  assert tried[rows][0] <= 24 * 2 ** 20
 
 
 def test_cli_bad_budget_exits_2_in_one_line(tmp_path):

@@ -1,15 +1,21 @@
-"""Preflight: validate a config, preview its tokenization, count parameters and estimate memory per device.
+"""Preflight: validate a config as training does, preview its tokenization, count parameters, predict memory.
 
   jaxtrain check --config=configs/llama.py:size=1b
+  jaxtrain check --config=configs/lora_sft.py:quantize=nf4 --memory-budget=8GB   # a fits / does-not-fit verdict
   python -m jaxtrain.main --config=configs/tiny.py --preflight   # the same report, then training
 
   jaxtrain check --config=configs/lora_sft.py --preview_tokens=200         # more of each source's first record
 
 Everything about the model works on shapes (`jax.eval_shape`): no parameter is allocated, nothing is compiled
-and nothing is written to the workdir, so the report takes seconds for any model size. The data is read as
-training reads it: tokenized into the prepare cache (which the run then reuses), with bad records skipped,
-counted and refused over data.max_bad_fraction exactly as training does. The memory figures are an estimate;
-the exact figure for one step is `jax.jit(step).lower(...).compile().memory_analysis()`, which needs a compile.
+and nothing is written to the workdir, so the report takes seconds for any model size. It refuses what training
+refuses, in one line: the config (`validate.prepare`), the data, read as training reads it (tokenized into the
+prepare cache, which the run then reuses, with bad records skipped, counted and refused over
+data.max_bad_fraction), and the state, built as training builds it (LoRA targets and rank). The memory is the
+predicted peak of the compiled train step (`jaxtrain.train.memory`: the state exactly, LoRA adapters, a quantized
+frozen base and optimizer state for what trains included; the temporaries from a formula), for this backend and
+its compute dtype; `jaxtrain estimate` compiles the step for the exact figure. With a memory budget
+(--memory-budget, estimate.memory_budget, or the device's own limit) it says whether the prediction fits.
+Exit status: 0, 1 when the prediction does not fit the budget, 2 for a mistake (one line).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 from absl import flags
 
 from jaxtrain import data, models, sharding
-from jaxtrain.train import optim
+from jaxtrain.train import budget as budget_lib, execution, memory
 from jaxtrain.models import flops
 from jaxtrain.models.validate import check_vocab
 from jaxtrain.data import sources
@@ -175,99 +181,94 @@ def param_counts(shapes: Any, num_layers: int) -> ParamCounts:
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryEstimate:
-  """Bytes per device."""
-  params: int
-  grads: int
-  opt_state: int
-  activations: int
-  micro_rows: int  # rows of one micro-batch on one device
-
-  @property
-  def total(self) -> int:
-    return self.params + self.grads + self.opt_state + self.activations
+class Memory:
+  """The memory part of the report: the prediction, its lines, and the verdict (None: no budget known)."""
+  prediction: memory.Prediction
+  lines: list[str]
+  fits: bool | None
+  lora: flops.LoraFlops | None  # what trains, for the FLOPs line
 
 
-def _shard_bytes(tree: Any, shardings: Any) -> int:
-  """Bytes one device holds of `tree` (the largest shard where a dimension splits unevenly)."""
-  return sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-             for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
-
-
-def activation_bytes(mc: models.ModelConfig, rows: int, seq_len: int, tensor: int, fsdp: int = 1,
-                     execution: models.Execution | None = None) -> int:
-  """Analytic estimate of the activations one device keeps for the backward pass of one micro-batch.
-
-  With c the compute dtype's bytes, tokens = rows * seq_len, and head / MLP / vocab dimensions split over
-  the `tensor` axis (when it divides them), one block's backward reads, per token:
-    6D                 the block input and mid-block residual, both norms' outputs and intermediates (six
-                       D-wide stacks in XLA's buffer assignment of the remat none step)
-    (N + 2K)H + NH     q, k, v and the attention output before the o projection
-    6F                 gate, up, silu(gate) * up and the pieces of silu's derivative (six F-wide stacks)
-  times c, plus 2 * N * seq_len float32 values per token: XLA's attention keeps the masked scores and the
-  softmax (a fused kernel such as cuDNN's keeps none, so this term is an upper bound on GPU); with
-  `execution.attention_impl='cpu_fused'` N float32 values per token instead (the kernel keeps the rows'
-  log-sum-exp). c and the attention come from `execution` (default: this backend's, XLA attention).
-  Across L layers:
-    remat none:       L * block, plus with fsdp > 1 each layer's gathered weights, L * ((2N + 2K)HD + 3DF) * c
-                      (the scan saves what the forward gathered rather than gathering again)
-    remat full:       L * D * c (only layer inputs) + 1 block (recomputed one layer at a time)
-    remat save_dots:  L * (3D + (N + 2K)H + 2F) * c (input and the outputs of weight matmuls) + 1 block
-  plus the head: the final norm output D * c and float32 logits, their softmax and gradient, 3 * 4V per token.
-
-  Checked by tests/test_memory.py against `memory_analysis()` of the compiled train step on CPU (float32,
-  d_model 128-256, seq 128-256, meshes data 8 and 2x2x2, every remat mode): with the rest of
-  `estimate_memory`, the total came within 15% of XLA's peak (arguments + outputs - aliased + temp).
-  """
-  d, n, k, h, f, v = mc.d_model, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.mlp_dim, mc.vocab_size
-  ex = models.execution.resolve(execution, mc)
-  c = np.dtype(ex.compute_dtype).itemsize
-
-  def split(dim: int) -> float:  # sharding.spec_for replicates a dimension the tensor axis does not divide
-    return dim / tensor if dim % tensor == 0 else dim
-
-  tokens = rows * seq_len
-  nq, nkv = split(n), split(k)  # heads one device holds
-  scores = nq * 4 if ex.attention_impl == 'cpu_fused' else nq * seq_len * 2 * 4
-  block = tokens * c * (6 * d + (2 * nq + 2 * nkv) * h + 6 * split(f)) + tokens * scores
-  gathered = 0
-  if mc.remat == 'none':
-    layers = mc.num_layers * block
-    if fsdp > 1:  # the backward reads each layer's weights as gathered in the forward: the scan saves them
-      gathered = mc.num_layers * c * d * ((2 * nq + 2 * nkv) * h + 3 * split(f))
-  elif mc.remat == 'full':
-    layers = mc.num_layers * tokens * d * c + block
-  else:  # save_dots
-    saved = 3 * d + (nq + 2 * nkv) * h + 2 * split(f)
-    layers = mc.num_layers * tokens * c * saved + block
-  head = tokens * (d * c + 3 * 4 * split(v))
-  return int(layers + head + gathered)
-
-
-def estimate_memory(config: ml_collections.ConfigDict, mc: models.ModelConfig,
-                    mesh: jax.sharding.Mesh, execution: models.Execution | None = None) -> MemoryEstimate:
-  """Per-device bytes of parameters, gradients and optimizer state (exact, from eval_shape and the
-  shardings training uses) and of activations (an estimate: `activation_bytes` plus a weight-sized
-  workspace). The total is checked against XLA's peak for the compiled step by tests/test_memory.py."""
-  _, specs, shapes = models.describe(mc)  # one trace gives both the shapes and their logical axes
-  param_sh = sharding.param_shardings(specs, shapes, mesh)
-  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-  opt_shapes = jax.eval_shape(tx.init, shapes)
-  opt_sh = sharding.shardings_like(opt_shapes, shapes, param_sh, mesh)
-  params = _shard_bytes(shapes, param_sh)
-  accum = config.train.accum_steps
+def memory_report(config: ml_collections.ConfigDict, mc: models.ModelConfig, mesh: jax.sharding.Mesh,
+                  ex: models.Execution) -> Memory:
+  """The predicted peak per device of the run's train step (`memory.predict`: the state exactly as `state.build`
+  builds it, LoRA adapters, a quantized base and optimizer state for what trains included; the temporaries from
+  the formula), what backend the figures are for, and the fits / does-not-fit verdict when a budget is known
+  (estimate.memory_budget, --memory-budget, or the device's own limit). Raises LoraError as training would."""
+  ss = memory.StepState(config, mc, mesh, ex)
+  accum, seq_len = config.train.accum_steps, config.data.seq_len
   rows = config.data.batch_size // accum // sharding.data_parallel_size(mesh)
-  return MemoryEstimate(
-      params=params,
-      # Accumulation keeps a running sum beside each micro-batch's gradient.
-      grads=params * (2 if accum > 1 else 1),
-      opt_state=_shard_bytes(opt_shapes, opt_sh),
-      # Plus one weight-sized workspace: XLA's backward holds weight copies laid out for the transposed
-      # matmuls and the embedding's scatter-add gradient, and Adam writes its new moments before they
-      # replace the donated state (tests/test_memory.py misses by up to 17% on small models without it).
-      activations=params + activation_bytes(mc, rows, config.data.seq_len, mesh.shape['tensor'],
-                                            mesh.shape['fsdp'], execution),
-      micro_rows=rows)
+  p = memory.predict(ss, rows, seq_len, accum)
+  b = p.state
+  only = ' only' if b.lora else ''
+  base = (f'frozen base, {b.quantize}-quantized (codes and scales; {memory.format_bytes(b.dense_weights)} unquantized)'
+          if b.quantize != 'none' else 'frozen base') if b.lora else 'every parameter trains'
+  lines = [f'memory per device: mesh {dict(mesh.shape)} over {jax.device_count()} device(s); micro-batch of '
+           f'{rows} x {seq_len} tokens per device, accum_steps {accum}',
+           f'  trained params  {b.trained_params:>15,d}  ({ss.description})',
+           f'  weights         {_gib(b.weights)}  {base}',
+           f'  adapters        {_gib(b.adapters)}  {"LoRA, trained" if b.lora else "no LoRA"}',
+           f'  optimizer state {_gib(b.optimizer)}  of the trained parameters{only}',
+           f'  batch, step, rng{_gib(b.other + p.batch)}',
+           f'  gradients       {_gib(p.gradients)}  of the trained parameters{only}'
+           + (' (and their running sum: accum_steps > 1)' if accum > 1 else ''),
+           f'  activations     {_gib(p.activations)}  estimate, remat {mc.remat}, '
+           + _attention(config, mc, mesh, ex, p),
+           f'  workspace       {_gib(p.workspace)}  estimate: XLA\'s copies of the weights for the backward'
+           + (' (dequantized)' if b.quantize != 'none' else ''),
+           f'  total           {_gib(p.total)}  predicted peak of the compiled step ({memory.DEFINITION}); '
+           '`jaxtrain estimate` compiles it']
+  lines.append('  ' + backend_note(config, mc, mesh, ex, p))
+  found = budget_lib.resolve(config.estimate.memory_budget)
+  if found is None:
+    lines.append(f'  budget: {jax.devices()[0].device_kind} reports no memory limit; give --memory-budget=16GB (or '
+                 'estimate.memory_budget) for a fits / does-not-fit verdict')
+    return Memory(p, lines, None, ss.lora_flops())
+  budget, source = found
+  fits = p.total <= budget
+  lines.append(f'  budget          {_gib(budget)}  from {source}: the prediction {memory.verdict(p.total, budget)}'
+               + ('' if fits else '; try ' + ', '.join(_shrink(config, mc, b))))
+  return Memory(p, lines, fits, ss.lora_flops())
+
+
+def _attention(config: ml_collections.ConfigDict, mc: models.ModelConfig, mesh: jax.sharding.Mesh,
+               ex: models.Execution, p: memory.Prediction) -> str:
+  """The attention the activations assume; with the fused CPU kernel, what XLA's would add where it does not build
+  (training then falls back to XLA's, with a warning)."""
+  if ex.attention_impl != 'cpu_fused':
+    return f'{ex.attention_impl} attention'
+  xla = dataclasses.replace(ex, attention_impl='xla')
+  more = memory.activation_bytes(mc, p.rows, config.data.seq_len, mesh.shape['tensor'], mesh.shape['fsdp'], xla)
+  return f'fused CPU attention (where the kernel does not build, XLA\'s: +{memory.format_bytes(more - p.activations)})'
+
+
+def backend_note(config: ml_collections.ConfigDict, mc: models.ModelConfig, mesh: jax.sharding.Mesh,
+                 ex: models.Execution, p: memory.Prediction) -> str:
+  """Which backend the figures are for, and the activations on an accelerator where they differ (bf16 compute)."""
+  backend = jax.default_backend()
+  kind = jax.devices()[0].device_kind
+  where = f'{backend}{"" if kind == backend else " (" + kind + ")"}, {ex.compute_dtype} compute'
+  if backend != 'cpu':
+    return f'figures for {where}'
+  accel = models.execution.from_model(config.model, mc, backend='gpu')
+  if accel.compute_dtype == ex.compute_dtype:
+    return f'figures for {where}, the same compute dtype on a GPU or TPU'
+  act = memory.activation_bytes(mc, p.rows, config.data.seq_len, mesh.shape['tensor'], mesh.shape['fsdp'], accel)
+  return (f'figures for {where}; on a GPU or TPU with {accel.compute_dtype} compute (compute_dtype auto) the '
+          f'activations are about {memory.format_bytes(act)} (with XLA\'s attention; a fused one keeps less) and the '
+          f'total about {memory.format_bytes(p.total - p.activations + act)}')
+
+
+def _shrink(config: ml_collections.ConfigDict, mc: models.ModelConfig, b: memory.StateBytes) -> list[str]:
+  """What would shrink the step, leaving out what the config already does."""
+  out = ['a smaller data.batch_size (`jaxtrain estimate --memory-budget=...` finds the largest)']
+  if mc.remat != 'full':
+    out.append('--config.model.remat=full')
+  if not b.lora:
+    out.append('LoRA (--config.lora.rank=16)')
+  elif b.quantize == 'none':
+    out.append('QLoRA (--config.lora.quantize=nf4)')
+  return out
 
 
 # ----------------------------------------------------------------------------- the report
@@ -285,10 +286,18 @@ def _flops(n: float) -> str:
 
 
 def report(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> list[str]:
-  """The preflight report as lines. Raises ConfigError or DataError on a config that cannot run.
+  """The preflight report as lines (`verdict_report` without the verdict)."""
+  return verdict_report(config, preview_tokens)[0]
 
-  The data is read as training reads it (`data.pipeline.load_sources`: the prepare cache, built if missing and
-  then reused by the run), so bad records are skipped, counted and refused exactly as training does."""
+
+def verdict_report(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> tuple[list[str], bool | None]:
+  """(the preflight report as lines, whether the predicted peak fits the memory budget: None where none is
+  known). Raises ConfigError, DataError or LoraError where training would, before anything is written.
+
+  Training's checks in training's order: the prepared config (the caller's `validate.prepare`), the vocabulary,
+  the data read as training reads it (`data.pipeline.load_sources`: the prepare cache, built if missing and then
+  reused by the run, so bad records are skipped, counted and refused exactly as training does), and the state
+  built as training builds it (`state.build`: LoRA targets, rank, an adapter to start from)."""
   from jaxtrain.data import pipeline
 
   tokenizer = data.load_tokenizer(config.data)
@@ -301,8 +310,8 @@ def report(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> list[s
                                            loaded[source.split][source.name]))
 
   mc = models.model_config(config.model, tokenizer.vocab_size)
-  # The config's compute dtype and block size on this backend; XLA attention: check never builds the kernel.
-  ex = models.execution.from_model(config.model, mc)
+  # The execution training plans here, assuming the fused CPU attention kernel builds: check never builds it.
+  ex = execution.plan(config, mc, probe=False)
   counts = param_counts(abstract_params(mc), mc.num_layers)
   lines += [f'model: vocab {mc.vocab_size}, d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads '
             f'({mc.num_kv_heads} kv) of {mc.head_dim}, mlp {mc.mlp_dim}, params {mc.param_dtype}, '
@@ -315,21 +324,15 @@ def report(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> list[s
             f'  non-embedding   {counts.non_embedding:>15,d}']
 
   mesh = sharding.make_mesh(config.mesh)
-  mem = estimate_memory(config, mc, mesh, ex)
+  mem = memory_report(config, mc, mesh, ex)
   tokens_step = config.data.batch_size * config.data.seq_len
-  per_token = flops.flops_per_token(mc, config.data.seq_len)
-  lines += [f'memory per device: mesh {dict(mesh.shape)} over {jax.device_count()} device(s); micro-batch of '
-            f'{mem.micro_rows} x {config.data.seq_len} tokens per device, accum_steps {config.train.accum_steps}',
-            f'  parameters      {_gib(mem.params)}',
-            f'  gradients       {_gib(mem.grads)}',
-            f'  optimizer state {_gib(mem.opt_state)}',
-            f'  activations     {_gib(mem.activations)}  (estimate, remat {mc.remat})',
-            f'  total           {_gib(mem.total)}',
-            f'FLOPs (training, flops.flops_per_token): {_flops(per_token)} per token, '
-            f'{_flops(per_token * tokens_step)} per step of {tokens_step:,d} tokens']
-  if config.stackwise.num_stacks:
-    lines += stackwise_lines(config, tokenizer.vocab_size)
-  return lines
+  per_token = flops.flops_per_token(mc, config.data.seq_len, lora=mem.lora)
+  lines += mem.lines
+  lines.append(f'FLOPs (training, flops.flops_per_token): {_flops(per_token)} per token, '
+               f'{_flops(per_token * tokens_step)} per step of {tokens_step:,d} tokens')
+  if config.stackwise.num_stacks:  # the figures are the whole rack's; a stage holds less: no verdict
+    return lines + stackwise_lines(config, tokenizer.vocab_size), None
+  return lines, mem.fits
 
 
 def stackwise_lines(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> list[str]:
@@ -346,11 +349,13 @@ def stackwise_lines(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> 
   return lines
 
 
-def preflight(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> None:
-  """Prints the report (on the first process only). Raises ConfigError or DataError."""
-  lines = report(config, preview_tokens)
+def preflight(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> bool | None:
+  """Prints the report (on the first process only); returns its verdict (None: no budget known). Raises
+  ConfigError, DataError or LoraError."""
+  lines, fits = verdict_report(config, preview_tokens)
   if jax.process_index() == 0:
     print('\n'.join(lines), flush=True)
+  return fits
 
 
 # ----------------------------------------------------------------------------- the command
@@ -359,12 +364,17 @@ def preflight(config: ml_collections.ConfigDict, preview_tokens: int = 0) -> Non
 def define(fv: flags.FlagValues) -> None:
   common.define_config(fv)
   common.define_workdir(fv)
+  common.define_memory_budget(fv)
   flags.DEFINE_integer('preview_tokens', 0, 'Tokens of each source\'s first record to show with their loss mask; 0: '
                        f'the whole record when short ({SHORT_RECORD} tokens at most), else {PREVIEW_TOKENS} tokens '
                        'reaching into its first assistant turn.', lower_bound=0, flag_values=fv)
 
 
-def main(fv: flags.FlagValues) -> None:
+def main(fv: flags.FlagValues) -> int:
+  """Exit status 0, or 1 when the predicted peak does not fit the memory budget."""
   from jaxtrain.config import validate as config_lib
   config, workdir = common.config_and_workdir(fv)
-  preflight(config_lib.prepare(config, workdir), fv['preview_tokens'].value)
+  if fv['memory-budget'].value is not None:
+    config.estimate.memory_budget = fv['memory-budget'].value  # validated by `prepare` with the rest
+  fits = preflight(config_lib.prepare(config, workdir), fv['preview_tokens'].value)
+  return 1 if fits is False else 0

@@ -6,9 +6,9 @@ A command is a module of this package with
 and optionally normalize(argv) rewriting its arguments before absl parses them. `run` parses the arguments
 on a fresh `absl.flags.FlagValues` (so commands never see each other's flags, and a test can call
 `jaxtrain.cli.main` repeatedly in one process), answers --help, sets the log level and calls main under
-`errors()`. Exit status: 0 done; 1 stopped by non-finite steps (or, for `estimate`, nothing fits); 2 a user
-mistake (a bad, unknown or missing flag, a stray argument, a bad config, bad data...), always one line
-`error: ...` on stderr.
+`errors()`. Exit status: 0 done; 1 stopped by non-finite steps (or, for `estimate` and `check`, nothing fits the
+memory budget); 2 a user mistake (a bad, unknown or missing flag, a stray argument, a bad config, bad
+data...), always one line `error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def define_config(fv: flags.FlagValues) -> None:
 def define_workdir(fv: flags.FlagValues, help: str = 'Run directory (checkpoints, metrics). Default: '
                    'runs/<config>.', required: bool = False) -> None:
   flags.DEFINE_string('workdir', None, help, flag_values=fv, required=required)
+
+
+def define_memory_budget(fv: flags.FlagValues) -> None:
+  """--memory-budget (check, estimate): overrides config.estimate.memory_budget, the one budget both compare their
+  memory figure with (`jaxtrain.train.budget.resolve`)."""
+  flags.DEFINE_string('memory-budget', None, 'Memory per device, e.g. 80GB (10^9 bytes) or 80GiB (2^30); '
+                      'overrides config.estimate.memory_budget (default: the device\'s own limit, where it reports '
+                      'one).', flag_values=fv)
 
 
 def _define_logging(fv: flags.FlagValues) -> None:

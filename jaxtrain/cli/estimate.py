@@ -3,13 +3,16 @@
   jaxtrain estimate --config=configs/llama.py:size=1b --memory-budget=80GB --tokens=2e9 --gpu=h100
   jaxtrain estimate --config=configs/tiny.py --memory-budget=512MiB
 
-The train step is built as `train.run` builds it (state from `state.build`, so LoRA and QLoRA are
-measured as they train; same shardings, donated state), lowered on ShapeDtypeStructs and compiled; XLA's
-`memory_analysis()` of each compiled step gives the bytes one device needs. The micro-batch (rows per
-data-parallel device, data.seq_len fixed) doubles until it no longer fits the budget, then a binary search
-between the last fit and the first miss finds the largest that does. No parameter is allocated and the step
-is never called. The figures are the local backend's: on a CPU-only machine XLA:CPU's buffer assignment with
-compute_dtype auto = float32, so size the batch for a GPU or TPU on that device.
+What must fit is the compiled train step's peak per device, `jaxtrain.train.memory.DEFINITION` (arguments +
+outputs - aliased + temporaries, from XLA's `memory_analysis()`): the figure each size tried is compared with, and
+the figure the breakdown splits exactly (weights, adapters, optimizer state, batch, outputs, temporaries). The
+train step is built as `train.run` builds it (state from `state.build`, so LoRA and QLoRA are measured as they
+train; same shardings, donated state), lowered on ShapeDtypeStructs and compiled; no parameter is allocated and
+the step is never called. The search starts at the largest micro-batch (rows per data-parallel device,
+data.seq_len fixed) that `jaxtrain check`'s formula allows, then steps to where the line through the measured
+sizes meets the budget (memory is close to affine in rows), bisecting on a log scale where the line fails: a
+handful of compiles, at most estimate.max_compiles. The figures are the local backend's: on a CPU-only machine
+XLA:CPU's buffer assignment with compute_dtype auto = float32, so size the batch for a GPU or TPU on that device.
 
 For `estimate.tokens` > 0 it prints, for every device kind in `estimate.price_per_hour`, the hours
 (tokens / (mfu x peak FLOP/s x GPUs / training FLOPs per token)) and the cost (hours x GPUs x price).
@@ -18,7 +21,6 @@ Exit status: 0 a batch fits, 1 not even one row fits, 2 a mistake in the config 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -27,21 +29,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
 
-from jaxtrain.cli import check, common
+from jaxtrain.cli import common
 from jaxtrain import data, models, sharding
-from jaxtrain.train import execution, loop as train, optim, state
-from jaxtrain.adapters import lora
+from jaxtrain.train import budget as budget_lib, execution, loop as train, memory
 from jaxtrain.models import flops
-from jaxtrain.train.checkpoint import abstract_with_shardings
 from jaxtrain.errors import ConfigError
 from jaxtrain.config.resolve import resolved
 from jaxtrain.models.validate import check_vocab
-from jaxtrain.train.budget import parse_bytes
+from jaxtrain.train.memory import Measured
 
-BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask')
 # Price-table key -> (substring of jax's device_kind, key of flops.PEAK_FLOPS). 'TPU v5 lite' must be tried
 # before 'TPU v5' (v5p reports itself as 'TPU v5').
 KINDS = {
@@ -49,73 +47,32 @@ KINDS = {
     'v5e': ('TPU v5 lite', 'TPU v5e'), 'v5p': ('TPU v5', 'TPU v5p'), 'v6e': ('TPU v6', 'TPU v6'),
 }
 OOM_MARKERS = ('RESOURCE_EXHAUSTED', 'out of memory')  # TPU compiles refuse a program that cannot fit HBM
+# The search reads only the buffer assignment and never runs the program: on CPU, LLVM's cheapest code generation
+# halves each compile and leaves memory_analysis() identical (configs/lora_sft.py at 754 rows: 10.3 -> 4.9 s).
+CPU_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 # ----------------------------------------------------------------------------- compiled memory
 
 
-@dataclasses.dataclass(frozen=True)
-class Measured:
-  """XLA's memory analysis of the train step compiled for `rows` rows per device (bytes per device)."""
-  rows: int
-  argument: int  # state + batch
-  output: int  # new state + metrics
-  alias: int  # outputs written over donated arguments
-  temp: int  # activations and workspace
-  oom: bool = False  # the compiler itself refused: the program cannot fit the device
-
-  @property
-  def total(self) -> int | float:
-    """Peak per device: the donated state is written over the old one, so aliased bytes count once (the
-    figure tests/test_memory.py checks `check.estimate_memory` against). Infinite when the compile failed."""
-    return math.inf if self.oom else self.argument + self.output - self.alias + self.temp
-
-
-@dataclasses.dataclass(frozen=True)
-class Breakdown:
-  """Bytes per device by what holds them; activations are an estimate, the rest is exact."""
-  weights: int  # the model's parameters (with LoRA: the frozen, possibly quantized base)
-  adapters: int  # LoRA adapters (0 without LoRA)
-  gradients: int
-  optimizer: int
-  activations: int
-
-  @property
-  def total(self) -> int:
-    return self.weights + self.adapters + self.gradients + self.optimizer + self.activations
-
-
-def _device_bytes(tree: Any) -> int:
-  """Bytes one device holds of a tree of ShapeDtypeStructs that carry shardings."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 class StepMemory:
   """Compiles `config`'s train step for a given micro-batch and reports its memory; results are cached.
 
-  Everything is abstract: the state is ShapeDtypeStructs from `state.build` (the frozen LoRA base through
+  Everything is abstract: the state is `memory.StepState`'s ShapeDtypeStructs (the frozen LoRA base through
   `jax.eval_shape`), the batch likewise, and the compiled step is never called.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mc: models.ModelConfig, mesh: jax.sharding.Mesh):
-    cfg = copy.deepcopy(config)
-    # `report` resolved the config: the architecture is in config.model; shapes never need the weights.
-    cfg.init.from_hf = ''
-    self.mc, self.mesh, self.config = mc, mesh, cfg
-    self.execution = execution.plan(cfg, mc)  # the kernel and layer scan train.run would pick here
-    self.seq_len, self.accum = cfg.data.seq_len, cfg.train.accum_steps
+    ex = execution.plan(config, mc)  # the kernel and layer scan train.run would pick here
+    self.ss = memory.StepState(config, mc, mesh, ex)
+    self.config, self.mc, self.mesh, self.execution = self.ss.config, mc, mesh, ex
+    self.seq_len, self.accum = config.data.seq_len, config.train.accum_steps
     self.dp = sharding.data_parallel_size(mesh)
-    tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    self.lora, self.description = self.ss.lora, self.ss.description
     with jax.set_mesh(mesh):
-      built = state.build(cfg, mc, tx, mesh, self.execution)
-      full = jax.eval_shape(built.complete, built.abstract)  # adds the frozen base (LoRA), abstractly
       self.batch_sh = sharding.batch_sharding(mesh)
-      self.step, _ = train.jit_steps(cfg, built, tx, schedule, mesh)  # exactly the step train.run compiles
-    self.state = abstract_with_shardings(full, built.shardings)
-    _, specs, shapes = models.describe(mc)  # the dense weights (what a LoRA base is before quantization)
-    self.dense_bytes = _device_bytes(abstract_with_shardings(shapes, sharding.param_shardings(specs, shapes, mesh)))
-    self.lora = 'frozen' in self.state
-    self.description = built.description
+      # exactly the step train.run compiles
+      self.step, _ = train.jit_steps(self.config, self.ss.built, self.ss.tx, self.ss.schedule, mesh)
     self.cache: dict[int, Measured] = {}
 
   def global_batch(self, rows: int) -> int:
@@ -130,8 +87,9 @@ class StepMemory:
     x = jax.ShapeDtypeStruct((self.global_batch(rows), self.seq_len), jnp.int32, sharding=self.batch_sh)
     try:
       with jax.set_mesh(self.mesh):
-        args = train.step_args(self.config, self.mesh, dict.fromkeys(BATCH_KEYS, x))
-        ma = self.step.lower(self.state, *args).compile().memory_analysis()
+        args = train.step_args(self.config, self.mesh, dict.fromkeys(memory.BATCH_KEYS, x))
+        options = CPU_COMPILE_OPTIONS if jax.default_backend() == 'cpu' else None
+        ma = self.step.lower(self.ss.abstract, *args).compile(options).memory_analysis()
     except jax.errors.JaxRuntimeError as e:
       if any(m.lower() in str(e).lower() for m in OOM_MARKERS):
         return Measured(rows, 0, 0, 0, 0, oom=True)
@@ -141,18 +99,16 @@ class StepMemory:
     return Measured(rows, ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                     ma.temp_size_in_bytes)
 
-  def breakdown(self, rows: int) -> Breakdown:
-    """Weights, adapters, gradients and optimizer state from the abstract state and its shardings (exact);
-    activations from `check.activation_bytes` plus a workspace the size of the dense weights, the convention
-    of `check.estimate_memory` (XLA keeps weight copies laid out for the backward's transposed matmuls)."""
-    trained = _device_bytes(self.state['params'])
-    act = check.activation_bytes(self.mc, rows, self.seq_len, self.mesh.shape['tensor'], self.mesh.shape['fsdp'],
-                                 self.execution)
-    return Breakdown(weights=_device_bytes(self.state['frozen']) if self.lora else trained,
-                     adapters=trained if self.lora else 0,
-                     # accumulation keeps a running sum beside each micro-batch's gradient
-                     gradients=trained * (2 if self.accum > 1 else 1),
-                     optimizer=_device_bytes(self.state['opt_state']), activations=act + self.dense_bytes)
+  def predict(self, rows: int) -> memory.Prediction:
+    """`jaxtrain check`'s formula for `rows` rows per device (no compile)."""
+    return memory.predict(self.ss, rows, self.seq_len, self.accum)
+
+  def formula(self, budget: int, max_rows: int) -> tuple[int, float]:
+    """(rows, bytes per row) of the formula: the largest rows in [1, max_rows] whose predicted peak fits `budget`,
+    and the predicted growth per row (the prediction is affine in rows)."""
+    one, per_row = self.predict(1).total, self.predict(2).total - self.predict(1).total
+    rows = 1 + math.floor((budget - one) / per_row) if per_row > 0 else max_rows
+    return min(max(rows, 1), max_rows), float(per_row)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -160,41 +116,86 @@ class StepMemory:
 
 @dataclasses.dataclass(frozen=True)
 class Search:
-  """The outcome: `rows` is the largest micro-batch that fits (0: not even one row); `tried` every compile
-  in the order made; `capped` when max_rows still fit (more might)."""
+  """The outcome: `rows` is the largest micro-batch verified to fit (0: none); `tried` every compile in the order
+  made; `capped` when max_rows still fit (more might); `miss` the smallest size verified not to fit (None: none
+  tried); `start` where the search began (the formula's answer)."""
   rows: int
   budget: int
   tried: list[Measured]
   capped: bool
+  miss: int | None = None
+  start: int = 1
 
   @property
   def compiles(self) -> int:
     return len(self.tried)
 
+  @property
+  def exact(self) -> bool:
+    """Whether `rows` is the largest that fits (else the compile cap stopped the search inside a gap)."""
+    return self.capped or (self.miss is not None and self.miss <= self.rows + 1)
 
-def search(measure: Callable[[int], Measured], budget: int, max_rows: int) -> Search:
-  """The largest rows in [1, max_rows] with measure(rows).total <= budget, assuming memory grows with rows:
-  doubling from 1 to the first miss, then bisecting between the last fit and the first miss."""
+
+def search(measure: Callable[[int], Measured], budget: int, max_rows: int, start: int = 1, per_row: float = 0.0,
+           max_compiles: int = 64) -> Search:
+  """The largest rows in [1, max_rows] with measure(rows).total <= budget, assuming memory grows with rows.
+
+  It measures `start` first (the formula's answer), then where the line through the measurements meets the
+  budget: through the two sizes that bracket the budget, or from the measurement nearest it with the slope of
+  its nearest neighbour (with one measurement: `per_row`, the formula's bytes per row; nothing known: doubling).
+  Memory is close to affine in rows, so this lands on the boundary in a few compiles; where the line fails (a
+  compile refused, a step that does not halve the gap) it bisects the gap on a log scale. It stops when the
+  boundary is found, max_rows fits, or after `max_compiles` compiles."""
   tried: list[Measured] = []
+  rows = min(max(start, 1), max_rows)
+  while True:
+    tried.append(measure(rows))
+    fit, miss = _bracket(tried, budget)
+    found = (miss is not None and miss <= fit + 1) or (miss is None and fit == max_rows)
+    if found or len(tried) >= max_compiles:
+      break
+    rows = _next_rows(tried, fit, miss, budget, max_rows, per_row)
+  return Search(rows=fit, budget=budget, tried=tried, capped=miss is None and fit == max_rows, miss=miss,
+                start=tried[0].rows)
 
-  def fits(rows: int) -> bool:
-    m = measure(rows)
-    tried.append(m)
-    return m.total <= budget
 
-  fit, miss, rows = 0, None, 1
-  while miss is None:
-    if fits(rows):
-      fit = rows
-      if rows == max_rows:
-        break
-      rows = min(2 * rows, max_rows)
+def _bracket(tried: list[Measured], budget: int) -> tuple[int, int | None]:
+  """(the largest size that fit, 0: none; the smallest that did not, None: none) of `tried`."""
+  fits = [m.rows for m in tried if m.total <= budget]
+  misses = [m.rows for m in tried if m.total > budget]
+  return max(fits, default=0), min(misses, default=None)
+
+
+def _next_rows(tried: list[Measured], fit: int, miss: int | None, budget: int, max_rows: int,
+               per_row: float) -> int:
+  """The next size to compile: see `search`. `fit` (0: none yet) and `miss` (None: none yet) bound the answer."""
+  total = {m.rows: m.total for m in tried if not m.oom}
+  if miss is not None and fit:  # the boundary is bracketed: interpolate, or bisect on a log scale
+    lo, hi = fit + 1, miss - 1
+    before = _bracket(tried[:-1], budget)  # a last step that did not halve the gap: the line is not to be trusted
+    stalled = before[0] and before[1] is not None and miss - fit > (before[1] - before[0]) / 2
+    if miss in total and total[miss] > total[fit] and not stalled:
+      rows = fit + math.floor((budget - total[fit]) * (miss - fit) / (total[miss] - total[fit]))
     else:
-      miss = rows
-  while miss is not None and miss - fit > 1:
-    mid = (fit + miss) // 2
-    fit, miss = (mid, miss) if fits(mid) else (fit, mid)
-  return Search(rows=fit, budget=budget, tried=tried, capped=miss is None)
+      rows = round(math.sqrt(fit * miss))
+    return min(max(rows, lo), hi)
+  ref = fit or miss  # one side only: step from the nearest measurement along the line
+  rows, least = None, 1
+  if ref in total:
+    slope = per_row
+    others = [r for r in total if r != ref]
+    if others:
+      near = min(others, key=lambda r: abs(r - ref))
+      grew = (total[ref] - total[near]) / (ref - near)
+      if grew > 0:
+        slope = grew
+      else:  # flat: the line says nothing here; step at least twice as far as last time
+        least = 2 * abs(ref - near)
+    if slope > 0:
+      rows = ref + math.floor((budget - total[ref]) / slope)
+  if miss is None:  # everything fit so far: up, at most 16x
+    return min(max(rows or 2 * fit, fit + least), 16 * fit, max_rows)
+  return max(1, min(rows if rows is not None else miss // 2, miss - least), miss // 16)  # nothing fit yet: down
 
 
 # ----------------------------------------------------------------------------- devices, budget, cost
@@ -210,14 +211,13 @@ def detected_kind(device_kind: str | None = None) -> str | None:
 
 
 def resolve_budget(text: str) -> tuple[int, str]:
-  """(bytes per device, where the figure came from). '' asks the device; CPUs do not say."""
-  if text:
-    return parse_bytes(text), 'estimate.memory_budget'
-  stats = jax.devices()[0].memory_stats() or {}
-  if stats.get('bytes_limit'):  # what JAX's allocator may use (GPU: 75% of memory unless configured)
-    return int(stats['bytes_limit']), f'the bytes_limit of {jax.devices()[0].device_kind}'
-  raise ConfigError('estimate.memory_budget', text, f'{jax.devices()[0].device_kind} does not report its memory; '
-                    'give a budget such as --memory-budget=16GB')
+  """(bytes per device, where the figure came from): `budget.resolve`, which for '' asks the device; a CPU does not
+  say, and then the search has nothing to compare with. Raises ConfigError."""
+  found = budget_lib.resolve(text)
+  if found is None:
+    raise ConfigError('estimate.memory_budget', text, f'{jax.devices()[0].device_kind} does not report its memory; '
+                      'give a budget such as --memory-budget=16GB')
+  return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,10 +254,7 @@ def cost_table(e: ml_collections.ConfigDict, flops_token: float, gpus: int,
 # ----------------------------------------------------------------------------- the report
 
 
-def _size(n: float) -> str:
-  if n == math.inf:
-    return 'compile refused (out of memory)'
-  return f'{n / 2 ** 30:.3f} GiB' if n >= 2 ** 30 else f'{n / 2 ** 20:.1f} MiB'
+_size = memory.format_bytes
 
 
 def _duration(hours: float) -> str:
@@ -292,33 +289,45 @@ def suggestions(sm: StepMemory, config: ml_collections.ConfigDict) -> list[str]:
 
 
 def memory_lines(sm: StepMemory, result: Search, config: ml_collections.ConfigDict) -> list[str]:
-  lines = [f'search ({_plural(result.compiles, "compile")}; compile-only: the step is lowered on abstract inputs '
-           'and never run), per device:']
-  for m in result.tried:
-    lines.append(f'  {m.rows:5d} rows  {_size(m.total):>14}  {"fits" if m.total <= result.budget else "over"}')
-  rows = result.rows or 1
+  lines = [f'search from {_plural(result.start, "row")} (the largest that `jaxtrain check`\'s formula fits), '
+           f'{_plural(result.compiles, "compile")} (at most estimate.max_compiles; compile-only: the step is lowered '
+           f'on abstract inputs and never run); peak per device = {memory.DEFINITION} (XLA\'s memory_analysis):']
+  for m in sorted(result.tried, key=lambda m: m.rows):
+    over = 'fits' if m.total <= result.budget else 'over' + ('' if m.oom else f' by {_size(m.total - result.budget)}')
+    lines.append(f'  {m.rows:5d} rows  {_size(m.total):>14}  {over}')
+  rows = result.rows or min(m.rows for m in result.tried)
   if result.rows:
     dp = sharding.data_parallel_size(sm.mesh)
     lines.append(f'largest micro-batch: {_plural(rows, "row")} per device x {sm.seq_len} tokens'
                  f'{" (estimate.max_rows: more may fit)" if result.capped else ""} -> global batch '
                  f'{sm.global_batch(rows)} (x {dp} data-parallel x {sm.accum} accum_steps): '
                  f'--config.data.batch_size={sm.global_batch(rows)}')
+    if not result.exact:
+      gap = 'larger sizes' if result.miss is None else f'sizes up to {result.miss} (which did not fit)'
+      lines.append(f'  (estimate.max_compiles reached: {_plural(rows, "row")} verified to fit; {gap} were not '
+                   'compiled)')
   else:
-    lines.append(f'not even 1 row of {sm.seq_len} tokens per device fits {_size(result.budget)}; try '
+    smallest = 'not even 1 row' if rows == 1 else f'no size tried (the smallest: {rows} rows)'
+    lines.append(f'{smallest} of {sm.seq_len} tokens per device fits {_size(result.budget)}; try '
                  + ', '.join(suggestions(sm, config)))
-  b, m = sm.breakdown(rows), sm(rows)
-  lines += [f'memory per device at {_plural(rows, "row")}:',
-            f'  weights          {_size(b.weights):>14}' + ('  (frozen base)' if sm.lora else ''),
-            f'  adapters         {_size(b.adapters):>14}' + ('' if sm.lora else '  (no LoRA)'),
-            f'  gradients        {_size(b.gradients):>14}',
-            f'  optimizer state  {_size(b.optimizer):>14}',
-            f'  activations      {_size(b.activations):>14}  (estimate: check.activation_bytes + weight-sized '
-            f'workspace, remat {sm.mc.remat})',
-            f'  sum              {_size(b.total):>14}']
-  if not m.oom:
-    lines.append(f'  XLA compiled     {_size(m.total):>14}  = arguments {_size(m.argument)} + outputs '
-                 f'{_size(m.output)} - aliased {_size(m.alias)} + temporaries {_size(m.temp)}')
-  lines.append(f'  budget           {_size(result.budget):>14}  ({result.budget / 1e9:,.3f} GB)')
+  m, b = sm(rows), sm.ss.bytes
+  notes = {'weights': (f'frozen base, {b.quantize}-quantized' if b.quantize != 'none' else 'frozen base')
+           if b.lora else 'every parameter trains',
+           'adapters': 'LoRA, trained' if b.lora else 'no LoRA',
+           'optimizer state': 'of the trained parameters',
+           'batch, step, rng': 'the rest of the arguments',
+           'outputs': 'not written over the donated state: the metrics',
+           'temporaries': f'gradients ({_size(b.trained)} for the trained parameters), activations and workspace, '
+                          'as XLA assigns them'}
+  lines.append(f'memory per device at {_plural(rows, "row")}: the compiled peak, the figure compared with the budget')
+  rows_of = memory.parts(m, b)
+  if not rows_of:  # the compiler refused: only the state is known
+    rows_of = [('weights', b.weights), ('adapters', b.adapters), ('optimizer state', b.optimizer)]
+  for name, n in rows_of:
+    lines.append(f'  {name:<17}{_size(n):>14}  {notes[name]}')
+  detail = '' if m.oom else (f' = arguments {_size(m.argument)} + outputs {_size(m.output)} - aliased '
+                             f'{_size(m.alias)} + temporaries {_size(m.temp)}')
+  lines.append(f'  {"peak (sum)":<17}{_size(m.total):>14}  {memory.verdict(m.total, result.budget)}{detail}')
   return lines
 
 
@@ -373,12 +382,12 @@ def report(config: ml_collections.ConfigDict) -> tuple[list[str], Search]:
            f'{sm.execution.compute_dtype}; mesh {dict(mesh.shape)} over {jax.device_count()} '
            f'{jax.default_backend()} device(s)',
            f'budget: {_size(budget)} ({budget / 1e9:,.3f} GB) per device, from {source}']
-  result = search(sm, budget, e.max_rows)
+  start, per_row = sm.formula(budget, e.max_rows)
+  result = search(sm, budget, e.max_rows, start, per_row, e.max_compiles)
   lines += memory_lines(sm, result, config)
   if e.tokens > 0:
     tokens_step = sm.global_batch(result.rows) * sm.seq_len if result.rows else 0
-    lines += cost_lines(e, mc, sm.seq_len, tokens_step,
-                        lora.flops_of(sm.state['params']) if sm.lora else None, sm.execution.compute_dtype)
+    lines += cost_lines(e, mc, sm.seq_len, tokens_step, sm.ss.lora_flops(), sm.execution.compute_dtype)
   return lines, result
 
 
@@ -395,8 +404,7 @@ def apply_flags(config: ml_collections.ConfigDict, values: Mapping[str, Any]) ->
 def define(fv: flags.FlagValues) -> None:
   common.define_config(fv)
   common.define_workdir(fv)
-  flags.DEFINE_string('memory-budget', None, 'Memory per device, e.g. 80GB (10^9 bytes) or 80GiB (2^30); '
-                      'overrides config.estimate.memory_budget (default: the device\'s own limit).', flag_values=fv)
+  common.define_memory_budget(fv)
   flags.DEFINE_float('tokens', None, 'Training tokens to price, e.g. 2e9; overrides config.estimate.tokens.',
                      flag_values=fv)
   flags.DEFINE_string('gpu', None, 'Device kind to price (a key of config.estimate.price_per_hour); overrides '

@@ -135,7 +135,8 @@ def _data() -> ml_collections.ConfigDict:
   data.batch_size = 8  # global batch, in rows of seq_len tokens.
   data.seq_len = 256  # tokens per row: the context length trained on.
   data.max_files = 0  # stdlib only: use the first N files of the sorted list (0 = all); keeps tiny runs fast.
-  data.shuffle_window = 2048  # train: seq_len pieces shuffled in a window of this many before packing (0/1 = off).
+  # train: each source's seq_len pieces are shuffled in a window of this many before packing (0/1 = off).
+  data.shuffle_window = 2048
   data.prefetch = 2  # batches prepared ahead in a background thread (0 = none).
   # How processes share the data: 'documents' (each reads a disjoint share: scales) or 'rows' (each builds
   # the same global batches and keeps its rows: per-step losses equal a single-process run to float
@@ -143,11 +144,13 @@ def _data() -> ml_collections.ConfigDict:
   data.process_split = 'documents'
   # A mixture of named sources, each a `jaxtrain.data.sources.source(path, ...)` section added by a config file
   # (weight, epochs, on_end, format text|chat|alpaca|sharegpt, template, ...). Empty: data.train/data.eval are
-  # the one source.
+  # the one source. Each source is packed into rows of its own and the rows are mixed by their tokens: after
+  # every step, each source's logged tokens/<source> is within (sources - 1) x seq_len tokens of its share of
+  # all tokens so far (per process with process_split 'documents'); a finite source holds it until it ends.
   data.sources = ml_collections.ConfigDict()
   # > 0: source shares proportional to (source tokens)^(1/T), instead of their weights; 0: the weights.
   data.temperature = 0.0
-  data.pack_buffer = 1024  # pieces the best-fit packer looks ahead over (more: fuller rows, longer reach).
+  data.pack_buffer = 1024  # pieces each source's best-fit packer looks ahead over (more: fuller rows, more memory).
   data.intra_doc_mask = True  # packed documents attend only within themselves; False: across the row (ablation).
   # in bytes (default 64 MiB): records larger than this are skipped and counted as bad; 0: no limit.
   data.max_doc_bytes = 64 * 2**20
@@ -307,6 +310,8 @@ def _estimate() -> ml_collections.ConfigDict:
   estimate.mfu = 0.4  # assumed model FLOPs utilisation for the time estimate, in (0, 1].
   estimate.num_gpus = 0  # devices to price; 0: jax.device_count().
   estimate.max_rows = 4096  # the search's bound on the micro-batch (rows per device): each size tried costs a compile.
+  # the search's bound on compiles (2-5 from the formula's start); reached, it reports the largest size verified.
+  estimate.max_compiles = 8
   estimate.price_per_hour = _price_per_hour()
   return estimate
 

@@ -1,6 +1,8 @@
-"""The `estimate` section (`jaxtrain estimate`): a memory budget per device and the prices of a token budget.
+"""The `estimate` section (`jaxtrain estimate`, and `jaxtrain check`'s verdict): a memory budget per device and the
+prices of a token budget.
 
-`parse_bytes` reads sizes such as 80GB or 80GiB; `check` validates the section before anything runs.
+`parse_bytes` reads sizes such as 80GB or 80GiB; `resolve` says what budget applies (the configured one, else
+the device's own limit); `check` validates the section before anything runs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def parse_bytes(text: str) -> int:
   return size
 
 
+def resolve(text: str) -> tuple[int, str] | None:
+  """(bytes per device, where the figure came from) of `estimate.memory_budget`, or for '' the device's own limit;
+  None where the device reports none (CPUs)."""
+  if text:
+    return parse_bytes(text), 'estimate.memory_budget'
+  import jax  # only here: validating the section needs no backend
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get('bytes_limit'):  # what JAX's allocator may use (GPU: 75% of memory unless configured)
+    return int(stats['bytes_limit']), f'the bytes_limit of {device.device_kind}'
+  return None
+
+
 def check(e: Any) -> None:
   """The `estimate` section. Raises ConfigError."""
   if e.memory_budget:
@@ -40,8 +55,9 @@ def check(e: Any) -> None:
   for key in ('tokens', 'num_gpus'):
     if not e[key] >= 0:
       raise ConfigError(f'estimate.{key}', e[key], 'must be >= 0')
-  if not e.max_rows > 0:
-    raise ConfigError('estimate.max_rows', e.max_rows, 'must be > 0')
+  for key in ('max_rows', 'max_compiles'):
+    if not e[key] > 0:
+      raise ConfigError(f'estimate.{key}', e[key], 'must be > 0')
   if not 0 < e.mfu <= 1:
     raise ConfigError('estimate.mfu', e.mfu, 'must be in (0, 1]')
   if e.gpu and e.gpu not in e.price_per_hour:

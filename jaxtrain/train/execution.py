@@ -23,25 +23,30 @@ from jaxtrain.models.execution import Execution
 _warned: set[str] = set()  # reasons already warned about in this process: one warning each
 
 
-def plan(config: Any, mc: ModelConfig | None = None, backend: str | None = None) -> Execution:
+def plan(config: Any, mc: ModelConfig | None = None, backend: str | None = None, probe: bool = True) -> Execution:
   """The execution `config.model` asks for on `backend` (default: JAX's): compute_dtype auto, attention_block
   -1 and scan_layers unset take the backend's defaults (`models.execution.from_model`); attention_impl is
-  resolved here. `mc` (the architecture, for its remat) defaults to what `config.model` says."""
+  resolved here. `mc` (the architecture, for its remat) defaults to what `config.model` says. `probe` False
+  assumes the kernel builds instead of building it: what `jaxtrain check` predicts memory for, running no
+  compiler."""
   model = config.model
   cpu = (backend or jax.default_backend()) == 'cpu'
-  return execution_lib.from_model(model, mc, attention_impl(model, cpu), backend)
+  return execution_lib.from_model(model, mc, attention_impl(model, cpu, probe), backend)
 
 
-def attention_impl(model: Any, cpu: bool) -> str:
+def attention_impl(model: Any, cpu: bool, probe: bool = True) -> str:
   """`model.attention_impl` resolved: auto takes the fused CPU kernel on CPU for GQA attention where it
   builds and loads (2x faster than XLA's ops forward + backward: docs/benchmarks.md), else XLA's ops with one
-  warning saying why; cpu_fused where it cannot run is a ConfigError."""
+  warning saying why; cpu_fused where it cannot run is a ConfigError. `probe` False: where it would be tried,
+  the kernel is assumed to build."""
   want, fits = model.attention_impl, cpu and model.attention == 'gqa'
   if want == 'xla' or (want == 'auto' and not fits):
     return 'xla'
   if not fits:
     raise ConfigError('model.attention_impl', want, f'needs the CPU backend and GQA attention; this run has '
                       f'backend {jax.default_backend()!r}, model.attention={model.attention!r} (use auto or xla)')
+  if not probe:
+    return 'cpu_fused'
   why = cpu_attention.unavailable()
   if want == 'cpu_fused' and why:
     raise ConfigError('model.attention_impl', want, f'the kernel does not build here ({_one_line(why)}); use auto '
