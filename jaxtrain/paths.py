@@ -12,6 +12,7 @@ knows it).
   WORKDIR/STOP                   touch it to stop the run at the next step (saved, resumable; StackWise too)
   WORKDIR/stages/K/              a StackWise stage: a run directory of its own (stopped by WORKDIR/STOP)
   WORKDIR/rack/                  the StackWise rack after each stage (per-stack content-hash saves)
+  WORKDIR/eval/                  `jaxtrain eval`: STEP.json, STEP.md, STEP_positions.png, curve.json/png
   WORKDIR/old-<time>/            what --start_over moved aside (the names in HISTORY / STACKWISE_HISTORY)
 """
 
@@ -31,9 +32,10 @@ STOP = 'STOP'
 STAGES = 'stages'
 RACK = 'rack'
 LOSS_PLOT = 'loss.png'
+EVAL = 'eval'
 # What a run's history is: --start_over moves these aside together, so a fresh start leaves no rows, samples
 # or spikes of the old run mixed with its own. config.json and tokenizer/ are rewritten by the new run.
-HISTORY = (CHECKPOINTS, METRICS, LOSS_PLOT, SOURCE_TOKENS, SAMPLES, SPIKES, NONFINITE)
+HISTORY = (CHECKPOINTS, METRICS, LOSS_PLOT, SOURCE_TOKENS, SAMPLES, SPIKES, NONFINITE, EVAL)
 STACKWISE_HISTORY = (RACK, STAGES)  # each stage's metrics, samples, ... live in its stage directory
 
 

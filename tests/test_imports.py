@@ -15,10 +15,13 @@ PACKAGE = os.path.join(REPO, 'jaxtrain')
 # What each lower layer must never import (module-name prefixes). The layers, bottom up: errors, paths,
 # sharding, config.defaults/args -> kernels -> models | data -> adapters -> hf -> train -> stackwise ->
 # config.validate (calls every feature's check) -> cli. train.run and stackwise.job validate the config they
-# are given, so they are the only modules below cli that import config.validate.
+# are given, so they are the only modules below cli that import config.validate. The capabilities that judge
+# what train makes (evaluation) sit above train and stackwise, below cli.
 JOBS = ('jaxtrain.cli', 'jaxtrain.main', 'jaxtrain.__main__')
 VALIDATION = ('jaxtrain.config.validate', 'jaxtrain.config.schema', 'jaxtrain.config.resolve')
-ABOVE_MODELS = ('jaxtrain.train', 'jaxtrain.stackwise', 'jaxtrain.hf', 'jaxtrain.adapters') + VALIDATION + JOBS
+CAPABILITIES = ('jaxtrain.evaluation',)
+ABOVE_MODELS = ('jaxtrain.train', 'jaxtrain.stackwise', 'jaxtrain.hf', 'jaxtrain.adapters') + VALIDATION + \
+    CAPABILITIES + JOBS
 FORBIDDEN = {
     'jaxtrain.errors': ('jaxtrain.',),
     'jaxtrain.paths': ('jaxtrain.',),
@@ -26,12 +29,15 @@ FORBIDDEN = {
     'jaxtrain.kernels': ('jaxtrain.models', 'jaxtrain.data') + ABOVE_MODELS,
     'jaxtrain.models': ('jaxtrain.data',) + ABOVE_MODELS,
     'jaxtrain.data': ('jaxtrain.models', 'jaxtrain.kernels') + ABOVE_MODELS,
-    'jaxtrain.adapters': ('jaxtrain.data', 'jaxtrain.train', 'jaxtrain.stackwise', 'jaxtrain.hf') + VALIDATION + JOBS,
-    'jaxtrain.hf': ('jaxtrain.train', 'jaxtrain.stackwise') + VALIDATION + JOBS,
-    'jaxtrain.sampling': ('jaxtrain.data', 'jaxtrain.train', 'jaxtrain.stackwise', 'jaxtrain.hf') + VALIDATION + JOBS,
-    'jaxtrain.train': ('jaxtrain.stackwise',) + JOBS,
-    'jaxtrain.stackwise': JOBS,
-    'jaxtrain.config': JOBS,
+    'jaxtrain.adapters': ('jaxtrain.data', 'jaxtrain.train', 'jaxtrain.stackwise', 'jaxtrain.hf') + VALIDATION +
+    CAPABILITIES + JOBS,
+    'jaxtrain.hf': ('jaxtrain.train', 'jaxtrain.stackwise') + VALIDATION + CAPABILITIES + JOBS,
+    'jaxtrain.sampling': ('jaxtrain.data', 'jaxtrain.train', 'jaxtrain.stackwise', 'jaxtrain.hf') + VALIDATION +
+    CAPABILITIES + JOBS,
+    'jaxtrain.train': ('jaxtrain.stackwise',) + CAPABILITIES + JOBS,
+    'jaxtrain.stackwise': CAPABILITIES + JOBS,
+    'jaxtrain.config': CAPABILITIES + JOBS,
+    'jaxtrain.evaluation': VALIDATION + JOBS,
 }
 # The job entry points that validate their config (the library path validates like the command line).
 MAY_VALIDATE = ('jaxtrain.train.loop', 'jaxtrain.stackwise.job')
@@ -130,6 +136,6 @@ def test_lower_layers_never_import_higher_ones():
 
 def test_the_concepts_are_folders():
   folders = {d for d in os.listdir(PACKAGE) if os.path.isfile(os.path.join(PACKAGE, d, '__init__.py'))}
-  assert {'config', 'models', 'kernels', 'train', 'data', 'adapters', 'hf', 'stackwise', 'cli'} <= folders
+  assert {'config', 'models', 'kernels', 'train', 'data', 'adapters', 'hf', 'stackwise', 'evaluation', 'cli'} <= folders
   loose = {f for f in os.listdir(PACKAGE) if f.endswith('.py')}
   assert loose <= {'__init__.py', '__main__.py', 'main.py', 'errors.py', 'paths.py', 'sharding.py', 'sampling.py'}

@@ -62,8 +62,41 @@ class Tokenizer:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     return self._backend.decode(ids, skip_special_tokens=False)
 
+  def token_bytes(self) -> np.ndarray:
+    """(vocab_size,) int64: the UTF-8 bytes of text each token id stands for, 0 for special tokens (EOS, chat
+    markers: they are not text of a document). Byte-level BPE (the built tokenizer, GPT-2 style): one byte per
+    character of the token's string; SentencePiece style: '<0xNN>' is one byte, U+2581 one space; otherwise the
+    token decoded alone. Bits per byte divide by these (`jaxtrain.evaluation`)."""
+    fast = self._backend if self._is_fast_lib else getattr(self._backend, 'backend_tokenizer', None)
+    kinds = _decoder_kinds(json.loads(fast.to_str()).get('decoder')) if fast is not None else set()
+    added = fast.get_added_tokens_decoder() if fast is not None else {}
+    special = {i for i, t in added.items() if t.special} | set(getattr(self._backend, 'all_special_ids', ()))
+    out = np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      token = fast.id_to_token(i) if fast is not None else self._backend.convert_ids_to_tokens(i)
+      if i in special or token is None:
+        continue
+      if i in added:  # added text tokens decode to their content as written
+        out[i] = len(added[i].content.encode('utf-8'))
+      elif 'ByteLevel' in kinds:
+        out[i] = len(token)
+      elif 'ByteFallback' in kinds and len(token) == 6 and token.startswith('<0x') and token.endswith('>'):
+        out[i] = 1
+      elif kinds & {'Metaspace', 'Replace'} or token.startswith('\u2581'):
+        out[i] = len(token.replace('\u2581', ' ').encode('utf-8'))
+      else:
+        out[i] = len(self.decode([i]).encode('utf-8'))
+    return out
+
   def __repr__(self) -> str:
     return f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})'
+
+
+def _decoder_kinds(decoder: dict | None) -> set[str]:
+  """The types of a tokenizer.json decoder and of the decoders of a Sequence decoder."""
+  if not decoder:
+    return set()
+  return {decoder.get('type', '')}.union(*(_decoder_kinds(d) for d in decoder.get('decoders') or []))
 
 
 def load_tokenizer(cfg: Any) -> Tokenizer:

@@ -31,12 +31,19 @@ def _shift_left(a: Array) -> Array:
   return jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
 
 
-def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0) -> dict[str, Array]:
-  """Summed token cross-entropy (float32) and optional z-loss: {'loss_sum', 'z_loss_sum', 'tokens'}."""
+def token_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
+  """(cross-entropy of every position's target, log-partition), float32 (B, T): unweighted, so evaluation can
+  score loss-masked and other tokens with the very numbers training sums."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  ce = (lse - target_logit) * weights
+  return lse - target_logit, lse
+
+
+def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0) -> dict[str, Array]:
+  """Summed token cross-entropy (float32) and optional z-loss: {'loss_sum', 'z_loss_sum', 'tokens'}."""
+  ce, lse = token_cross_entropy(logits, targets)
+  ce = ce * weights
   out = {'loss_sum': ce.sum(), 'z_loss_sum': jnp.zeros((), jnp.float32), 'tokens': weights.sum()}
   if z_loss:
     out['z_loss_sum'] = z_loss * (jnp.square(lse) * weights).sum()

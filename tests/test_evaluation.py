@@ -1,0 +1,277 @@
+"""`jaxtrain eval`: a tiny run's checkpoints scored again equal the run's own evaluations, bits per byte by hand,
+the per-position curve and the other tallies against numpy, LoRA (chat) and QLoRA runs, and bad input (one
+line, exit 2, nothing written)."""
+
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxtrain import cli, models, sharding
+from jaxtrain.data.sources import source
+from jaxtrain.evaluation import run as eval_run, sets, stats
+from jaxtrain.evaluation.score import Scorer, eval_mesh
+from jaxtrain.train import export, loop as train, metrics, rundir
+from tests.conftest import REPO
+from tests.test_train import tiny_config
+
+# Every run: 1 step per call (the smallest train program to compile), 2 eval batches, no loss plot, a stated
+# peak (no probe matmul).
+SMALL = {'train.steps_per_call': 1, 'train.eval_batches': 2, 'log.plot': False, 'log.peak_flops': 1e12}
+# Starts with one-byte ASCII (its first token, never predicted, is plain), then 2-, 3- and 4-byte characters.
+KNOWN = 'Grüße aus Köln: 東京 and naïve café ☕ 🙂.\n'
+
+
+def jaxtrain(*argv: str) -> tuple[int, str, list[str]]:
+  """(exit status, stdout, stderr lines) of `jaxtrain eval ARGV` in this process."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      cli.main(['jaxtrain', 'eval', *argv])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  return code, out.getvalue(), [line for line in err.getvalue().splitlines() if line.strip()]
+
+
+def read(workdir: str, name: str) -> dict:
+  with open(os.path.join(workdir, 'eval', name), encoding='utf-8') as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """A 4-step run of configs/tiny.py with checkpoints and in-run evaluations at steps 2 and 4, evaluated at
+  every step with a further set of one known text."""
+  root = tmp_path_factory.mktemp('eval')
+  workdir = str(root / 'run')
+  train.run(tiny_config(**SMALL, **{'train.steps': 4, 'train.eval_every': 2, 'checkpoint.every': 2}), workdir)
+  known = root / 'known.txt'
+  known.write_text(KNOWN, encoding='utf-8')
+  code, out, err = jaxtrain(f'--workdir={workdir}', '--all-steps', f'--data=known={known}')
+  assert code == 0, err
+  return workdir, out
+
+
+def test_eval_equals_the_runs_own_evaluation_at_every_step(tiny_run):
+  workdir, out = tiny_run
+  logged = {r['step']: r for r in metrics.read_metrics(workdir) if 'eval_loss' in r}
+  assert sorted(logged) == [2, 4]
+  for step in (2, 4):
+    record = read(workdir, f'{step}.json')
+    s = record['sets']['stdlib']
+    assert abs(s['loss'] - logged[step]['eval_loss']) < 1e-5, (s['loss'], logged[step])
+    assert s['tokens'] == logged[step]['eval_tokens'] and s['batches'] == 2 and not s['complete']
+    assert record['in_run']['comparable'] and record['in_run']['difference'] < 1e-5
+    assert math.isclose(s['ppl'], math.exp(s['loss'])) and s['pieces_scored'] < s['pieces']
+    assert f'in-run eval_loss at step {step} (metrics.jsonl): {logged[step]["eval_loss"]:.6f}' in out
+    assert os.path.getsize(os.path.join(workdir, 'eval', f'{step}_positions.png')) > 1000
+    with open(os.path.join(workdir, 'eval', f'{step}.md'), encoding='utf-8') as f:
+      md = f.read()
+    assert '| **micro** |' in md and '## known' in md and '| token | id | count |' in md
+  assert read(workdir, '4.json')['timings']['compiles'] == 1  # one compile: both sets, both steps
+  curve = read(workdir, 'curve.json')
+  assert curve['steps'] == [2, 4]
+  assert curve['sets']['stdlib']['loss'][1] == read(workdir, '4.json')['sets']['stdlib']['loss']
+  assert curve['in_run_eval_loss'] == [logged[2]['eval_loss'], logged[4]['eval_loss']]
+  assert os.path.getsize(os.path.join(workdir, 'eval', 'curve.png')) > 1000
+  assert 'stdlib' in out and 'micro' in out and 'macro' in out and 'curve.png' in out
+
+
+def test_bits_per_byte_of_a_known_text_by_hand(tiny_run):
+  """The known text is one document: every token after the first is predicted once (the set is far smaller
+  than the packing window, so its piece comes round again and again: it is scored once), then EOS."""
+  workdir, _ = tiny_run
+  record = read(workdir, '4.json')
+  s = record['sets']['known']
+  config = rundir.load_config(workdir)
+  tok = rundir.load_tokenizer(config, workdir)
+  ids = tok.encode(KNOWN) + [tok.eos_id]
+  first = tok.decode(ids[:1])
+  assert first.isascii() and KNOWN.startswith(first)
+  by_hand = len(KNOWN.encode('utf-8')) - len(first)  # every byte but the first token's; EOS has none
+  assert (s['tokens'], s['bytes'], s['pieces'], s['complete']) == (len(ids) - 1, by_hand, 1, True)
+  assert s['repeats_skipped'] > 0 and s['batches'] == 1
+  # The nats, from the checkpoint's parameters through the model by itself, in float64.
+  mc = models.model_config(config.model, tok.vocab_size)
+  graphdef, _, _ = models.describe(mc)
+  n = len(ids)
+  batch = {'tokens': np.asarray([ids], np.int32), 'segment_ids': np.ones((1, n), np.int32),
+           'positions': np.arange(n, dtype=np.int32)[None]}
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  params = jax.device_put(export.restore_state(workdir, 4)['params'], NamedSharding(mesh, P()))
+  with jax.set_mesh(mesh):
+    logits = np.asarray(jax.jit(functools.partial(models.apply, graphdef))(params, batch), np.float64)[0]
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  nats = -sum(logp[t, ids[t + 1]] for t in range(n - 1))
+  assert s['nats'] == pytest.approx(nats, rel=1e-5)
+  assert s['bits_per_byte'] == pytest.approx(nats / math.log(2) / by_hand, rel=1e-5)
+  micro = record['micro']
+  both = record['sets'].values()
+  assert micro['tokens'] == sum(x['tokens'] for x in both)
+  assert micro['bits_per_byte'] == pytest.approx(sum(x['nats'] for x in both) / math.log(2) /
+                                                 sum(x['bytes'] for x in both))
+  assert record['macro']['loss'] == pytest.approx(np.mean([x['loss'] for x in both]))
+
+
+def test_token_bytes_add_up_to_the_texts_bytes(tiny_run):
+  workdir, _ = tiny_run
+  tok = rundir.load_tokenizer(rundir.load_config(workdir), workdir)
+  table = tok.token_bytes()
+  assert table[tok.eos_id] == 0
+  for text in (KNOWN, 'def f(x):\n    return x  # ok', '\u00e9\u00e8' * 7):
+    assert table[tok.encode(text)].sum() == len(text.encode('utf-8'))
+
+
+def test_tallies_of_a_synthetic_batch_equal_numpy():
+  """Loss by position, top tokens, loss-masked vs other tokens and bits per byte against plain loops."""
+  rng = np.random.default_rng(0)
+  b, t, vocab = 3, 12, 9
+  positions = np.asarray([list(range(5)) + list(range(7)), list(range(12)), list(range(4)) + [0] * 8], np.int32)
+  ce = rng.uniform(0.5, 4.0, (b, t))
+  targets = rng.integers(0, vocab, (b, t))
+  scored = (rng.uniform(size=(b, t)) < 0.9).astype(np.float32)
+  weights = scored * (rng.uniform(size=(b, t)) < 0.7)  # the rest: scored tokens outside the loss mask
+  token_bytes = rng.integers(0, 4, vocab)
+  tally = stats.Tally(token_bytes, t)
+  tally.add({'ce': ce, 'weights': weights, 'scored': scored, 'targets': targets}, positions)
+  nats, count, ref_bytes = {}, {}, 0.0
+  by_token: dict[int, list[float]] = {}
+  for i in range(b):
+    for j in range(t):
+      if weights[i, j]:
+        p = positions[i, j + 1] if j + 1 < t else 0  # the target's position
+        nats[p] = nats.get(p, 0.0) + ce[i, j]
+        count[p] = count.get(p, 0) + 1
+        by_token.setdefault(int(targets[i, j]), []).append(ce[i, j])
+        ref_bytes += token_bytes[targets[i, j]]
+  pos = tally.positions()
+  assert pos['position'] == sorted(nats)
+  np.testing.assert_allclose(pos['loss'], [nats[p] / count[p] for p in sorted(nats)])
+  assert pos['tokens'] == [count[p] for p in sorted(nats)]
+  top = tally.top_tokens(str, k=3)
+  expected = sorted(by_token, key=lambda k: -sum(by_token[k]))[:3]
+  assert [x['id'] for x in top] == expected
+  assert [x['count'] for x in top] == [len(by_token[k]) for k in expected]
+  np.testing.assert_allclose([x['mean'] for x in top], [np.mean(by_token[k]) for k in expected])
+  m = tally.metrics()
+  assert m['tokens'] == weights.sum() and m['bytes'] == ref_bytes
+  assert m['loss'] == pytest.approx((ce * weights).sum() / weights.sum())
+  assert m['bits_per_byte'] == pytest.approx((ce * weights).sum() / math.log(2) / ref_bytes)
+  other = scored * (weights == 0)
+  chat = tally.chat()
+  assert chat['other']['tokens'] == other.sum()
+  assert chat['other']['loss'] == pytest.approx((ce * other).sum() / other.sum())
+  both = stats.Tally.merged([tally, tally])
+  assert both.metrics()['loss'] == pytest.approx(m['loss']) and both.metrics()['tokens'] == 2 * m['tokens']
+
+
+def test_a_piece_is_scored_once():
+  """Pieces are (document id, piece index); padding (-1) is never scored; a repeat is masked out."""
+  batch = {'doc_ids': np.asarray([[4, 4, 7, 7, -1], [7, 7, 4, 9, 9]]),
+           'doc_chunks': np.asarray([[-1, -1, 0, 0, -1], [0, 0, 1, -1, -1]]),
+           'segment_ids': np.asarray([[1, 1, 2, 2, 0], [1, 1, 2, 3, 3]])}
+  seen = {(9, -1)}
+  fresh, again = sets.first_pass(batch, seen)
+  assert fresh.tolist() == [[True, True, True, True, False], [False, False, True, False, False]]
+  assert again == 2 and seen == {(4, -1), (7, 0), (4, 1), (9, -1)}
+
+
+def test_a_run_from_another_machine_gets_a_mesh_that_fits():
+  """The run's mesh where it fits these 8 devices and its rows; else data parallel over a divisor of the rows."""
+  assert dict(eval_mesh({'data': 2, 'fsdp': 2, 'tensor': 2}, 8).shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert dict(eval_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 12).shape) == {'data': 6, 'fsdp': 1, 'tensor': 1}
+  assert dict(eval_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, 4).shape) == {'data': 4, 'fsdp': 1, 'tensor': 1}
+
+
+@pytest.fixture(scope='module')
+def adapter_runs(tmp_path_factory):
+  """A LoRA run on chat data (the shipped SFT demo: template, assistant-only loss) and a QLoRA (NF4) run, 2
+  steps each, evaluated at their last step."""
+  root = tmp_path_factory.mktemp('adapters')
+  common = dict(SMALL, **{'train.steps': 2, 'train.eval_every': 0, 'checkpoint.every': 0, 'optim.lr': 5e-2,
+                          'optim.warmup_steps': 0, 'lora.rank': 4, 'lora.alpha': 8.0})
+  lora = tiny_config(**common)
+  lora.data.sources.sft = source(os.path.join(REPO, 'configs', 'data', 'sft_demo.jsonl'), format='chat')
+  lora.data.eval_fraction, lora.data.pack_buffer = 0.1, 16  # a window smaller than the set: no piece twice
+  qlora = tiny_config(**common, **{'lora.quantize': 'nf4'})
+  out = {}
+  for name, config in (('lora', lora), ('qlora', qlora)):
+    workdir = str(root / name)
+    train.run(config, workdir)
+    code, _, err = jaxtrain(f'--workdir={workdir}')
+    assert code == 0, err
+    out[name] = workdir
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['lora', 'qlora'])
+def test_lora_and_qlora_runs_evaluate_with_their_adapters(adapter_runs, kind):
+  workdir = adapter_runs[kind]
+  record = read(workdir, '2.json')
+  (name, s), = record['sets'].items()
+  logged = [r['eval_loss'] for r in metrics.read_metrics(workdir) if r['step'] == 2 and 'eval_loss' in r]
+  assert abs(s['loss'] - logged[-1]) < 1e-5 and record['in_run']['comparable']
+  assert ('nf4-quantized frozen' in record['model']) == (kind == 'qlora') and 'LoRA params' in record['model']
+  if kind == 'lora':  # chat: the assistant's tokens are the loss; the prompts' are scored beside them
+    assert name == 'sft' and s['chat']['other']['tokens'] > 0 and s['chat']['assistant']['tokens'] == s['tokens']
+  # The base alone (adapters zeroed) scores differently on the same batches.
+  config = rundir.load_config(workdir)
+  tok = rundir.load_tokenizer(config, workdir)
+  scorer = Scorer(config, tok, workdir)
+  evset = sets.read(sets.run_sets(config, tok)[0], tok, rows=scorer.rows, seed=0, max_batches=2)
+  with jax.set_mesh(scorer.mesh):
+    weights = scorer.weights(2)
+    base = dict(weights, params=jax.tree.map(jnp.zeros_like, weights['params']))
+    (adapted, _), (plain, _) = (eval_run.score_sets(scorer, w, [evset], tok.token_bytes())[0]
+                                for w in (weights, base))
+  assert adapted.metrics()['loss'] == pytest.approx(s['loss'], abs=1e-6)
+  assert abs(plain.metrics()['loss'] - s['loss']) > 1e-4, (plain.metrics(), s['loss'])
+
+
+def _listing(workdir: str) -> dict[str, float]:
+  found = {}
+  for directory, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(directory, name)
+      found[path] = os.path.getmtime(path)
+  return found
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  fake = tmp_path / 'rack'
+  fake.mkdir()
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    config = json.load(f)
+  config['stackwise']['num_stacks'] = 2
+  (fake / 'config.json').write_text(json.dumps(config), encoding='utf-8')
+  before = _listing(workdir)
+  cases = [
+      ([f'--workdir={tmp_path}/nope'], f'error: --workdir={tmp_path}/nope does not exist'),
+      ([f'--workdir={workdir}', '--step=3'], f"error: --step=3: no such checkpoint in {workdir}/checkpoints; "
+                                             'available: 2, 4'),
+      ([f'--workdir={workdir}', f'--data=extra={tmp_path}/none/*.jsonl'],
+       f"error: --data='extra={tmp_path}/none/*.jsonl': the glob '{tmp_path}/none/*.jsonl' matches no file"),
+      ([f'--workdir={workdir}', '--data=oops'], "error: --data='oops': expected NAME=GLOB"),
+      ([f'--workdir={workdir}', f'--data=stdlib={REPO}/README.md'],
+       f"error: --data='stdlib={REPO}/README.md': 'stdlib' is already the name of one of the run's sets"),
+      ([f'--workdir={workdir}', '--step=2', '--all-steps'], 'error: --step=2 and --all-steps: choose one'),
+      ([f'--workdir={workdir}', '--batches=-1'], "error: --batches=-1: expected a number of batches"),
+      ([f'--workdir={fake}'], f'error: --workdir={fake} is a StackWise run: evaluating racks'),
+      (['--step=2'], 'error: --workdir is required'),
+  ]
+  for argv, needle in cases:
+    code, out, err = jaxtrain(*argv)
+    assert code == 2 and len(err) == 1 and err[0].startswith(needle) and not out, (argv, code, err)
+  assert _listing(workdir) == before and os.listdir(fake) == ['config.json']
