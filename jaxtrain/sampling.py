@@ -121,7 +121,7 @@ def _next(logits: Array, rng: Array, i: Array, done: Array, sampling: dict, eos_
 
 def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int, rng: Array, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-             pad_id: int = 0, positions: Array | None = None) -> Array:
+             pad_id: int = 0, positions: Array | None = None, prompt_len: Array | int | None = None) -> Array:
   """Prompt (B,P) followed by max_new_tokens sampled tokens -> (B, P+max_new_tokens) int32, with a KV cache.
 
   The prompt is prefilled in one decode_fn call at cache index 0, then one token per step in a while_loop
@@ -129,6 +129,13 @@ def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int
   length P: group prompts by length, or left-pad them, pass their `positions` (B,P) and let decode_fn mask
   the padding; new tokens continue from positions[:, -1] + 1. `cache` (from the caller, e.g.
   `init_cache(batch, max_len)`) needs at least P + max_new_tokens - 1 rows.
+
+  `prompt_len` (a scalar, may be traced): only prompt[:, :prompt_len] is the prompt and the rest right
+  padding, so one compilation serves prompts of every length up to P. The padding is prefilled too, but
+  decode_fn must hide cache rows past those it is writing (causal by cache row, as
+  `jaxtrain.models.layers.cached_attention` is) and each new token overwrites the next padded row, so the
+  result (the continuation at [prompt_len, prompt_len + max_new_tokens), then leftover padding) is what the
+  unpadded prompt gives; new tokens continue from positions[:, prompt_len - 1] + 1.
   """
   _check_generate(prompt, max_new_tokens)
   _check_sampling(temperature, top_k, top_p)
@@ -136,13 +143,16 @@ def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int
   if max_new_tokens == 0:
     return prompt
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-  batch, plen = prompt.shape
+  batch, width = prompt.shape
+  plen = jnp.int32(width) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)
   pos = _prompt_positions(prompt, positions)
+  last_pos = lax.dynamic_slice_in_dim(pos, plen - 1, 1, axis=1)  # (B,1): the position of the last prompt token
   out = jnp.concatenate([prompt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
 
   logits, cache = decode_fn(prompt, pos, cache, jnp.int32(0))
-  tok, done = _next(logits[:, -1], rng, jnp.int32(0), jnp.zeros((batch,), jnp.bool_), sampling, eos_id, pad_id)
-  out = out.at[:, plen].set(tok)
+  logits = lax.dynamic_index_in_dim(logits, plen - 1, axis=1, keepdims=False)
+  tok, done = _next(logits, rng, jnp.int32(0), jnp.zeros((batch,), jnp.bool_), sampling, eos_id, pad_id)
+  out = lax.dynamic_update_slice(out, tok[:, None], (0, plen))
 
   def cond(carry):
     i, _, done, _, _ = carry
@@ -150,7 +160,7 @@ def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int
 
   def body(carry):
     i, tok, done, cache, out = carry  # tok is token i-1 of the continuation, not yet in the cache
-    logits, cache = decode_fn(tok[:, None], pos[:, -1:] + i, cache, plen + i - 1)
+    logits, cache = decode_fn(tok[:, None], last_pos + i, cache, plen + i - 1)
     tok, done = _next(logits[:, 0], rng, i, done, sampling, eos_id, pad_id)
     out = lax.dynamic_update_slice(out, tok[:, None], (0, plen + i))
     return i + 1, tok, done, cache, out
@@ -207,11 +217,11 @@ def remaining_masks(num_masks: Array, step: int | Array, steps: int, schedule: s
 
 
 def _predict(logits_fn: MaskedLogitsFn, x: Array, t: Array, mask_id: int, rng: Array,
-             temperature: float) -> tuple[Array, Array]:
-  """Chosen token (B,T) and its probability under the untempered model, mask_id forbidden."""
+             temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[Array, Array]:
+  """Chosen token (B,T) and its probability under the untempered, unfiltered model, mask_id forbidden."""
   logits = logits_fn(x, t).astype(jnp.float32)
   logits = logits.at[..., mask_id].set(-jnp.inf)
-  tok = sample_token(logits, rng, temperature)
+  tok = sample_token(logits, rng, temperature, top_k, top_p)
   logp = jax.nn.log_softmax(logits, axis=-1)
   conf = jnp.exp(jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
   return tok, conf
@@ -233,22 +243,23 @@ def _fraction(masked: Array, total: Array) -> Array:
 
 
 def unmask(logits_fn: MaskedLogitsFn, tokens: Array, mask_id: int, steps: int, rng: Array, *,
-           schedule: str = 'linear', temperature: float = 0.0, fixed: Array | None = None) -> Array:
+           schedule: str = 'linear', temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           fixed: Array | None = None) -> Array:
   """Fill the mask_id positions of tokens (B,T) in `steps` model calls, most confident first -> (B,T) int32.
 
   logits_fn(tokens, t) gets the current sequence and t (B,) float32, the fraction of the row's M initial
   masks still masked (1 at the first step, 0 for rows without masks). After step s a row keeps
   ceil(M * (1 - (s+1)/steps)) masks (linear) or ceil(M * cos(pi/2 * (s+1)/steps)) (cosine), none after the
-  last. Each step predicts every masked position (argmax at temperature 0, else a draw at that temperature;
-  mask_id itself is never predicted) and commits the ones whose chosen token has the highest probability,
-  ties to the lower position. Committed and unmasked positions never change; positions where `fixed` (B,T)
-  is true are left alone even if they hold mask_id.
+  last. Each step predicts every masked position (argmax at temperature 0, else a draw at that temperature
+  among the top_k / top_p tokens as in `filter_logits`; mask_id itself is never predicted) and commits the
+  ones whose chosen token has the highest probability, ties to the lower position. Committed and unmasked
+  positions never change; positions where `fixed` (B,T) is true are left alone even if they hold mask_id.
   """
   if int(steps) != steps or steps < 1:
     raise ValueError(f'steps must be an integer >= 1, got {steps}')
   if schedule not in SCHEDULES:
     raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
-  _check_sampling(temperature)
+  _check_sampling(temperature, top_k, top_p)
   tokens = tokens.astype(jnp.int32)
   gen = _generable(tokens, mask_id, fixed)
   total = gen.sum(axis=1, dtype=jnp.int32)
@@ -256,7 +267,8 @@ def unmask(logits_fn: MaskedLogitsFn, tokens: Array, mask_id: int, steps: int, r
   def body(s, x):
     masked = gen & (x == mask_id)  # mask_id is never predicted, so committed positions drop out for good
     count = masked.sum(axis=1, dtype=jnp.int32)
-    tok, conf = _predict(logits_fn, x, _fraction(count, total), mask_id, jax.random.fold_in(rng, s), temperature)
+    tok, conf = _predict(logits_fn, x, _fraction(count, total), mask_id, jax.random.fold_in(rng, s), temperature,
+                         top_k, top_p)
     commit_n = count - remaining_masks(total, s, steps, schedule)  # (B,)
     order = jnp.argsort(-jnp.where(masked, conf, -1.0), axis=1, stable=True)  # masked first, confident first
     rank = _scatter_last(jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape), order)
@@ -267,14 +279,14 @@ def unmask(logits_fn: MaskedLogitsFn, tokens: Array, mask_id: int, steps: int, r
 
 
 def single_pass(logits_fn: MaskedLogitsFn, tokens: Array, mask_id: int, rng: Array, temperature: float = 0.0,
-                fixed: Array | None = None) -> Array:
+                fixed: Array | None = None, *, top_k: int = 0, top_p: float = 1.0) -> Array:
   """Fill every mask_id position of tokens (B,T) from one logits_fn call (t = 1 for rows with masks).
 
   For time-as-depth models, whose one pass through the depth runs the whole reverse process.
   """
-  _check_sampling(temperature)
+  _check_sampling(temperature, top_k, top_p)
   tokens = tokens.astype(jnp.int32)
   gen = _generable(tokens, mask_id, fixed)
   total = gen.sum(axis=1, dtype=jnp.int32)
-  tok, _ = _predict(logits_fn, tokens, _fraction(total, total), mask_id, rng, temperature)
+  tok, _ = _predict(logits_fn, tokens, _fraction(total, total), mask_id, rng, temperature, top_k, top_p)
   return jnp.where(gen, tok, tokens)

@@ -167,6 +167,31 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path, bpe):
       assert json.load(f)['eos_token_id'] == bpe.eos_id
 
 
+@pytest.mark.parametrize('name', ['llama', 'gpt2'])
+def test_stackwise_clm_rack_exports_as_the_decoder_it_computes(name, tmp_path):
+  # A causal rack of 3 stacks (`jaxtrain export` of a StackWise clm run): its stacks concatenated into one
+  # decoder, written through the same `hf_weights.save`, give the rack's own logits in transformers.
+  from jaxtrain.models import rack
+  from jaxtrain.stackwise import inference, objectives
+  mc, architecture = EXPORTS['llama (untied, llama3 rope scaling)' if name == 'llama' else 'gpt2']
+  rc = rack.RackConfig(dataclasses.replace(mc, num_layers=1, vocab_size=256), 3)
+  params = rack.init_params(rc, jax.random.PRNGKey(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), len(jax.tree.leaves(params))))
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params)  # norms, biases too
+  r = inference.Rack(rack.describe(rc), objectives.Objective('clm'), (0, 1, 2), params)
+  tok = tokens(256, seed=3)
+  batch = {'tokens': tok, 'segment_ids': np.ones_like(tok), 'positions': np.tile(np.arange(T, dtype=np.int32), (2, 1))}
+  ours = np.asarray(jax.jit(lambda p: rack.forward(r.rd, p, batch, r.order))(params))
+  out = str(tmp_path / 'hf')
+  hf_weights.save(*inference.transformer(r), None, out)
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert type(model).__name__ == architecture and model.config.num_hidden_layers == 3
+  assert not any(info.values()), info
+  diff = float(np.abs(ours - torch_logits(model.eval(), tok)).max())
+  PARITY[f'export a StackWise clm rack of 3 stacks as {architecture}'] = diff
+  assert diff <= TOL
+
+
 def test_half_precision_checkpoints(tmp_path):
   """bfloat16 export and float16 checkpoints read back exactly (bf16 safetensors need ml_dtypes, not torch)."""
   mc = tiny()
@@ -333,6 +358,30 @@ def test_export_command_round_trip(trained, tmp_path):
     export.export(workdir, out)
   with pytest.raises(export.ExportError, match='--step=7: no such checkpoint .* available: 2'):
     export.export(workdir, str(tmp_path / 'other'), step=7)
+
+
+@pytest.mark.slow
+def test_sample_command_on_a_plain_run_is_the_models_greedy_continuation(trained, capsys):
+  # `jaxtrain generate` reads a plain run too (its decoder as a causal rack of one stack): greedy KV-cache
+  # decoding equals the argmax continuation recomputed from the Transformer's own logits.
+  import jax.numpy as jnp
+  from jaxtrain import cli, data
+  workdir, config = trained
+  capsys.readouterr()
+  cli.main(['jaxtrain', 'generate', f'--workdir={workdir}', '--prompt=import os', '--max_tokens=5', '--nostop_at_eos',
+            '--format=jsonl'])
+  rec = json.loads(capsys.readouterr().out)
+  assert rec['prompt_ids'] == data.load_tokenizer(config.data).encode('import os') and len(rec['ids']) == 5
+  params = export.model_params_for_export(config, export.restore_state(workdir, 2))
+  mc = models.model_config(config.model, params['embed'].shape[0])
+  graphdef = models.describe(mc)[0]
+  size = len(rec['prompt_ids']) + 5
+  batch = {'segment_ids': jnp.ones((1, size), jnp.int32), 'positions': jnp.arange(size)[None]}
+  logits = jax.jit(lambda p, tokens: models.apply(graphdef, p, dict(batch, tokens=tokens))[0])
+  seq = rec['prompt_ids'] + [0] * 5
+  for j in range(len(rec['prompt_ids']), size):  # causal: the zeros after j cannot change logits at j - 1
+    seq[j] = int(np.argmax(logits(params, jnp.asarray([seq]))[j - 1]))
+  assert rec['ids'] == seq[-5:]
 
 
 def test_export_command_missing_workdir(tmp_path):

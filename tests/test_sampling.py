@@ -214,6 +214,23 @@ def test_generate_compiles_once_per_shape():
   assert sampling.generate(toy_decode, cache, jnp.asarray(PROMPTS), 0, jax.random.key(0)).shape == (3, 5)
 
 
+def test_generate_right_padded_prompts_of_any_length_share_one_compilation():
+  traces = []
+
+  def decode(*args):
+    traces.append(1)
+    return toy_decode(*args)
+
+  padded = jax.jit(lambda prompt, n, rng: sampling.generate(decode, toy_init_cache(3, 5 + N_NEW), prompt, N_NEW, rng,
+                                                            temperature=1.0, eos_id=4, prompt_len=n))
+  for n in (1, 3):
+    junk = np.where(np.arange(5) < n, PROMPTS, 11).astype(np.int32)  # right padding the result must not see
+    got = np.asarray(padded(jnp.asarray(junk), n, jax.random.key(n)))
+    want, _ = _both(PROMPTS[:, :n], jax.random.key(n), temperature=1.0, eos_id=4)
+    np.testing.assert_array_equal(got[:, :n + N_NEW], want)
+  assert len(traces) == 2  # prefill + loop body, once for both prompt lengths
+
+
 # ---------------------------------------------------------------------------------------------------------
 # unmask / single_pass: a toy that favours token TARGET[j] at position j with confidence growing with SCORE[j],
 # and puts a huge logit on MASK that must never be chosen.
@@ -302,6 +319,24 @@ def test_unmask_sampled_is_deterministic_per_key():
   assert (a != c).any()
   assert not (a == MASK).any()
   np.testing.assert_array_equal(a[start != MASK], start[start != MASK])
+
+
+def test_unmask_and_single_pass_draw_within_top_k_and_top_p():
+  # Sampled at a high temperature, but top_k=1 (or a tiny top_p) leaves only the most likely token: greedy.
+  start = jnp.asarray(_start())
+
+  @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+  def run(rng, temperature, top_k, top_p):
+    return sampling.unmask(_random_masked, start, MASK, 4, rng, schedule='cosine', temperature=temperature,
+                           top_k=top_k, top_p=top_p)
+  greedy = np.asarray(run(jax.random.key(0), 0.0, 0, 1.0))
+  np.testing.assert_array_equal(np.asarray(run(jax.random.key(3), 5.0, 1, 1.0)), greedy)
+  np.testing.assert_array_equal(np.asarray(run(jax.random.key(3), 5.0, 0, 1e-4)), greedy)
+  assert (np.asarray(run(jax.random.key(3), 5.0, 3, 1.0)) != greedy).any()  # three candidates: the draw moves
+  one = sampling.single_pass(_random_masked, start, MASK, jax.random.key(3), 5.0, top_k=1)
+  np.testing.assert_array_equal(one, sampling.single_pass(_random_masked, start, MASK, jax.random.key(0)))
+  with pytest.raises(ValueError, match='top_p'):
+    sampling.single_pass(_random_masked, start, MASK, jax.random.key(0), 1.0, top_p=0.0)
 
 
 def test_unmask_leaves_fixed_positions():

@@ -7,18 +7,23 @@
                                           largest micro-batch that fits (compile-only); time and cost of tokens
   jaxtrain analyze --config=... [--out=DIR]
                                           per-source statistics: lengths, duplicates, chat turns, a seq_len
-  jaxtrain export --workdir=RUN --out=DIR [--step=N] [--format=hf|peft] [--dtype=bfloat16] [--max_shard_mb=N]
-                                          a checkpoint as a Hugging Face model (or PEFT adapters)
+  jaxtrain export --workdir=RUN --out=DIR [--step=N | --stage=K] [--format=hf|peft] [--dtype=bfloat16]
+                  [--max_shard_mb=N]      a checkpoint (or a causal StackWise rack) as a Hugging Face model
+                                          (or PEFT adapters)
+  jaxtrain eval --workdir=RUN [--step=N | --all-steps] [--data=NAME=GLOB ...] [--batches=N]
+                                          score checkpoints on the held-out sets: loss, bits per byte, per token
   jaxtrain merge-adapters --adapters=A,B --weights=0.7,0.3 [--method=ties --density=0.5] --out=DIR [--base=HF]
                                           combine PEFT LoRA adapters (also `--adapters A B --weights 0.7 0.3`)
   jaxtrain blocklist --workdir=RUN [--out=FILE] [--min-count=N]
                                           loss-spike dumps of a run -> a blocklist file for data.exclude
+  jaxtrain generate --workdir=RUN [--prompt=TEXT ...] [--max_tokens=N] [--temperature=T --seed=S] [--steps=N]
+                                          generate text with a run's model (a StackWise rack by its objective)
   jaxtrain samples --workdir=RUN --step=N the sample ids of each row of one train step of a run
 
 One module per command here (train.py, check.py, ...); `common.py` holds what they share: absl flags, the
 setup (config, workdir, log level, distributed start) and the one error handler. `jaxtrain COMMAND --help`
-lists a command's flags. Exit status: 0 done; 1 stopped by non-finite steps, or nothing fits (estimate);
-2 a user mistake, reported in one line `error: ...` on stderr.
+lists a command's flags. Exit status: 0 done; 1 stopped by non-finite steps, or nothing fits (estimate; check
+given a memory budget); 2 a user mistake, reported in one line `error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ COMMANDS = {
     'merge-adapters': ('merge_adapters', 'combine PEFT LoRA adapters (linear, ties, dare) into one, or into the '
                        'base model'),
     'export': ('export', 'write a checkpoint as a Hugging Face model (or PEFT adapters)'),
+    'eval': ('evaluate', "score a run's checkpoints on its held-out sets (and more files): loss, bits per byte, "
+             'loss by position and token'),
     'blocklist': ('blocklist', 'loss-spike dumps of a run -> a blocklist file of their documents (for data.exclude)'),
-    'samples': ('samples', 'the sample ids of each row of one train step of a run'),
+    'generate': ('generate', "generate text with a run's model (a StackWise rack as its objective samples)"),
+    'samples': ('samples', 'the sample ids (documents) of each row of one train step of a run'),
 }
 
 

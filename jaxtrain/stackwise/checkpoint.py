@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxtrain.errors import UserError
-from jaxtrain.train.checkpoint import _state_handler
+from jaxtrain.train.checkpoint import _state_handler, drained_event_loops
 
 _MANIFEST = re.compile(r'stage_(\d+)\.json')
 _HASH_PREFIX = b'jaxtrain-stack-part-v1\0'  # bump if the hashed encoding ever changes
@@ -67,6 +67,13 @@ class SaveReport:
   def total_bytes(self) -> int:
     """Bytes a save of the whole rack would have written."""
     return sum(self.part_bytes.values())
+
+
+def saved_stages(directory: str) -> list[int]:
+  """Stages with a complete manifest in `directory`, ascending; reads only (a reader that must not create the
+  directory, as a `StackCheckpointer` does, asks this first)."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(m.group(1)) for n in names if (m := _MANIFEST.fullmatch(n)))
 
 
 def _host_leaf(leaf: Any) -> np.ndarray:
@@ -135,8 +142,7 @@ class StackCheckpointer:
 
   def stages(self) -> list[int]:
     """Stages with a complete manifest, ascending (temp files of an interrupted write are not counted)."""
-    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
-    return sorted(int(m.group(1)) for n in names if (m := _MANIFEST.fullmatch(n)))
+    return saved_stages(self.directory)
 
   def latest(self) -> int | None:
     """The newest stage with a complete manifest, or None."""
@@ -256,7 +262,8 @@ class StackCheckpointer:
       target = jax.tree.map(_to_abstract, tree)
       self._check_abstract(stage, name, target, manifest.get('leaves', {}).get(name))
       try:
-        restored = self._orbax.restore(path, args=ocp.args.StandardRestore(target))
+        with drained_event_loops():  # a corrupt blob must fail in one line, with no asyncio noise at exit
+          restored = self._orbax.restore(path, args=ocp.args.StandardRestore(target))
       except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; name the part and blob in one line
         reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
         raise StackCheckpointError(f'stage {stage}: part {name!r} failed to restore from {path} ({reason})') from e

@@ -3,7 +3,8 @@
 Runs the planned stages one after another, each through `train.fit` in WORKDIR/stages/<k>/ (so a stage
 resumes mid-way like any run), merges what the stage trained into the rack, saves the rack per stack in
 WORKDIR/rack/ (only stacks whose contents changed are written), then prints a per-stage summary, the
-evaluation of the final rack and a few samples.
+evaluation of the final rack and a few samples (`jaxtrain generate --workdir=WORKDIR` draws more the same way;
+`jaxtrain export` writes a causal rack as a Hugging Face model).
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxtrain import paths
-from jaxtrain import data, sampling, sharding
-from jaxtrain.stackwise import objectives, plan as stackwise
+from jaxtrain import data, sharding
+from jaxtrain.stackwise import inference, objectives, plan as stackwise
 from jaxtrain.train import execution, loop as train, optim, resume
 from jaxtrain.config import validate as config_validate
 from jaxtrain.models.validate import check_vocab
@@ -139,6 +138,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
           f'{result["eval"]:.4f} nats/token ({LOSS_MEANING[obj.kind]}; ppl {"<= " if obj.kind == "diffusion" else ""}'
           f'{math.exp(min(result["eval"], 50)):.2f}); rack saved in {store.directory}/stage_{final.index}.json',
           flush=True)
+    # What a user can do with the rack next (a causal rack is also a Hugging Face model).
+    export = f'; export: jaxtrain export --workdir={workdir} --format=hf --out=DIR' if obj.causal else ''
+    print(f'more samples: jaxtrain generate --workdir={workdir} [--prompt=TEXT --max_tokens=N]{export}', flush=True)
   return result
 
 
@@ -181,46 +183,12 @@ def stage_table(records: list[dict], obj: objectives.Objective) -> str:
 def samples(config: ml_collections.ConfigDict, rd: rack.RackDef, obj: objectives.Objective,
             stage: stackwise.Stage, host_rack: dict, tokenizer: data.Tokenizer,
             schedule: tuple[float, ...] | None) -> list[tuple[str, str]]:
-  """(prompt, continuation) for each `sample.prompts`: iterative unmasking (diffusion, MLM), one pass through
-  the depth (time-as-depth), or autoregressive decoding with a KV cache (CLM). Parameters are arguments of
-  the jitted samplers, not constants baked into them."""
-  s = config.sample
-  order = stage.order
-  params = jax.tree.map(jnp.asarray, {'shared': host_rack['shared'],
-                                      'stacks': {str(i): host_rack['stacks'][str(i)] for i in order}})
-  options = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-
-  @jax.jit
-  def causal(params: dict, prompt: jax.Array, rng: jax.Array) -> jax.Array:
-    cache = rack.init_cache(rd, order, prompt.shape[0], prompt.shape[1] + s.max_tokens)
-
-    def decode_fn(tokens, positions, cache, index):
-      return rack.decode(rd, params, order, tokens, positions, cache, index)
-    return sampling.generate(decode_fn, cache, prompt, s.max_tokens, rng, **options)
-
-  @jax.jit
-  def masked(params: dict, start: jax.Array, rng: jax.Array) -> jax.Array:
-    seg = jnp.ones(start.shape, jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(start.shape[1], dtype=jnp.int32), start.shape)
-
-    def logits_fn(tokens, t):
-      tt = jnp.broadcast_to(jnp.reshape(t, (-1, 1)), tokens.shape).astype(jnp.float32) if obj.time_input else None
-      return rack.forward(rd, params, {'segment_ids': seg, 'positions': pos}, order, tt, tokens)
-    if schedule is not None:  # time-as-depth: one pass through the depth runs the reverse process
-      return sampling.single_pass(logits_fn, start, obj.mask_id, rng, temperature=s.temperature)
-    return sampling.unmask(logits_fn, start, obj.mask_id, s.steps, rng, schedule=s.schedule,
-                           temperature=s.temperature)
-
-  out = []
-  for k, prompt in enumerate(s.prompts):
-    ids = tokenizer.encode(prompt)[:max(config.data.seq_len - s.max_tokens, 1)]
-    rng = jax.random.PRNGKey(config.train.seed + k)
-    if obj.kind == 'clm':
-      tokens = causal(params, jnp.asarray([ids], jnp.int32), rng)
-    else:
-      tokens = masked(params, jnp.asarray([ids + [obj.mask_id] * s.max_tokens], jnp.int32), rng)
-    out.append((prompt, tokenizer.decode(np.asarray(tokens)[0, len(ids):])))
-  return out
+  """(prompt, continuation) for each `sample.prompts`, generated as the rack's objective trained it
+  (`inference.generate`, the generator `jaxtrain generate --workdir=RUN` uses: same settings, same text)."""
+  r = inference.Rack(rd, obj, stage.order, host_rack, schedule)
+  got = inference.generate(r, tokenizer, list(config.sample.prompts), inference.Settings.from_config(config),
+                           config.data.seq_len, prefix='config.sample.')
+  return [(s.prompt, s.text) for s in got]
 
 
 def _maybe(x: float | None) -> str:

@@ -6,7 +6,8 @@
 a LoRA run's adapters are merged into its base first. `peft` writes a LoRA run's adapters as a PEFT
 adapter directory. The run's resolved WORKDIR/config.json says what the model is; the checkpoint is
 restored into host numpy arrays, so any device count and mesh can export. User mistakes (no such workdir,
-no checkpoint, an unknown step, an output directory that is not empty) exit 2 with one line.
+no checkpoint, an unknown step, an output directory that is not empty) exit 2 with one line and write
+nothing. A StackWise run's rack (objective=clm) exports through `jaxtrain.stackwise.export`.
 """
 
 from __future__ import annotations
@@ -48,11 +49,19 @@ def restore_state(workdir: str, step: int) -> dict:
   import numpy as np
   import orbax.checkpoint as ocp
 
+  from jaxtrain.train.checkpoint import drained_event_loops
+
   path = os.path.join(os.path.abspath(workdir), paths.CHECKPOINTS, str(step), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  try:
+    with drained_event_loops():  # a corrupt checkpoint fails in one line, with no asyncio noise at exit
+      tree = checkpointer.metadata(path).item_metadata.tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # orbax and TensorStore raise many types for a damaged file
+    reason = ' '.join(str(e).split())[:200] or type(e).__name__
+    raise ExportError(f'checkpoint {step} of {workdir} cannot be read ({reason}); choose another with --step '
+                      f'(saved: {", ".join(map(str, checkpoint_steps(workdir)))})') from e
 
 
 def model_params_for_export(config: ml_collections.ConfigDict, state: dict, tokenizer: Any = None) -> dict:
@@ -68,15 +77,21 @@ def model_params_for_export(config: ml_collections.ConfigDict, state: dict, toke
   return state_lib.merged_params(config, models.model_config(config.model, vocab), state)
 
 
+def check_out(out: str) -> None:
+  """Refuses an output path that exists and is not an empty directory (ExportError)."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ExportError(f'--out={out} exists and is not an empty directory; choose a new one')
+
+
 def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dtype: str = 'float32',
            max_shard_bytes: int = 2 * 2 ** 30) -> str:
-  """Exports checkpoint `step` (default: newest) of `workdir` to `out`; returns a one-line summary.
-  Raises ExportError (and hf_config.HfError) for user mistakes."""
+  """Exports checkpoint `step` (default: newest) of the plain run in `workdir` to `out`; returns a one-line
+  summary. Raises ExportError (and hf_config.HfError) for user mistakes, before writing anything. A
+  StackWise run's rack exports through `jaxtrain.stackwise.export` (which `jaxtrain export` calls for it)."""
   config = load_run_config(workdir)
   if config.stackwise.num_stacks:
-    raise ExportError(f'--workdir={workdir} is a StackWise run (saved per stack in {workdir}/rack); exporting '
-                      'racks is not supported yet: the per-stack checkpoint there restores with '
-                      'jaxtrain.stackwise.checkpoint.StackCheckpointer')
+    raise ExportError(f'--workdir={workdir} is a StackWise run: its rack exports with '
+                      'jaxtrain.stackwise.export.export (what `jaxtrain export` runs for it)')
   steps = checkpoint_steps(workdir)
   if not steps:
     raise ExportError(f'--workdir={workdir} holds no complete checkpoint in {workdir}/checkpoints; train first')
@@ -84,8 +99,7 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
   if step not in steps:
     raise ExportError(f'--step={step}: no such checkpoint in {workdir}/checkpoints; available: '
                       f'{", ".join(map(str, steps))}')
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ExportError(f'--out={out} exists and is not an empty directory; choose a new one')
+  check_out(out)
   state = restore_state(workdir, step)
   from jaxtrain.hf import weights as hf_weights
   # Exactly the tokenizer the run trained with (its copy in WORKDIR/tokenizer/), with its chat template.
