@@ -12,6 +12,12 @@ import pytest
 from tests.conftest import REPO
 
 
+# Fresh processes here set their own device count; they keep the suite's cheap XLA compile (tests/conftest.py)
+# and skip the matmul probe and the loss plot, which these tests do not look at (~4 s of each process).
+XLA_CHEAP = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+QUICK = ('--config.log.peak_flops=1e11', '--config.log.plot=false')
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -24,12 +30,12 @@ def test_two_processes_train_one_run_that_refuses_another_process_count(tmp_path
   port = free_port()
   procs = []
   for index in range(2):  # configured through config flags here; the other tests use the env variables
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2' + XLA_CHEAP)
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
          '--config.train.steps=6', '--config.checkpoint.every=3', '--config.train.eval_every=0',
          f'--config.distributed.coordinator=127.0.0.1:{port}', '--config.distributed.num_processes=2',
-         f'--config.distributed.process_id={index}'],
+         f'--config.distributed.process_id={index}', *QUICK],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs, strict=True):
@@ -52,8 +58,8 @@ def test_two_processes_train_one_run_that_refuses_another_process_count(tmp_path
   # resume with another process count (checked on this run's checkpoint rather than a second 2-process run).
   proc = subprocess.run(
       [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
-       '--config.train.steps=8', '--config.checkpoint.every=3', '--config.train.eval_every=0'],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+       '--config.train.steps=8', '--config.checkpoint.every=3', '--config.train.eval_every=0', *QUICK],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4' + XLA_CHEAP),
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
@@ -66,14 +72,14 @@ def launch(workdir: str, processes: int, devices_each: int, steps: int, extra: t
   port = free_port()
   procs = []
   for index in range(processes):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_each}')
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_each}' + XLA_CHEAP)
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes),
                  JAX_PROCESS_ID=str(index))
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'jaxtrain.main', '--config=configs/tiny.py', f'--workdir={workdir}',
          f'--config.train.steps={steps}', '--config.checkpoint.every=4', '--config.train.eval_every=0',
-         '--config.data.process_split=rows', *extra],
+         '--config.data.process_split=rows', *QUICK, *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = []
   for p in procs:

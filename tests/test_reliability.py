@@ -18,9 +18,12 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STEPS = 120
+STEPS = 60
 ARGS = ['--config=configs/tiny.py', f'--config.train.steps={STEPS}', '--config.checkpoint.every=10',
-        '--config.checkpoint.keep=20', '--config.train.eval_every=0', '--config.log.every=1']
+        '--config.checkpoint.keep=20', '--config.train.eval_every=0', '--config.log.every=1',
+        # Each run is a fresh process: skip the 2.5 s matmul probe (at the suite's LLVM opt level 0) and the
+        # 2 s matplotlib plot, which these tests do not look at.
+        '--config.log.peak_flops=1e11', '--config.log.plot=false']
 
 
 def start(workdir: str) -> subprocess.Popen:
@@ -91,7 +94,7 @@ def test_stop_requests_save_quit_and_resume_exactly(reference, tmp_path):
   # whole loss history must equal the uninterrupted run's (one lineage instead of three keeps the suite short).
   workdir = str(tmp_path / 'run')
   stopped_at = 0
-  for how, at in (('SIGTERM', 23), ('SIGUSR1', 52), ('STOP', 81)):
+  for how, at in (('SIGTERM', 12), ('SIGUSR1', 27), ('STOP', 42)):
     proc = start(workdir)
     if stopped_at:
       wait_for_step(proc, workdir, stopped_at + 1)
@@ -116,7 +119,7 @@ def test_stop_requests_save_quit_and_resume_exactly(reference, tmp_path):
 def test_second_sigint_while_saving_does_not_corrupt(reference, tmp_path):
   workdir = str(tmp_path / 'run')
   proc = start(workdir)
-  wait_for_step(proc, workdir, 15)
+  wait_for_step(proc, workdir, 8)
   proc.send_signal(signal.SIGINT)
   time.sleep(0.02)
   proc.send_signal(signal.SIGINT)
@@ -128,7 +131,7 @@ def test_second_sigint_while_saving_does_not_corrupt(reference, tmp_path):
 def test_sigkill_at_random_moments_resumes_from_newest_complete(reference, tmp_path):
   workdir = str(tmp_path / 'run')
   rng = random.Random(0)
-  for target in (25, 55):  # two kills: one in the first run, one in the resumed run
+  for target in (14, 33):  # two kills: one in the first run, one in the resumed run
     proc = start(workdir)
     wait_for_step(proc, workdir, target)
     time.sleep(rng.uniform(0.0, 0.5))  # anywhere, often inside an async save
@@ -141,7 +144,7 @@ def test_sigkill_at_random_moments_resumes_from_newest_complete(reference, tmp_p
 def test_corrupted_checkpoints_are_reported_and_skipped(reference, tmp_path):
   workdir = str(tmp_path / 'run')
   proc = start(workdir)
-  wait_for_step(proc, workdir, 45)
+  wait_for_step(proc, workdir, 35)
   open(os.path.join(workdir, 'STOP'), 'w').close()
   finish(proc)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -204,7 +207,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clean_checkpoint(tmp_path
   proc = subprocess.run(
       [sys.executable, str(script), '--config=configs/tiny.py', f'--workdir={workdir}', '--config.train.steps=30',
        '--config.checkpoint.every=4', '--config.train.max_bad_steps=3', '--config.data.prefetch=0',
-       f'--config.train.steps_per_call={calls}'],
+       f'--config.train.steps_per_call={calls}', '--config.log.peak_flops=1e11', '--config.log.plot=false'],
       cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode == 1, proc.stderr[-3000:]
   message = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
