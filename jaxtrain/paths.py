@@ -34,9 +34,10 @@ RACK = 'rack'
 LOSS_PLOT = 'loss.png'
 EVAL = 'eval'
 # What a run's history is: --start_over moves these aside together, so a fresh start leaves no rows, samples
-# or spikes of the old run mixed with its own. config.json and tokenizer/ are rewritten by the new run.
-HISTORY = (CHECKPOINTS, METRICS, LOSS_PLOT, SOURCE_TOKENS, SAMPLES, SPIKES, NONFINITE, EVAL)
-STACKWISE_HISTORY = (RACK, STAGES)  # each stage's metrics, samples, ... live in its stage directory
+# or spikes of the old run mixed with its own, and old-<time>/ keeps the config.json and tokenizer/ its
+# checkpoints were trained with (a run directory that eval, export and generate read); the new run writes its own.
+HISTORY = (CHECKPOINTS, METRICS, LOSS_PLOT, SOURCE_TOKENS, SAMPLES, SPIKES, NONFINITE, EVAL, CONFIG, TOKENIZER)
+STACKWISE_HISTORY = (RACK, STAGES, CONFIG, TOKENIZER)  # each stage's metrics, samples, ... live in its stage dir
 
 
 def cache_root() -> str:

@@ -92,6 +92,43 @@ def test_start_over_moves_the_checkpoints_aside_and_trains_from_zero(trained, tm
     assert [json.loads(line)['step'] for line in f if '"loss"' in line][0] == 1
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['d_model'] == 48
+  with open(os.path.join(aside, 'config.json')) as f:  # old-<time>/ stays a run directory: its config, tokenizer
+    assert json.load(f)['model']['d_model'] == 32
+  assert os.listdir(os.path.join(aside, 'tokenizer')) == os.listdir(os.path.join(trained, 'tokenizer'))
+
+
+def _old_pipeline(workdir: str) -> str:
+  """The step-4 data position as jaxtrain before per-source packing saved it (its packer's state around the mix)."""
+  path = os.path.join(workdir, 'checkpoints', '4', 'data', 'process_0-of-1.json')
+  with open(path) as f:
+    state = json.load(f)
+  with open(path, 'w') as f:
+    json.dump({'parent': {'parent_window_start_state': state}, 'window_index': 0}, f)
+  return 'holds the data position of an older jaxtrain'
+
+
+def _two_processes(workdir: str) -> str:
+  """The step-4 data position as two processes with process_split='documents' write it."""
+  data = os.path.join(workdir, 'checkpoints', '4', 'data')
+  os.rename(os.path.join(data, 'process_0-of-1.json'), os.path.join(data, 'process_0-of-2.json'))
+  shutil.copy(os.path.join(data, 'process_0-of-2.json'), os.path.join(data, 'process_1-of-2.json'))
+  return 'was written by 2 processes'
+
+
+@pytest.mark.parametrize('damage', [_old_pipeline, _two_processes])
+def test_a_data_position_this_run_cannot_continue_is_refused_before_any_write(trained, tmp_path, damage, capsys):
+  """A workdir of the jaxtrain before per-source packing, or of another process count: one line naming
+  --start_over, before config.json or the tokenizer copy is rewritten (both were rewritten, then refused)."""
+  from jaxtrain import cli as jaxtrain_cli
+  workdir = copy_of(trained, tmp_path)
+  expected = damage(workdir)
+  before = tree_hash(workdir), os.stat(os.path.join(workdir, 'config.json')).st_mtime_ns
+  with pytest.raises(SystemExit) as e:
+    jaxtrain_cli.main(['jaxtrain', 'train', *ARGS, f'--workdir={workdir}'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and expected in err[0] and ('--start_over' in err[0] or "process_split='rows'" in err[0]), err
+  assert (tree_hash(workdir), os.stat(os.path.join(workdir, 'config.json')).st_mtime_ns) == before
 
 
 def test_an_allowed_change_resumes(trained, tmp_path):
@@ -182,6 +219,28 @@ def test_resumable_keys_and_saved_configs_of_older_versions():
   config.curriculum.kind = 'none'  # a job can hold a resumable key fixed (StackWise: stage lengths)
   assert resume.config_difference(saved, config, fixed=('train.steps',)) == (
       'train.steps', saved['train']['steps'], 999)
+  saved['data']['sources'] = {'chat': {'path': 'chat.jsonl', 'weight': 1.0}}  # a source taken out: refused
+  key, before, now = resume.config_difference(saved, config)
+  assert (key, before) == ('data.sources.chat.path', 'chat.jsonl') and now is not None
+
+
+def test_a_source_taken_out_or_added_is_refused_by_name(tmp_path):
+  """Taking a source out of data.sources passed the config comparison, then the run rewrote config.json and
+  the tokenizer copy and failed on the data position in another kind of line; adding one said `=absent`."""
+  from jaxtrain.data.sources import source
+  two = tiny_config()
+  two.data.sources.web = source('stdlib', max_files=4)
+  two.data.sources.chat = source('chat.jsonl', format='chat')
+  one = tiny_config()
+  one.data.sources.web = source('stdlib', max_files=4)
+  os.makedirs(tmp_path / 'checkpoints' / '4')
+  for saved, now, expected in ((two, one, 'config.data.sources.chat: is not set, but the checkpoints in'),
+                               (one, two, 'config.data.sources.chat: is set, but the checkpoints in')):
+    with open(tmp_path / 'config.json', 'w') as f:
+      f.write(saved.to_json_best_effort())
+    with pytest.raises(checkpoint.ResumeError) as e:
+      resume.check(now, str(tmp_path))
+    assert str(e.value).startswith(expected) and '--start_over' in str(e.value), str(e.value)
 
 
 def test_stackwise_compares_the_shared_config_with_its_rack(tmp_path, monkeypatch):

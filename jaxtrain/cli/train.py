@@ -17,7 +17,8 @@ def define(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool('preflight', False, 'Print the `jaxtrain check` report (tokenization preview, parameters, memory '
                     'per device) before training.', flag_values=fv)
   flags.DEFINE_bool('start_over', False, 'Move the run directory\'s old checkpoints, metrics, samples and spikes '
-                    'into WORKDIR/old-<time>/ and train from step 0 (e.g. after an incompatible config change).',
+                    '(with their config.json and tokenizer) into WORKDIR/old-<time>/ and train from step 0 (e.g. '
+                    'after an incompatible config change).',
                     flag_values=fv)
 
 

@@ -24,8 +24,9 @@ A parent's StopIteration is always handled here, never passed on from inside a p
 mixture has ended it keeps raising StopIteration. When every source with a positive share is dropped it ends
 too. Sources with share 0 are never read.
 
-Changing the shares of a resumed run is allowed (the counters are cumulative), but then the rule first catches
-up on the whole history, which can starve a source for a while; start a new mixture for a new schedule.
+Changing the shares of a resumed `Mix` is allowed (the counters are cumulative), but then the rule first catches
+up on the whole history, which can starve a source for a while; start a new mixture for a new schedule. A run
+does not allow it: data.sources.*.weight is not among the keys a resume may change (train/resume.py).
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def mixture_weights(token_counts: Mapping[str, int], weights: Mapping[str, float
   powered = {name: (n / largest) ** (1.0 / t) for name, n in counts.items()}
   total = math.fsum(powered.values())
   return {name: p / total for name, p in powered.items()}
+
+
+def is_state(state: Any) -> bool:
+  """Whether `state` (a saved data-iterator position) is a `MixIterator.get_state()`: what a run's checkpoint
+  holds since each source is packed on its own (an older jaxtrain saved its packer's state around the mixer)."""
+  return isinstance(state, Mapping) and isinstance(state.get('parents'), Mapping) and 'tokens' in state
 
 
 class Mix(grain.IterDataset):
@@ -267,13 +274,15 @@ class MixIterator(grain.DatasetIterator):
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from `get_state()` of an iterator of an identically built `Mix` (same sources)."""
     names = list(self._mix.names)
-    if not isinstance(state, Mapping) or 'parents' not in state:
+    if not is_state(state):
       raise UserError('the data-iterator state being restored', valid='was written by a different data pipeline '
-                      '(an older jaxtrain); resume with the version that wrote it, or start a fresh workdir')
+                      '(an older jaxtrain); resume with the version that wrote it, or --start_over to move the '
+                      'old run aside and train from step 0')
     saved = sorted(state['parents'])
     if saved != names:
       raise DataError('data.sources', names, f"differ from the restored data-iterator state's sources {saved}",
-                      'resume with the sources the checkpoint was written with, or start a fresh workdir')
+                      'resume with the sources the checkpoint was written with, or --start_over to move the old '
+                      'run aside and train from step 0')
     for name in names:
       dropped = bool(state['dropped'][name])
       if dropped and not self._dropped[name]:

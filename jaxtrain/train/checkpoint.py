@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from jaxtrain.data import mixing
 from jaxtrain.errors import UserError
 
 # The layout of a checkpoint directory that this jaxtrain writes and reads. Bump it when a change means an older
@@ -151,6 +152,44 @@ def check_format(step_dir: str) -> None:
     raise ResumeError(f'checkpoint {step_dir}', valid=f'is in jaxtrain checkpoint format {found}, newer than '
                       f'format {FORMAT} that this jaxtrain reads: resume with the newer jaxtrain that wrote it, or '
                       + HOW_TO_PROCEED)
+
+
+def _data_files(step_dir: str) -> list[str]:
+  """The data-iterator files of a checkpoint: `process_<i>-of-<n>.json` per process (process_split
+  'documents'), or orbax's JSON `metadata` of the one shared position ('rows')."""
+  data = os.path.join(step_dir, 'data')
+  names = sorted(os.listdir(data)) if os.path.isdir(data) else []
+  return [os.path.join(data, n) for n in names if n.startswith('process_') or n == 'metadata']
+
+
+def check_topology(step_dir: str) -> None:
+  """TopologyError when per-process iterator files name another process count than this run's: such a
+  position (process_split 'documents') cannot be continued by another count. Reads the listing only."""
+  per_process = [os.path.basename(f) for f in _data_files(step_dir) if os.path.basename(f).startswith('process_')]
+  if not per_process:
+    return
+  written_by = int(per_process[0].rsplit('-of-', 1)[1].split('.')[0])
+  if written_by != jax.process_count():
+    raise TopologyError(
+        f'checkpoint {step_dir} was written by {written_by} processes with '
+        f"data.process_split='documents' and cannot resume with {jax.process_count()}: run with "
+        f"{written_by} processes, or train with data.process_split='rows' to move between process counts")
+
+
+def check_data_state(step_dir: str) -> None:
+  """Before anything is written: TopologyError for another process count (`check_topology`), ResumeError
+  for a data-iterator position this jaxtrain's pipeline cannot continue (one written before each source was
+  packed on its own). An unreadable file is left to the restore (corrupt: moved aside)."""
+  check_topology(step_dir)
+  for path in _data_files(step_dir)[:1]:
+    try:
+      with open(path, encoding='utf-8') as f:
+        state = json.load(f)
+    except (OSError, ValueError):
+      return
+    if not mixing.is_state(state):
+      raise ResumeError(f'checkpoint {step_dir}', valid='holds the data position of an older jaxtrain, which '
+                        'this one cannot continue: resume with the version that wrote it, or ' + HOW_TO_PROCEED)
 
 
 def _path_text(path: tuple) -> str:
@@ -282,18 +321,8 @@ class Checkpointer:
     return restored['state']
 
   def _check_topology(self, step: int) -> None:
-    """Per-process iterator files name the process count that wrote them; another count cannot resume."""
-    names = os.listdir(os.path.join(self.directory, str(step), 'data')) if os.path.isdir(
-        os.path.join(self.directory, str(step), 'data')) else []
-    per_process = sorted(n for n in names if n.startswith('process_'))
-    if self.shared_data_state or not per_process:
-      return
-    written_by = int(per_process[0].rsplit('-of-', 1)[1].split('.')[0])
-    if written_by != jax.process_count():
-      raise TopologyError(
-          f'checkpoint {self.directory}/{step} was written by {written_by} processes with '
-          f"data.process_split='documents' and cannot resume with {jax.process_count()}: run with "
-          f"{written_by} processes, or train with data.process_split='rows' to move between process counts")
+    if not self.shared_data_state:
+      check_topology(os.path.join(self.directory, str(step)))
 
   def restore_latest(self, abstract_state: Any, data_iter: grain.DatasetIterator | None,
                      say: Callable[[str], None] = print) -> tuple[int, Any]:

@@ -6,7 +6,8 @@ often to log, evaluate and save, execution choices). `check` compares the run's 
 WORKDIR/config.json, and the run's abstract state with the tree the newest readable checkpoint holds (orbax
 metadata: paths, shapes, dtypes; no array is read); a difference raises `checkpoint.ResumeError`, one line
 naming the first differing key or parameter path with both values. `start_over` moves the old run's history
-(checkpoints, metrics, samples, spikes: `paths.HISTORY`) into WORKDIR/old-<time>/ so the run trains from step 0.
+(checkpoints, metrics, samples, spikes, with its config.json and tokenizer: `paths.HISTORY`) into
+WORKDIR/old-<time>/ so the run trains from step 0 and the old one stays a run directory of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from jax.experimental import multihost_utils
 
 from jaxtrain import paths
 from jaxtrain.config.defaults import base_config
-from jaxtrain.train.checkpoint import HOW_TO_PROCEED, ResumeError, check_format, check_state, step_dirs
+from jaxtrain.train.checkpoint import (HOW_TO_PROCEED, ResumeError, check_data_state, check_format, check_state,
+                                       step_dirs)
 
 # Config keys (glob patterns over dotted keys) that may differ from the config the checkpoints were trained
 # with; every other key must be equal for a resume.
@@ -64,11 +66,25 @@ def config_difference(saved: dict, config: ml_collections.ConfigDict,
   (a StackWise rack's stage lengths follow train.steps)."""
   defaults = flat(json.loads(base_config().to_json_best_effort()))
   old = flat(saved)
-  for key, value in flat(json.loads(config.to_json_best_effort())).items():
+  now = flat(json.loads(config.to_json_best_effort()))
+  for key, value in now.items():
     before = old.get(key, defaults.get(key, _ABSENT))
     if before != value and (key in fixed or not resumable(key)):
       return key, before, value
+  for key, before in old.items():  # keys this config lacks: a source taken out of data.sources, ...
+    if key not in now and key not in defaults and not resumable(key):
+      return key, before, _ABSENT
   return None
+
+
+def _absent_section(key: str, keys: Iterable[str]) -> str:
+  """The shortest dotted prefix of `key` that no key of `keys` has: `data.sources.chat` for a whole source."""
+  parts = key.split('.')
+  for n in range(1, len(parts) + 1):
+    prefix = '.'.join(parts[:n])
+    if not any(k == prefix or k.startswith(prefix + '.') for k in keys):
+      return prefix
+  return key
 
 
 def _saved_config(workdir: str) -> dict | None:
@@ -91,14 +107,22 @@ def check(config: ml_collections.ConfigDict, workdir: str, checkpoint_dirs: Iter
   for d in found:
     for step in step_dirs(d)[:1]:
       check_format(os.path.join(d, str(step)))
+      check_data_state(os.path.join(d, str(step)))  # another process count, an older pipeline's position
   saved = _saved_config(workdir)
   diff = config_difference(saved, config, tuple(fixed)) if saved is not None else None
   if diff is not None:
     key, before, now = diff
-    was = 'absent' if before is _ABSENT else repr(before)
     where = found[0] + (f' (and {len(found) - 1} more)' if len(found) > 1 else '')
-    raise ResumeError(f'config.{key}', now, f'the checkpoints in {where} were trained with {key}={was}; resume '
-                      f'with that value, or {HOW_TO_PROCEED}')
+    if now is _ABSENT:  # named by the outermost section this config lacks (a source taken out: its section)
+      section = _absent_section(key, flat(json.loads(config.to_json_best_effort())))
+      raise ResumeError(f'config.{section}', valid=f'is not set, but the checkpoints in {where} were trained with '
+                        f'it ({key}={before!r}); resume with it, or {HOW_TO_PROCEED}')
+    if before is _ABSENT:
+      section = _absent_section(key, flat(saved))
+      raise ResumeError(f'config.{section}', valid=f'is set, but the checkpoints in {where} were trained without '
+                        f'it; resume without it, or {HOW_TO_PROCEED}')
+    raise ResumeError(f'config.{key}', now, f'the checkpoints in {where} were trained with {key}={before!r}; '
+                      f'resume with that value, or {HOW_TO_PROCEED}')
   if abstract is not None:
     for step in step_dirs(dirs[0]):  # the newest whose tree can be read decides; unreadable ones are corrupt
       if check_state(os.path.join(dirs[0], str(step)), abstract):
