@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import jax
@@ -201,13 +202,18 @@ def test_cli_breakdown_sums_to_the_figure_compared_with_the_budget(tmp_path, cap
   assert tried[rows][0] <= 24 * 2 ** 20
 
 
-def test_cli_bad_budget_exits_2_in_one_line(tmp_path):
-  code, out, err, _, _ = run('jaxtrain.cli', 'estimate', '--config=configs/tiny.py', '--memory-budget=80XB',
-                             f'--workdir={tmp_path}/run')
-  lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
-  assert code == 2 and len(lines) == 1, err[-2000:]
-  assert lines[0].startswith("error: config.estimate.memory_budget='80XB': ") and 'GiB' in lines[0]
-  assert 'Traceback' not in err and not out
+@pytest.mark.parametrize('command', ['estimate', 'check'])
+def test_cli_bad_budget_exits_2_in_one_line_naming_the_flag(command, tmp_path, capsys):
+  from jaxtrain import cli
+  for value, needle in (('80XB', 'is not a size such as 80GB or 80GiB'), ('abc', 'GiB'), ('0GB', 'more than 0')):
+    with pytest.raises(SystemExit) as e:
+      cli.main(['jaxtrain', command, '--config=configs/tiny.py', f'--memory-budget={value}',
+                f'--workdir={tmp_path}/run'])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and not out, err[-2000:]
+    assert lines[0].startswith(f"error: --memory-budget='{value}': ") and needle in lines[0], lines[0]
+  assert not os.path.exists(tmp_path / 'run')
 
 
 def test_no_device_memory_on_cpu_needs_a_budget():

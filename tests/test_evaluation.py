@@ -239,6 +239,26 @@ def test_lora_and_qlora_runs_evaluate_with_their_adapters(adapter_runs, kind):
   assert abs(plain.metrics()['loss'] - s['loss']) > 1e-4, (plain.metrics(), s['loss'])
 
 
+@pytest.mark.slow
+def test_generate_sends_a_chat_runs_prompts_through_its_template(adapter_runs):
+  from jaxtrain.data import chat
+
+  workdir = adapter_runs['lora']
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    cli.main(['jaxtrain', 'generate', f'--workdir={workdir}', '--prompt=What does os.dup2 do?', '--max_tokens=6',
+              '--temperature=1', '--seed=3', '--format=jsonl'])
+  rec = json.loads(out.getvalue())
+  config = rundir.load_config(workdir)
+  tok = rundir.load_tokenizer(config, workdir)
+  encoder = chat.ChatEncoder(tok, 'chatml')
+  text = encoder.render([{'role': 'user', 'content': 'What does os.dup2 do?'}], add_generation_prompt=True)
+  assert rec['prompt'] == 'What does os.dup2 do?' and rec['templated'] == text
+  assert rec['prompt_ids'] == tok.encode(text)
+  end = tok.encode('<|im_end|>')[0]
+  assert end not in rec['ids'][:-1] and tok.eos_id not in rec['ids'][:-1]  # a sample ends at its turn's end
+
+
 def _listing(workdir: str) -> dict[str, float]:
   found = {}
   for directory, _, files in os.walk(workdir):
@@ -275,3 +295,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
     code, out, err = jaxtrain(*argv)
     assert code == 2 and len(err) == 1 and err[0].startswith(needle) and not out, (argv, code, err)
   assert _listing(workdir) == before and os.listdir(fake) == ['config.json']
+
+
+def test_a_checkpoint_deleted_while_read_says_so(tiny_run, tmp_path):
+  # A run still training deletes old checkpoints (checkpoint.keep): one read then finds its step gone.
+  import shutil
+
+  workdir, _ = tiny_run
+  copy = tmp_path / 'run'
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), copy / 'checkpoints')
+  shutil.rmtree(copy / 'checkpoints' / '2')
+  with pytest.raises(export.ExportError, match=r'checkpoint 2 of .* was deleted while it was read .*saved now: 4\)'):
+    export.restore_state(str(copy), 2)

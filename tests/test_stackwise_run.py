@@ -335,6 +335,10 @@ def test_sample_refusals_are_one_line(trained, capsys, tmp_path):
   assert sorted(str(p) for p in fresh.rglob('*')) == before
   assert 'temprature' in refused(capsys, 'generate', f'--workdir={clm}', '--temprature=1')
   assert 'give 1..31' in refused(capsys, 'generate', f'--workdir={clm}', '--max_tokens=40')
+  # A prompt of the user's that does not fit beside --max_tokens is refused, not silently cut to its last tokens.
+  err = refused(capsys, 'generate', f'--workdir={clm}', '--prompt=' + 'def f(x): ' * 20, '--max_tokens=8')
+  assert 'tokens, but the model trained on 32-token rows' in err and 'give at most 24 prompt tokens' in err
+  assert 'trained on no chat source' in refused(capsys, 'generate', f'--workdir={clm}', '--chat')
   assert 'saved stages: 0, 1' in refused(capsys, 'generate', f'--workdir={clm}', '--stage=5')
   assert '--stage=K' in refused(capsys, 'generate', f'--workdir={clm}', '--step=2')
   assert 'KV-cache decoding' in refused(capsys, 'generate', f'--workdir={clm}', '--schedule=linear')

@@ -374,7 +374,7 @@ def main(fv: flags.FlagValues) -> int:
   """Exit status 0, or 1 when the predicted peak does not fit the memory budget."""
   from jaxtrain.config import validate as config_lib
   config, workdir = common.config_and_workdir(fv)
-  if fv['memory-budget'].value is not None:
-    config.estimate.memory_budget = fv['memory-budget'].value  # validated by `prepare` with the rest
+  if common.memory_budget(fv) is not None:
+    config.estimate.memory_budget = fv['memory-budget'].value
   fits = preflight(config_lib.prepare(config, workdir), fv['preview_tokens'].value)
   return 1 if fits is False else 0

@@ -58,6 +58,20 @@ def define_memory_budget(fv: flags.FlagValues) -> None:
                       'one).', flag_values=fv)
 
 
+def memory_budget(fv: flags.FlagValues) -> str | None:
+  """The --memory-budget value (None when not given), refused in one line naming the flag when it is no size."""
+  from jaxtrain.train import budget  # light: no JAX
+
+  value = fv['memory-budget'].value
+  if value:
+    try:
+      budget.parse_bytes(value)
+    except ValueError as e:
+      raise UserError('--memory-budget', value, f'{e.args[0].split(" ", 1)[1]} (or leave the flag out: the '
+                      "device's own limit, where it reports one)") from None
+  return value
+
+
 def _define_logging(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('verbosity', None, 'Log level: -1 warning (the default), 0 info, 1 debug.', short_name='v',
                        flag_values=fv)

@@ -415,7 +415,7 @@ def main(fv: flags.FlagValues) -> int:
   """Exit status 0 when a batch fits, 1 when not even one row does."""
   from jaxtrain.config import validate as config_lib
   config, workdir = common.config_and_workdir(fv)
-  apply_flags(config, {'memory_budget': fv['memory-budget'].value, 'tokens': fv['tokens'].value,
+  apply_flags(config, {'memory_budget': common.memory_budget(fv), 'tokens': fv['tokens'].value,
                        'gpu': fv['gpu'].value})
   lines, result = report(config_lib.prepare(config, workdir))
   if jax.process_index() == 0:

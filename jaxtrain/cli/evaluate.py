@@ -25,7 +25,8 @@ def define(fv: flags.FlagValues) -> None:
                             "format of the run's first source (a chat run's through its chat template); repeatable.",
                             flag_values=fv)
   flags.DEFINE_integer('batches', None, "Batches per set (default: the run's train.eval_batches; 0: every batch "
-                       'of each set). A smaller set is scored whole, each piece once.', flag_values=fv)
+                       'of each set, until every piece is scored). Each piece is scored once; the "scored" column '
+                       'says how much of each set the batches covered.', flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> None:

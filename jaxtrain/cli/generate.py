@@ -26,6 +26,10 @@ from absl import flags
 from jaxtrain.cli import common
 
 if TYPE_CHECKING:  # the command imports JAX only once its flags parse
+  import ml_collections
+
+  from jaxtrain.data import Tokenizer
+  from jaxtrain.data.chat import ChatEncoder
   from jaxtrain.stackwise.inference import Rack, Settings
 
 _SETTINGS = ('max_tokens', 'temperature', 'top_k', 'top_p', 'steps', 'schedule', 'seed')
@@ -55,6 +59,9 @@ def define(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_boolean('stop_at_eos', True, 'Causal models: end a sample at the end of its document (EOS).',
                        flag_values=fv)
+  flags.DEFINE_boolean('chat', True, "Chat runs (a chat, alpaca or sharegpt source): send each prompt as a user "
+                       "turn through the run's chat template and end the sample at the end of the assistant's turn; "
+                       '--nochat: continue the raw text.', flag_values=fv)
   flags.DEFINE_enum('format', 'text', ('text', 'jsonl'), 'text: a header and one line per prompt; jsonl: one JSON '
                     'object per prompt (prompt, prompt_ids, ids, text).', flag_values=fv)
 
@@ -76,24 +83,55 @@ def main(fv: flags.FlagValues) -> None:
   settings = inference.Settings.from_config(loaded.config)
   settings = dataclasses.replace(settings, stop_at_eos=fv['stop_at_eos'].value,
                                  **{k: fv[k].value for k in _SETTINGS if fv[k].value is not None})
+  settings.check(loaded.window, r.obj.causal)
   prompts = fv['prompt'].value if fv['prompt'].value is not None else list(loaded.config.sample.prompts)
-  samples = inference.generate(r, loaded.tokenizer, prompts, settings, loaded.window)
+  encoder = chat_encoder(loaded.config, loaded.tokenizer)
+  if encoder is None and fv['chat'].present:
+    raise inference.SampleError(f'--{"" if fv["chat"].value else "no"}chat: this run trained on no chat source; '
+                                'its prompts are plain text already')
+  stop_ids, texts, template, turn = [], list(prompts), '', None
+  if encoder is not None and fv['chat'].value:
+    texts = [encoder.render([{'role': 'user', 'content': p}], add_generation_prompt=True) for p in prompts]
+    turn = encoder.end_of_turn()
+    stop_ids = [loaded.tokenizer.encode(turn)[0]] if turn else []
+    template = f', chat template {encoder.name}'
+  if fv['prompt'].present:  # the user's own prompts: one that does not fit is a mistake, not something to cut
+    room = loaded.window - settings.max_tokens
+    for p, text in zip(prompts, texts, strict=True):
+      n = len(loaded.tokenizer.encode(text))
+      if n > room:
+        raise inference.SampleError(
+            f'--prompt={p[:40] + "..." if len(p) > 40 else p!r}: {n} tokens{template and " with the chat template"}'
+            f', but the model trained on {loaded.window}-token rows, which hold the prompt and the '
+            f'{settings.max_tokens} new tokens: give at most {room} prompt tokens (a shorter prompt or a '
+            'smaller --max_tokens)')
+  samples = inference.generate(r, loaded.tokenizer, texts, settings, loaded.window, stop_ids=stop_ids)
   if loaded.note:
     print(loaded.note, file=sys.stderr, flush=True)
-  for s in samples:
+  for p, s in zip(prompts, samples, strict=True):
     if s.cut:
-      print(f'note: prompt {s.prompt[:40]!r}: its first {s.cut} tokens were cut to fit the {loaded.window}-token '
+      print(f'note: prompt {p[:40]!r}: its first {s.cut} tokens were cut to fit the {loaded.window}-token '
             f'window with {settings.max_tokens} new tokens', file=sys.stderr, flush=True)
   if fv['format'].value == 'jsonl':
-    for s in samples:
-      print(json.dumps({'prompt': s.prompt, 'prompt_ids': s.prompt_ids, 'ids': s.ids, 'text': s.text}), flush=True)
+    for p, s in zip(prompts, samples, strict=True):
+      print(json.dumps({'prompt': p, **({'templated': s.prompt} if template else {}), 'prompt_ids': s.prompt_ids,
+                        'ids': s.ids, 'text': s.text}), flush=True)
     return
-  print(f'{loaded.what}: {r.objective}, {describe(r, settings)}', flush=True)
-  for s in samples:
-    print(f'sample {s.prompt!r} -> {s.text!r}', flush=True)
+  print(f'{loaded.what}: {r.objective}{template}, {describe(r, settings, turn)}', flush=True)
+  for p, s in zip(prompts, samples, strict=True):
+    print(f'sample {p!r} -> {s.text!r}', flush=True)
 
 
-def describe(r: Rack, settings: Settings) -> str:
+def chat_encoder(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ChatEncoder | None:
+  """The chat encoder of a run whose first chat source (chat, alpaca or sharegpt records) set its template;
+  None for a run without one."""
+  from jaxtrain.data import chat, sources
+
+  specs = [s for s in sources.source_specs(config.data) if s.format in sources.CHAT_FORMATS]
+  return chat.ChatEncoder(tokenizer, specs[0].template) if specs else None
+
+
+def describe(r: Rack, settings: Settings, turn: str | None = None) -> str:
   """How the samples were drawn, e.g. 'iterative unmasking in 16 steps (cosine), greedy, seed 0'."""
   s = settings
   how = r.method
@@ -104,5 +142,5 @@ def describe(r: Rack, settings: Settings) -> str:
     draw += f', top_k {s.top_k}'
   if s.temperature and s.top_p < 1:
     draw += f', top_p {s.top_p:g}'
-  stop = ', ending at EOS' if r.obj.causal and s.stop_at_eos else ''
+  stop = f', ending at {turn + " or " if turn else ""}EOS' if r.obj.causal and s.stop_at_eos else ''
   return f'{how}, {s.max_tokens} tokens{stop}, {draw}, seed {s.seed}'

@@ -94,13 +94,9 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
   <end_of_turn>, ...), found by rendering a one-exchange conversation: what `generate` must stop at. None when
   the tokenizer has no chat template or the turn does not end with a special token."""
   try:
-    encoder = ChatEncoder(tokenizer, OWN_TEMPLATE, mask='turns')
-    text, spans = encoder.assistant_spans([{'role': 'user', 'content': 'Hi'},
-                                           {'role': 'assistant', 'content': 'Hello'}])
-  except ValueError:  # DataError included: no chat template, no EOS, a template that rejects the exchange
+    return ChatEncoder(tokenizer, OWN_TEMPLATE, mask='turns').end_of_turn()
+  except ValueError:  # DataError included: no chat template, no EOS
     return None
-  turn = text[spans[-1][0]:spans[-1][1]].rstrip()
-  return next((t for t in sorted(encoder._added, key=len, reverse=True) if turn.endswith(t)), None)
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
@@ -298,6 +294,17 @@ class ChatEncoder:
                          f'assistant turn {i}')
       spans.append((len(prompt), self._turn_end(upto, len(prompt))))
     return full, spans
+
+  def end_of_turn(self) -> str | None:
+    """The special token that ends an assistant turn in this template, found by rendering a one-exchange
+    conversation; None when the turn does not end with a special token or the template rejects it."""
+    try:
+      text, spans = self.assistant_spans([{'role': 'user', 'content': 'Hi'},
+                                          {'role': 'assistant', 'content': 'Hello'}])
+    except ValueError:
+      return None
+    turn = text[spans[-1][0]:spans[-1][1]].rstrip()
+    return next((t for t in sorted(self._added, key=len, reverse=True) if turn.endswith(t)), None)
 
   def _turn_end(self, text: str, start: int) -> int:
     # Whitespace after the turn's last special token (the '\n' after <|im_end|>) is scaffolding the model

@@ -207,10 +207,11 @@ def _sampler(p: _Program) -> Callable[[dict, Array, Array, Array], Array]:
 
 
 def generate(r: Rack, tokenizer: data.Tokenizer, prompts: Sequence[str], settings: Settings, window: int,
-             prefix: str = '--') -> list[Sample]:
+             prefix: str = '--', stop_ids: Sequence[int] = ()) -> list[Sample]:
   """One sample per prompt, as the rack's objective generates (see the module docstring). A prompt longer
   than the window leaves keeps its last tokens. Raises SampleError for settings that cannot work (`prefix`
-  names their keys in the message)."""
+  names their keys in the message). `stop_ids`: further ids a causal sample ends at (with stop_at_eos), such
+  as a chat template's end of turn."""
   s = settings
   s.check(window, r.obj.causal, prefix)
   params = jax.tree.map(jnp.asarray, {'shared': r.params['shared'],
@@ -231,8 +232,9 @@ def generate(r: Rack, tokenizer: data.Tokenizer, prompts: Sequence[str], setting
     start = ids + pad if r.obj.causal else ids + [r.obj.mask_id] * s.max_tokens + pad
     rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), k)
     new = [int(t) for t in np.asarray(run(params, jnp.asarray([start], jnp.int32), jnp.int32(len(ids)), rng))[0]]
-    if r.obj.causal and s.stop_at_eos and eos in new:
-      new = new[:new.index(eos) + 1]  # the rest is padding after the row ended
+    ends = [new.index(t) for t in (eos, *stop_ids) if t in new] if r.obj.causal and s.stop_at_eos else []
+    if ends:
+      new = new[:min(ends) + 1]  # the rest is padding after the row (or the turn) ended
     out.append(Sample(prompt, ids, new, tokenizer.decode(new), cut))
   return out
 

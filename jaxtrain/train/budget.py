@@ -49,9 +49,9 @@ def check(e: Any) -> None:
   if e.memory_budget:
     try:
       parse_bytes(e.memory_budget)
-    except ValueError:
+    except ValueError as error:
       raise ConfigError('estimate.memory_budget', e.memory_budget, f"must be '' (the device's memory) or "
-                        f'{SIZE_HELP}') from None
+                        f'{SIZE_HELP}' + (' above 0' if 'more than 0' in str(error) else '')) from None
   for key in ('tokens', 'num_gpus'):
     if not e[key] >= 0:
       raise ConfigError(f'estimate.{key}', e[key], 'must be >= 0')

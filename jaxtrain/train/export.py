@@ -59,9 +59,14 @@ def restore_state(workdir: str, step: int) -> dict:
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # orbax and TensorStore raise many types for a damaged file
+    saved = checkpoint_steps(workdir)
+    if step not in saved:  # deleted while being read: a run still training keeps only its newest checkpoints
+      raise ExportError(f'checkpoint {step} of {workdir} was deleted while it was read (a run still training '
+                        'keeps only its newest checkpoint.keep); rerun, or choose a kept one with --step (saved '
+                        f'now: {", ".join(map(str, saved)) or "none"})') from None
     reason = ' '.join(str(e).split())[:200] or type(e).__name__
     raise ExportError(f'checkpoint {step} of {workdir} cannot be read ({reason}); choose another with --step '
-                      f'(saved: {", ".join(map(str, checkpoint_steps(workdir)))})') from e
+                      f'(saved: {", ".join(map(str, saved))})') from e
 
 
 def model_params_for_export(config: ml_collections.ConfigDict, state: dict, tokenizer: Any = None) -> dict:
