@@ -11,7 +11,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_
 os.environ.setdefault('JAXTRAIN_CACHE', tempfile.mkdtemp(prefix='jaxtrain-cache-'))
 # Subprocess runs of the same config reuse compiled programs through JAX's persistent cache.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.environ['JAXTRAIN_CACHE'], 'jax'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('WANDB_MODE', 'disabled')
 
 import jax  # noqa: E402
