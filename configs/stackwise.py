@@ -22,8 +22,8 @@ Sizes:
         (accelerator; not yet measured: no GPU was available to the session that wrote this).
 
 Expected on a 2-core CPU (`make run` from a fresh clone, 2026-12-01): 6 min 39 s wall including the install,
-about 80 s per stage; eval ELBO about 6.6 nats/token after stage 0 and for the final rack (measured 6.69 and
-6.58; 16 eval batches; uniform guessing is 8.35). At this size the
+about 80 s per stage; eval ELBO about 6.6 nats/token after stage 0 and for the final rack (measured 6.64 and
+6.55 on 2026-12-07; 16 eval batches; uniform guessing is 8.35). At this size the
 end-to-end baseline (`direction=joint`, same tokens) reaches a better ELBO (docs/benchmarks.md, "StackWise").
 Samples are still mostly repeated tokens. The same job with 150
 steps per stage took 3 min 48 s. A rerun gives the same losses (tested on tiny racks).
