@@ -1,4 +1,4 @@
-"""Small builders shared by tests: tiny model configs and hand-made packed batches."""
+"""Small builders shared by tests: tiny model configs, hand-made packed batches, in-process commands."""
 
 from __future__ import annotations
 
@@ -44,3 +44,16 @@ def packed_batch(docs_per_row: list[list[int]], seq_len: int, vocab: int = 64, s
       at += n
     assert at <= seq_len
   return out
+
+
+def run_command(capsys, *args: str) -> tuple[int, str, str]:
+  """(exit status, stdout, stderr) of `jaxtrain ARGS` run in this process (output before it is discarded)."""
+  from jaxtrain import cli
+  capsys.readouterr()
+  try:
+    cli.main(['jaxtrain', *args])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err

@@ -12,16 +12,12 @@ from jaxtrain import cli
 from jaxtrain.cli import common, merge_adapters
 from jaxtrain.errors import ConfigError, NonFiniteError, UserError
 from tests.conftest import REPO
+from tests.helpers import run_command
 
 
 def status(argv, capsys):
   """(exit status, stdout, stderr lines) of `jaxtrain ARGV` run in this process."""
-  try:
-    cli.main(['jaxtrain', *argv])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
+  code, out, err = run_command(capsys, *argv)
   return code, out, [line for line in err.splitlines() if line.strip()]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from jaxtrain.stackwise import job as stackwise_run
 from jaxtrain.stackwise.checkpoint import StackCheckpointer
+from tests.helpers import run_command as command
 
 
 def tiny_stackwise(arg='', **overrides):
@@ -149,19 +150,6 @@ def test_the_run_stop_file_stops_a_stage_which_the_rerun_resumes(tmp_path, monke
 
 
 # ----------------------------------------------------------------------------- jaxtrain generate / export
-
-
-def command(capsys, *args):
-  """(exit status, stdout, stderr) of `jaxtrain ARGS` run in-process."""
-  from jaxtrain import cli
-  capsys.readouterr()
-  try:
-    cli.main(['jaxtrain', *args])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def records(capsys, *args):
