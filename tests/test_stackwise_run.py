@@ -136,6 +136,11 @@ def test_the_run_stop_file_stops_a_stage_which_the_rerun_resumes(tmp_path, monke
   assert [r['stage'] for r in out['stages']] == [0]  # stage 1 stopped after its first of 2 steps
   assert sorted(os.listdir(os.path.join(workdir, 'stages', '1', 'checkpoints'))) == ['1']
   assert StackCheckpointer(os.path.join(workdir, 'rack')).stages() == [0]
+  # `jaxtrain runs` reads the job's run.json over its stages: stopped one step into stage 1.
+  stage_steps = json.load(open(os.path.join(workdir, 'run.json')))['stage_steps']
+  (run,) = runs(capsys, workdir)
+  assert run['status'] == 'stopped' and run['kind'] == 'stackwise' and (run['stage'], run['stages']) == (1, 2)
+  assert (run['step'], run['steps']) == (stage_steps[0] + 1, sum(stage_steps)) and 'in stage 1' in run['reason']
   # The unfinished run already samples: the rack of its last saved stage, said on stderr.
   code, out, err = command(capsys, 'generate', f'--workdir={workdir}', '--max_tokens=3', '--steps=2')
   assert code == 0 and out.startswith('the rack of stage 0 of 2 (stacks [0])'), err
@@ -147,9 +152,19 @@ def test_the_run_stop_file_stops_a_stage_which_the_rerun_resumes(tmp_path, monke
     steps = [r['step'] for r in map(json.loads, f) if 'loss' in r]
   assert steps == [1, 2]  # step 1 before the stop, step 2 after the resume: nothing ran twice
   assert np.isfinite(again['eval'])
+  (run,) = runs(capsys, workdir)
+  assert run['status'] == 'done' and run['step'] == run['steps'] == sum(stage_steps) and run['stage'] == 1
+  assert run['loss'] == pytest.approx(again['stages'][1]['loss_last'])  # the last stage's own metrics
 
 
 # ----------------------------------------------------------------------------- jaxtrain generate / export
+
+
+def runs(capsys, workdir):
+  """The records of `jaxtrain runs WORKDIR --json`."""
+  code, out, err = command(capsys, 'runs', workdir, '--json')
+  assert code == 0, err
+  return json.loads(out)['runs']
 
 
 def records(capsys, *args):
@@ -267,6 +282,8 @@ def test_export_clm_rack_loads_in_transformers_with_equal_logits(trained, capsys
   code, text, err = command(capsys, 'export', f'--workdir={workdir}', '--format=hf', f'--out={out}')
   assert code == 0, err
   assert 'the rack of stage 1 of 2 (stacks [0, 1])' in text and 'as LlamaForCausalLM with 2 layers' in text
+  (export,) = runs(capsys, workdir)[0]['exports']  # recorded in the run directory for `jaxtrain runs`
+  assert (export['out'], export['stage'], export['step'], export['format']) == (out, 1, None, 'hf')
   loaded = inference.load(workdir)
   r = loaded.rack
   prompt = 'def f(x):\n    return x + 1\n'

@@ -12,6 +12,8 @@
                                           (or PEFT adapters)
   jaxtrain eval --workdir=RUN [--step=N | --all-steps] [--data=NAME=GLOB ...] [--batches=N]
                                           score checkpoints on the held-out sets: loss, bits per byte, per token
+  jaxtrain eval --workdir=RUN | --model-dir=DIR --harness=TASKS [--include-path=DIR] [--limit=N]
+                                          lm-evaluation-harness tasks (RUN/eval/harness/STEP-TASKS.json)
   jaxtrain merge-adapters --adapters=A,B --weights=0.7,0.3 [--method=ties --density=0.5] --out=DIR [--base=HF]
                                           combine PEFT LoRA adapters (also `--adapters A B --weights 0.7 0.3`)
   jaxtrain blocklist --workdir=RUN [--out=FILE] [--min-count=N]
@@ -19,6 +21,7 @@
   jaxtrain generate --workdir=RUN [--prompt=TEXT ...] [--max_tokens=N] [--temperature=T --seed=S] [--steps=N]
                                           generate text with a run's model (a StackWise rack by its objective)
   jaxtrain samples --workdir=RUN --step=N the sample ids of each row of one train step of a run
+  jaxtrain runs [DIR] [--json]           the runs under DIR (default runs/): status, steps, losses, exports
 
 One module per command here (train.py, check.py, ...); `common.py` holds what they share: absl flags, the
 setup (config, workdir, log level, distributed start) and the one error handler. `jaxtrain COMMAND --help`
@@ -46,6 +49,8 @@ COMMANDS = {
     'blocklist': ('blocklist', 'loss-spike dumps of a run -> a blocklist file of their documents (for data.exclude)'),
     'generate': ('generate', "generate text with a run's model (a StackWise rack as its objective samples)"),
     'samples': ('samples', 'the sample ids (documents) of each row of one train step of a run'),
+    'runs': ('runs', 'the runs under a directory (default runs/): status, steps, latest losses, best metric, '
+             'exports'),
 }
 
 

@@ -32,4 +32,6 @@ def main(fv: flags.FlagValues) -> None:
     from jaxtrain.config import validate
     check.preflight(validate.prepare(config, workdir))
   import jaxtrain
-  jaxtrain.run(config, workdir, start_over=fv['start_over'].value)
+  from jaxtrain.train import runstatus
+  with runstatus.launched(fv['config'].serialize().split('=', 1)[1]):  # WORKDIR/run.json names the config
+    jaxtrain.run(config, workdir, start_over=fv['start_over'].value)

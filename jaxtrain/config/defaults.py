@@ -128,6 +128,10 @@ def _data() -> ml_collections.ConfigDict:
   data.train = 'stdlib'  # 'stdlib' (embedded corpus) or comma-separated globs of .jsonl/.json/.parquet/.txt files.
   data.eval = ''  # globs of held-out files; '': a held-out split of `train` (by file for stdlib, else by document).
   data.eval_fraction = 0.05  # share of `train` held out for eval when data.eval is '', in [0, 1).
+  # Named held-out sets, each evaluated with the run's eval (train.eval_every, train.eval_batches) and logged as
+  # eval_loss/NAME and eval_ppl/NAME: 'NAME=GLOBS;NAME=GLOBS' (comma-separated globs, read whole in the first
+  # source's format). '': none; eval_loss stays the held-out split of each source either way.
+  data.eval_sets = ''
   data.text_field = 'text'  # field of JSON Lines / column of Parquet holding the document text.
   # '': byte-level BPE built locally on the train corpus and cached; else a tokenizer.json or a Hugging Face dir.
   data.tokenizer = ''
@@ -202,7 +206,21 @@ def _train() -> ml_collections.ConfigDict:
   # call's temporaries afresh: 4 a call ran the CPU benchmark step 13% faster), 1 on accelerators. Logs,
   # checkpoints and evaluations stay per step; stop requests and the non-finite check act after each call.
   train.steps_per_call = 0
+  train.early_stop = _early_stop()
   return train
+
+
+def _early_stop() -> ml_collections.ConfigDict:
+  """Stop on a validation plateau or target (jaxtrain.train.earlystop), judged at each evaluation. The best
+  checkpoint by `metric` is kept whatever checkpoint.keep says (`jaxtrain eval --best`, `jaxtrain export --best`)."""
+  early_stop = ml_collections.ConfigDict()
+  # an eval metric the run logs: eval_loss | eval_ppl, or METRIC/NAME for a set of data.eval_sets; '': off.
+  early_stop.metric = ''
+  early_stop.mode = 'min'  # min (lower is better) | max
+  early_stop.patience = 3  # stop after this many evaluations without improvement; 0: never (target only).
+  early_stop.min_delta = 0.0  # an improvement must beat the best by at least this (and by more than nothing).
+  early_stop.target = config_dict.placeholder(float)  # stop at the first evaluation that reaches it; None: no target.
+  return early_stop
 
 
 def _checkpoint() -> ml_collections.ConfigDict:

@@ -30,6 +30,7 @@ CHOICES = {
     'lora.mode': ('auto', 'merged', 'factored'),
     'lora.quantize': ('none', 'nf4', 'int8'),
     'sample.schedule': ('linear', 'cosine'),
+    'train.early_stop.mode': ('min', 'max'),
 }
 POSITIVE = ('model.d_model', 'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
             'model.rope_theta', 'model.norm_eps', 'model.rope_factor', 'model.rope_low_freq_factor',
@@ -43,7 +44,7 @@ NON_NEGATIVE = ('model.vocab_size', 'model.head_dim', 'model.init_std', 'model.m
                 'data.max_files', 'data.prefetch', 'data.shuffle_window', 'data.temperature', 'data.max_doc_bytes',
                 'optim.warmup_steps', 'optim.weight_decay', 'optim.clip_norm', 'optim.eps', 'train.z_loss',
                 'train.eval_every', 'train.max_bad_steps', 'train.steps_per_call', 'log.peak_flops', 'checkpoint.every',
-                'distributed.num_processes', 'lora.rank')
+                'distributed.num_processes', 'lora.rank', 'train.early_stop.patience', 'train.early_stop.min_delta')
 UNIT_INTERVAL = ('data.eval_fraction', 'optim.b1', 'optim.b2', 'lora.dropout')  # [0, 1)
 UNIT_CLOSED = ('optim.min_lr_ratio', 'optim.decay_fraction', 'data.max_bad_fraction')  # [0, 1]
 

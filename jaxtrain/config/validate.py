@@ -41,7 +41,7 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   from jaxtrain.adapters import lora
   from jaxtrain.models import validate as model_rules
   from jaxtrain.stackwise import plan as stackwise
-  from jaxtrain.train import budget, curriculum, optim, recorder
+  from jaxtrain.train import budget, curriculum, earlystop, optim, recorder
   schema.check_ranges(cfg)
   model_rules.check(cfg.model, cfg.data.seq_len)
   sharding.check(cfg.mesh, cfg.data.batch_size, cfg.train.accum_steps, num_devices)
@@ -51,6 +51,7 @@ def check_values(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   stackwise.check(cfg)
   curriculum.check(cfg)
   recorder.check(cfg.provenance)
+  earlystop.check(cfg)
 
 
 def check_paths(cfg: ml_collections.ConfigDict, workdir: str) -> None:

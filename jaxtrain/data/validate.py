@@ -1,6 +1,6 @@
 """The `data` section's files, checked before a run writes anything: the tokenizer, every source's globs and
-its train/eval split, the mixture weights and the blocklists. Raises ConfigError (a glob that matches no
-file) or DataError (a split or mixture that cannot work)."""
+its train/eval split, the mixture weights, the blocklists and the named eval sets. Raises ConfigError (a glob
+that matches no file) or DataError (a split or mixture that cannot work)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import glob
 import os
 from typing import Any
 
-from jaxtrain.data import mixing, sources
+from jaxtrain.data import evalsets, mixing, sources
 from jaxtrain.errors import ConfigError
 
 
@@ -33,3 +33,4 @@ def check(d: Any) -> None:
     if not os.path.isfile(os.path.expanduser(path)):
       raise ConfigError('data.exclude', d.exclude, f'file {path!r} does not exist; expected comma-separated '
                         'blocklist files (written by `jaxtrain blocklist`)')
+  evalsets.parse(d.eval_sets)  # names and globs; the files are read before the run writes (train.loop.check_data)

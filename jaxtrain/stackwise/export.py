@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxtrain import paths
 from jaxtrain.hf import config as hf_config, weights as hf_weights
 from jaxtrain.stackwise import inference, plan
-from jaxtrain.train import rundir
+from jaxtrain.stackwise.checkpoint import saved_stages
+from jaxtrain.train import rundir, runstatus
 from jaxtrain.train.export import ExportError, check_out
 
 
@@ -51,6 +53,8 @@ def export(workdir: str, out: str, step: int | None = None, stage: int | None = 
   loaded = inference.load(workdir, stage, config, ExportError)
   params, mc = inference.transformer(loaded.rack)
   files = hf_weights.save(params, mc, loaded.tokenizer, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
+  saved = saved_stages(paths.in_run(workdir, paths.RACK))
+  runstatus.record_export(workdir, out, fmt, dtype, stage=saved[-1] if stage is None else stage)  # `jaxtrain runs`
   note = '' if loaded.note is None else f' ({loaded.note.removeprefix("note: ")})'
   layers = f'{mc.num_layers} layer{"s" if mc.num_layers > 1 else ""}'
   return (f'exported {loaded.what} to {out} as {target.architecture} with {layers} ({dtype}, '

@@ -20,7 +20,7 @@ import ml_collections
 from jaxtrain import paths
 from jaxtrain import data, sharding
 from jaxtrain.stackwise import inference, objectives, plan as stackwise
-from jaxtrain.train import execution, loop as train, optim, resume
+from jaxtrain.train import execution, loop as train, optim, resume, runstatus
 from jaxtrain.config import validate as config_validate
 from jaxtrain.models.validate import check_vocab
 from jaxtrain.models import rack
@@ -81,52 +81,60 @@ def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = Fals
   if last is not None:
     host_rack, trained = restore_rack(store, last, rd, host_rack)
   records: list[dict] = []
-  for stage in stages:
-    if last is not None and stage.index <= last:
-      meta = store.manifest(stage.index).get('meta') or {}
-      records.append(dict(meta, resumed=True))
-      continue
-    if stage.index > 0:
-      new = str(stage.new[0])
-      if config.stackwise.new_stack_init == 'copy':
-        neighbour = stage.new[0] + (-1 if config.stackwise.direction == 'append' else 1)
-        host_rack['stacks'][new] = host_rack['stacks'][str(neighbour)]
-      elif config.stackwise.new_stack_init == 'identity':
-        host_rack['stacks'][new] = stackwise.identity_init(host_rack['stacks'][new])
-    start = time.perf_counter()
-    tx, lr_schedule = optim.make_optimizer(config.optim, stage.steps)
-    with jax.set_mesh(mesh):
-      built = stackwise.build_stage(config, rd, stage, host_rack, tx, mesh)
-      loss_fn = stackwise.make_loss_fn(config, rd, obj, stage, schedule)
-      train_step, eval_step = train.jit_steps(config, built, tx, lr_schedule, mesh, loss_fn)
-      train_flops, eval_flops = stage_flops(config, rd, stage)
-      job = train.Job(built, train.FixedStep(train_step, train_flops), eval_step, stage.steps,
-                      config.train.seed + stage.index, train_flops, eval_flops, KEEP_KEYS, stage.name)
-      # The run's WORKDIR/STOP (not the stage directory's) stops the stage at its next step, saved and resumable.
-      result = train.fit(config, job, paths.stage_dir(workdir, stage.index), mesh, tokenizer,
-                         stop_file=paths.in_run(workdir, paths.STOP))
-      if result.stopped:
-        reason, where = result.stopped
-        if primary:
-          print(f'stopped by {reason} in {stage.name}: checkpoint {where}; run the same command to resume',
-                flush=True)
-        return {'stages': records, 'eval': None, 'samples': [], 'stopped': result.stopped}
-      state = result.state
-      host_rack, changed = stackwise.merge_stage(config, stage, host_rack, state['params'])
-    trained = sorted(set(trained) | set(stage.order))
-    losses = result.losses
-    record = {'stage': stage.index, 'stacks': list(stage.order), 'new': list(stage.new), 'steps': stage.steps,
-              'ratio': stage.ratio, 'trained_params': rack.count(built.abstract['params']),
-              'loss_first': losses[min(losses)] if losses else None,
-              'loss_last': losses[max(losses)] if losses else None,
-              'eval_loss': result.eval['eval_loss'], 'eval_masked_ce': masked_ce(result.eval),
-              'seconds': round(time.perf_counter() - start, 1),
-              'changed': changed}
-    report = store.save(stage.index, parts_of(host_rack, trained), meta=record)
-    record['bytes_written'] = report.bytes_written
-    record['parts_written'] = list(report.written)
-    records.append(record)
-    del state, result  # the stage's device arrays go before the next stage builds its own
+  # WORKDIR/run.json: the whole job's status and stage (each stage's fit writes stages/K/run.json too).
+  with runstatus.Recording(workdir, sum(s.steps for s in stages), kind='stackwise', enabled=primary,
+                           extra={'stage_steps': [s.steps for s in stages], 'stage': None}) as status:
+    for stage in stages:
+      if last is not None and stage.index <= last:
+        meta = store.manifest(stage.index).get('meta') or {}
+        records.append(dict(meta, resumed=True))
+        continue
+      if stage.index > 0:
+        new = str(stage.new[0])
+        if config.stackwise.new_stack_init == 'copy':
+          neighbour = stage.new[0] + (-1 if config.stackwise.direction == 'append' else 1)
+          host_rack['stacks'][new] = host_rack['stacks'][str(neighbour)]
+        elif config.stackwise.new_stack_init == 'identity':
+          host_rack['stacks'][new] = stackwise.identity_init(host_rack['stacks'][new])
+      status.update(stage=stage.index)
+      start = time.perf_counter()
+      tx, lr_schedule = optim.make_optimizer(config.optim, stage.steps)
+      with jax.set_mesh(mesh):
+        built = stackwise.build_stage(config, rd, stage, host_rack, tx, mesh)
+        loss_fn = stackwise.make_loss_fn(config, rd, obj, stage, schedule)
+        train_step, eval_step = train.jit_steps(config, built, tx, lr_schedule, mesh, loss_fn)
+        train_flops, eval_flops = stage_flops(config, rd, stage)
+        job = train.Job(built, train.FixedStep(train_step, train_flops), eval_step, stage.steps,
+                        config.train.seed + stage.index, train_flops, eval_flops, KEEP_KEYS, stage.name)
+        # The run's WORKDIR/STOP (not the stage directory's) stops the stage at its next step, saved and resumable.
+        result = train.fit(config, job, paths.stage_dir(workdir, stage.index), mesh, tokenizer,
+                           stop_file=paths.in_run(workdir, paths.STOP))
+        if result.stopped:
+          reason, where = result.stopped
+          if primary:
+            print(f'stopped by {reason} in {stage.name}: checkpoint {where}; run the same command to resume',
+                  flush=True)
+          done = sum(s.steps for s in stages[:stage.index]) + max(result.losses, default=result.start_step)
+          status.end('stopped', done, f'stopped by {reason} in {stage.name}; rerun the same command to resume')
+          return {'stages': records, 'eval': None, 'samples': [], 'stopped': result.stopped}
+        state = result.state
+        host_rack, changed = stackwise.merge_stage(config, stage, host_rack, state['params'])
+      trained = sorted(set(trained) | set(stage.order))
+      losses = result.losses
+      record = {'stage': stage.index, 'stacks': list(stage.order), 'new': list(stage.new), 'steps': stage.steps,
+                'ratio': stage.ratio, 'trained_params': rack.count(built.abstract['params']),
+                'loss_first': losses[min(losses)] if losses else None,
+                'loss_last': losses[max(losses)] if losses else None,
+                'eval_loss': result.eval['eval_loss'], 'eval_masked_ce': masked_ce(result.eval),
+                'seconds': round(time.perf_counter() - start, 1),
+                'changed': changed,
+                'early_stop': result.early_stop}  # train.early_stop ended the stage; the next one starts
+      report = store.save(stage.index, parts_of(host_rack, trained), meta=record)
+      record['bytes_written'] = report.bytes_written
+      record['parts_written'] = list(report.written)
+      records.append(record)
+      del state, result  # the stage's device arrays go before the next stage builds its own
+    status.end('done', sum(s.steps for s in stages))
   result = {'stages': records, 'eval': records[-1]['eval_loss'] if records else None, 'stopped': None}
   result['samples'] = samples(config, rd, obj, stages[-1], host_rack, tokenizer, schedule) if primary else []
   if primary:

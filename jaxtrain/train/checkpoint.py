@@ -264,8 +264,22 @@ def _type_handlers(replica_parallel: bool) -> Any:
   return ocp.type_handlers.create_type_handler_registry(*others, (jax.Array, arrays))
 
 
+class _KeepAlso:
+  """An orbax preservation policy keeping the checkpoint of the step `step()` names now (None: none): the best
+  checkpoint by the run's early-stop metric, which moves as evaluations improve (read at each save)."""
+
+  def __init__(self, step: Callable[[], int | None]):
+    self.step = step
+
+  def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+    del context
+    keep = self.step()
+    return [c.step == keep for c in checkpoints]
+
+
 class Checkpointer:
-  """Saves every `every` steps (on demand too), keeps the newest `keep`.
+  """Saves every `every` steps (on demand too), keeps the newest `keep`, and the step `keep_also()` names (the
+  best checkpoint: `jaxtrain.train.earlystop`).
 
   `shared_data_state=True` (data.process_split='rows': every process holds the same global iterator
   position) stores that position once, as JSON, so any number of processes can resume from it; otherwise
@@ -273,13 +287,17 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True,
-               shared_data_state: bool = False, compress: bool = False):
+               shared_data_state: bool = False, compress: bool = False,
+               keep_also: Callable[[], int | None] = lambda: None):
     self.directory = os.path.abspath(directory)
     self.every = every
+    self.keep, self.keep_also = keep, keep_also
     self.shared_data_state = shared_data_state
     self._saved = False  # whether this checkpointer started a save (its temporary directory is then its own)
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep),
+                                                            _KeepAlso(keep_also)])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
         # We decide when to save (`should_save`); orbax should not second-guess the interval.
         save_interval_steps=1)
     handlers = {'state': _state_handler(compress)}
@@ -386,7 +404,17 @@ class Checkpointer:
 
   def close(self) -> None:
     self.wait()
+    self._prune()
     self._mngr.close()
+
+  def _prune(self) -> None:
+    """Deletes what the policy no longer keeps (orbax applies it at each save only): a best checkpoint that an
+    evaluation after the last save superseded would otherwise stay as one more than checkpoint.keep."""
+    steps = sorted(self.all_steps())
+    kept = set(steps[-self.keep:]) | {self.keep_also()}
+    for step in steps:
+      if step not in kept:
+        self._mngr.delete(step)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -16,10 +15,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain import paths
-from jaxtrain.train import curriculum, execution, losses, metrics, optim, resume, rundir, sourcecounts, steps, stopping
+from jaxtrain.train import (curriculum, execution, losses, metrics, optim, resume, rundir, runstatus, sourcecounts,
+                            steps, stopping)
 from jaxtrain import data, models, sharding
 from jaxtrain.adapters import lora
 from jaxtrain.models import flops
+from jaxtrain.data import evalsets
+from jaxtrain.train import earlystop
+from jaxtrain.train.heldout import evaluate
 from jaxtrain.train.checkpoint import Checkpointer
 from jaxtrain.train.recorder import Recorder
 from jaxtrain.errors import NonFiniteError
@@ -101,28 +104,6 @@ def step_args(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch:
   sh = sharding.batch_sharding(mesh, stacked=True)
   stacked = {key: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=sh) for key, x in batch.items()}
   return stacked, jax.ShapeDtypeStruct((k,), np.bool_)
-
-
-def evaluate(eval_step: Any, state: dict, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer,
-             mesh: jax.sharding.Mesh, srcs: Any = None) -> dict[str, float]:
-  """Loss and perplexity over the first `train.eval_batches` batches of the held-out split (same packing
-  as training; the same batches every time), plus eval_X for every further sum `X_sum` the loss reports.
-  `srcs`: the eval split's `data.pipeline.load_sources`, when the caller has loaded it already."""
-  ds = data.make_dataset(config.data, tokenizer, split='eval', seed=config.train.seed,
-                         batch_size=config.data.batch_size // jax.process_count(),
-                         process_index=jax.process_index(), process_count=jax.process_count(), srcs=srcs)
-  it = iter(ds)
-  totals: dict[str, float] = {}
-  for _ in range(config.train.eval_batches):
-    sums = jax.device_get(eval_step(state, sharding.to_global(next(it), mesh)))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  tokens = totals['tokens']
-  loss = totals['loss_sum'] / max(tokens, 1.0)
-  out = {'eval_loss': loss, 'eval_ppl': math.exp(min(loss, 50.0)), 'eval_tokens': tokens}
-  out.update({f'eval_{k[:-len("_sum")]}': v / max(tokens, 1.0) for k, v in totals.items()
-              if k.endswith('_sum') and k not in ('loss_sum', 'z_loss_sum')})
-  return out
 
 
 class StepChoice(Protocol):
@@ -209,7 +190,9 @@ class RunResult:
   """What `fit` did. `losses`: {step: loss} of the steps run now; `eval`: the final evaluation (None when
   stopped); `stopped`: (reason, checkpoint) of a stop request; `data_ended`: the step after which the training
   data ran out; `compiles`: train-step programs compiled; `state`: the train state at the end; `skipped`: the
-  non-finite steps whose updates were skipped."""
+  non-finite steps whose updates were skipped; `early_stop`: why train.early_stop ended the run (one line; also
+  when a rerun found it stopped already), else None; `best`: {'metric', 'value', 'step'} of the best evaluation
+  by train.early_stop.metric (its checkpoint is kept), None when no metric is watched."""
 
   start_step: int
   losses: dict[int, float]
@@ -220,6 +203,8 @@ class RunResult:
   flops: Flops
   state: dict
   skipped: int = 0
+  early_stop: str | None = None
+  best: dict | None = None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, start_over: bool = False) -> RunResult:
@@ -263,6 +248,7 @@ def check_data(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer) -> 
   bad records) raises its one-line DataError before the run writes anything, not even config.json."""
   for split in ('train', 'eval'):
     data.pipeline.load_sources(config.data, tokenizer, split)
+  evalsets.load(config.data, tokenizer)  # the named sets of data.eval_sets
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str, tokenizer: data.Tokenizer | None = None) -> None:
@@ -289,14 +275,16 @@ def fit(config: ml_collections.ConfigDict, job: Job, workdir: str, mesh: jax.sha
   where the job's step changes (`segment_end`; a curriculum's window, logged as `attn_window`).
   """
   os.makedirs(workdir, exist_ok=True)
-  loop = _Loop(config, job, workdir, mesh, tokenizer)
-  with stopping.StopRequests(workdir, stop_file=stop_file) as stop:
-    while loop.done < job.steps and loop.data_ended is None:
-      loop.run_call()
-      if loop.after_call(stop):
-        break
-    loop.finish()
-  return loop.close()
+  # WORKDIR/run.json: 'running' now, how it ended at the end ('failed' with the error if one escapes).
+  with runstatus.Recording(workdir, job.steps, enabled=jax.process_index() == 0) as status:
+    loop = _Loop(config, job, workdir, mesh, tokenizer)
+    with stopping.StopRequests(workdir, stop_file=stop_file) as stop:
+      while loop.done < job.steps and loop.data_ended is None and not loop.early_stop:
+        loop.run_call()
+        if loop.after_call(stop):
+          break
+      loop.finish()
+    return status.fit_ended(loop.close())
 
 
 class _Loop:
@@ -314,17 +302,25 @@ class _Loop:
                                             srcs=srcs))
     self.seen = data.pipeline.SourceTokens(srcs)  # tokens per source, summed over processes when logged
     self.eval_srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')  # once, not at every evaluation
+    self.eval_sets = evalsets.load(config.data, tokenizer)  # data.eval_sets, logged as eval_loss/NAME
+    self.watch = earlystop.Watch(earlystop.Settings.from_config(config), workdir, self.primary)
     self.ckpt = Checkpointer(paths.in_run(workdir, paths.CHECKPOINTS), every=config.checkpoint.every,
                              keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                             shared_data_state=config.data.process_split == 'rows')
+                             shared_data_state=config.data.process_split == 'rows', keep_also=self.watch.keep)
     self.start, state = self.ckpt.restore_latest(job.built.abstract, self.data_iter)
     self.state = job.built.complete(state) if self.start else job.built.create()
     self.recorder = Recorder(config, workdir, self.start, tokenizer)  # sample ids per step, loss-spike dumps
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
-    self.eval_flops = job.eval_flops_per_token * self.tokens_per_step * config.train.eval_batches  # padding in
+    self.eval_flops = (job.eval_flops_per_token * self.tokens_per_step * config.train.eval_batches  # padding in
+                       * (1 + len(self.eval_sets)))
     self.peak, peak_source = flops.device_peak_flops(config.log.peak_flops)
     self.calls = steps_per_call(config)  # train steps per call of the jitted step
-    self.logger = metrics.Logger(workdir, config.log, job.steps, self.start, config.to_dict(), enabled=self.primary)
+    # A rerun with fewer train.steps than the run holds evaluates again at the step it holds: that evaluation goes
+    # (the history before it, the early-stopping rule replays, stays).
+    self.logger = metrics.Logger(workdir, config.log, max(job.steps, self.start), self.start, config.to_dict(),
+                                 enabled=self.primary)
+    # After the Logger: metrics.jsonl then holds exactly the evaluations up to the step resumed from.
+    self.early_stop = self.watch.resume(metrics.read_metrics(workdir) if self.primary else [], self.start, job.steps)
     self._header(srcs, peak_source)
     self.done = self.start
     self.losses: dict[int, float] = {}
@@ -339,6 +335,7 @@ class _Loop:
     self.pending: tuple[dict, list[tuple]] | None = None  # the last call: its metrics on device, its steps
     self.compiled: list[Any] = []  # the jitted steps called so far (their first call compiles them)
     self.compile_s: dict[int, float] = {}  # first step of a call that compiled its step -> seconds, until logged
+    self.unlogged: tuple[int, dict] | None = None  # the last step run, while log.every has not logged it
 
   def _header(self, srcs: Any, peak_source: str) -> None:
     job, calls = self.job, self.calls
@@ -448,7 +445,25 @@ class _Loop:
       values, cost = self.evaluate()
       self.logger.log(done, values | cost)
       self.last_time = time.perf_counter()
+      return self.judge(done, values)
     return False
+
+  def judge(self, step: int, values: dict[str, float], final: bool = False) -> bool:
+    """train.early_stop after the evaluation of step `step`: a new best gets a checkpoint (saved now if the
+    schedule did not save this step; kept whatever checkpoint.keep says), and a stop (never at the `final`
+    evaluation: the run ends there anyway) saves, waits and ends the loop: True."""
+    tracker = self.watch.update(step, values)
+    if tracker is None:
+      return False
+    if tracker.improved:
+      self.save(step)
+      self.watch.note()  # after the save started: the record names a checkpoint that is being written
+    if tracker.reason is None or final:
+      return False
+    self.save(step, wait=True)
+    self.watch.note(self.watch.stop_record(step, tracker.reason, self.job.steps))
+    self.early_stop, self.eval = tracker.reason, values
+    return True
 
   def save(self, step: int, wait: bool = False) -> str:
     """Saves checkpoint `step` (unless saved already, or step 0) with its sidecars: the sample ids of every step
@@ -468,7 +483,8 @@ class _Loop:
   def evaluate(self) -> tuple[dict, dict]:
     """(eval metrics, their cost): the cost is logged but kept out of the result's `eval`, which is reproducible."""
     t = time.perf_counter()
-    values = evaluate(self.job.eval_step, self.state, self.config, self.tokenizer, self.mesh, self.eval_srcs)
+    values = evaluate(self.job.eval_step, self.state, self.config, self.tokenizer, self.mesh, self.eval_srcs,
+                      self.eval_sets)
     self.flops = dataclasses.replace(self.flops, eval=self.flops.eval + self.eval_flops)
     return values, {'eval_flops': self.eval_flops,
                     'eval_tflops_per_s': self.eval_flops / (time.perf_counter() - t) / 1e12}
@@ -518,14 +534,26 @@ class _Loop:
       self.bad.clear()
     if step % self.config.log.every == 0 or step == self.job.steps or values['skipped'] or 'compile_s' in values:
       self.logger.log(step, values)
+      self.unlogged = None
+    else:
+      self.unlogged = (step, values)
     self.logger.advance()
 
   def finish(self) -> None:
-    """Logs the last call, runs the final evaluation (unless stopped) and waits for the last checkpoint."""
+    """Logs the last call, runs the final evaluation (unless stopped, or stopped early: that evaluation was
+    the last) and waits for the last checkpoint. The last step run is logged whatever log.every says: a run
+    that ends before train.steps (stopped, stopped early, out of data) shows where it ended."""
     self.flush()
-    if not self.stopped:
+    if self.unlogged is not None:
+      self.logger.log(*self.unlogged)
+      self.unlogged = None
+    if self.early_stop and self.eval is None:  # a rerun that found the run stopped early: nothing ran
+      self.eval = self.watch.logged
+    elif not self.stopped and not self.early_stop:
       self.eval, cost = self.evaluate()
-      self.logger.log(self.job.steps, self.eval | cost)
+      # At train.steps, or at the step resumed from when a rerun asks for fewer steps than the run holds.
+      self.logger.log(max(self.job.steps, self.done), self.eval | cost)
+      self.judge(self.done, self.eval, final=True)
     self.recorder.close()
     self.ckpt.close()
 
@@ -534,7 +562,7 @@ class _Loop:
     saved = self.ckpt.latest_step()
     result = RunResult(self.start, self.losses, self.eval, self.stopped, self.data_ended,
                        self.job.train_step._cache_size(), self.flops, self.state,  # pylint: disable=protected-access
-                       self.skipped)
+                       self.skipped, self.early_stop, self.watch.best())
     self.logger.close()
     if self.primary:
       if self.config.log.plot:
@@ -576,10 +604,17 @@ def _summary_text(result: RunResult, workdir: str, checkpoint: str, total: int) 
     reason, where = result.stopped
     return f'stopped by {reason} after step {max(losses, default=result.start_step)}: checkpoint saved to ' \
            f'{where}; run the same command to resume'
+  best = result.best
+  kept = (f"; best {best['metric']} {best['value']:.4f} at step {best['step']} (checkpoint "
+          f"{os.path.dirname(checkpoint)}/{best['step']})") if best else ''
+  if result.early_stop and not losses:
+    return (f'already stopped early at step {result.start_step} of {total}: {result.early_stop}; nothing to train '
+            f'(raise train.steps or change train.early_stop to train on){kept}')
   if not losses:
     return (f"nothing to train: {workdir} already holds step {result.start_step} of {total}; "
-            f"eval loss {ev['eval_loss']:.4f}")
+            f"eval loss {ev['eval_loss']:.4f}{kept}")
   first, last = min(losses), max(losses)
   skipped = f'; {result.skipped} of {len(losses)} steps skipped (non-finite)' if result.skipped else ''
-  return (f"steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}{skipped}; "
-          f"eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f}); checkpoint {checkpoint}")
+  early = f'stopped early after step {last} of {total}: {result.early_stop}; ' if result.early_stop else ''
+  return (f"{early}steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}{skipped}; "
+          f"eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f}){kept}; checkpoint {checkpoint}")

@@ -2,12 +2,13 @@
 
 A rerun of a workdir resumes from its newest checkpoint. That is only right when the checkpoints were trained
 with the same config, up to the keys that may change on a resume (`RESUMABLE_KEYS`: how long to train, how
-often to log, evaluate and save, execution choices). `check` compares the run's config with the saved
-WORKDIR/config.json, and the run's abstract state with the tree the newest readable checkpoint holds (orbax
-metadata: paths, shapes, dtypes; no array is read); a difference raises `checkpoint.ResumeError`, one line
-naming the first differing key or parameter path with both values. `start_over` moves the old run's history
-(checkpoints, metrics, samples, spikes, with its config.json and tokenizer: `paths.HISTORY`) into
-WORKDIR/old-<time>/ so the run trains from step 0 and the old one stays a run directory of its own.
+often to log, evaluate and save, what to evaluate and stop on, execution choices). `check` compares the run's
+config with the saved WORKDIR/config.json, and the run's abstract state with the tree the newest readable
+checkpoint holds (orbax metadata: paths, shapes, dtypes; no array is read); a difference raises
+`checkpoint.ResumeError`, one line naming the first differing key or parameter path with both values.
+`start_over` moves the old run's history (checkpoints, metrics, samples, spikes, with its config.json and
+tokenizer: `paths.HISTORY`) into WORKDIR/old-<time>/ so the run trains from step 0 and the old one stays a run
+directory of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jaxtrain.train.checkpoint import (HOW_TO_PROCEED, ResumeError, check_data_s
 # with; every other key must be equal for a resume.
 RESUMABLE_KEYS = (
     'train.steps', 'train.eval_every', 'train.eval_batches', 'train.max_bad_steps', 'train.steps_per_call',
+    'train.early_stop.*', 'data.eval_sets',  # what is evaluated and judged, not what trains
     'checkpoint.*', 'log.*', 'provenance.*', 'estimate.*', 'sample.*', 'distributed.*',
     'mesh.*',  # restores reshard onto the run's mesh
     # How, not what, the model computes (the execution plan; parameters are layer-stacked either way).
