@@ -1,5 +1,7 @@
 """`jaxtrain eval`: a tiny run's checkpoints scored again equal the run's own evaluations, bits per byte by hand,
-the per-position curve and the other tallies against numpy, LoRA (chat) and QLoRA runs, and bad input (one
+the per-position curve and the other tallies against numpy, LoRA (chat) and QLoRA runs, StackWise racks (a
+masked-diffusion rack's ELBO equals the job's own eval at each stage, a causal rack scores as a decoder, MLM and
+time-as-depth racks against the stage's own loss), a restore that reads the parameters only, and bad input (one
 line, exit 2, nothing written)."""
 
 import contextlib
@@ -18,9 +20,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtrain import cli, models, sharding
 from jaxtrain.data.sources import source
 from jaxtrain.evaluation import run as eval_run, sets, stats
-from jaxtrain.evaluation.score import Scorer, eval_mesh
+from jaxtrain.evaluation.score import Scorer, eval_mesh, make_rack_score_fn
+from jaxtrain.stackwise import job as stackwise_job, plan as stackwise_plan
 from jaxtrain.train import export, loop as train, metrics, rundir
 from tests.conftest import REPO
+from tests.helpers import packed_batch
+from tests.test_stackwise_run import tiny_stackwise
 from tests.test_train import tiny_config
 
 # Every run: 1 step per call (the smallest train program to compile), 2 eval batches, no loss plot, a stated
@@ -288,7 +293,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
        f"error: --data='stdlib={REPO}/README.md': 'stdlib' is already the name of one of the run's sets"),
       ([f'--workdir={workdir}', '--step=2', '--all-steps'], 'error: --step=2 and --all-steps: choose one'),
       ([f'--workdir={workdir}', '--batches=-1'], "error: --batches=-1: expected a number of batches"),
-      ([f'--workdir={fake}'], f'error: --workdir={fake} is a StackWise run: evaluating racks'),
+      ([f'--workdir={fake}'], f'error: --workdir={fake}: no stage of this StackWise run has finished'),
+      ([f'--workdir={workdir}', '--stage=1'], f'error: --stage=1: {workdir} is a plain run, not a StackWise run: '
+                                              'choose its checkpoint with --step=N'),
       (['--step=2'], 'error: --workdir is required'),
   ]
   for argv, needle in cases:
@@ -307,3 +314,142 @@ def test_a_checkpoint_deleted_while_read_says_so(tiny_run, tmp_path):
   shutil.rmtree(copy / 'checkpoints' / '2')
   with pytest.raises(export.ExportError, match=r'checkpoint 2 of .* was deleted while it was read .*saved now: 4\)'):
     export.restore_state(str(copy), 2)
+
+
+def test_a_restore_reads_the_parameters_only(tiny_run, monkeypatch):
+  """eval, generate and export restore the parameters: orbax deserializes no optimizer moment, step or rng."""
+  import orbax.checkpoint as ocp
+
+  workdir, _ = tiny_run
+  read_leaves: list[str] = []
+  for handler in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ArrayHandler, ocp.type_handlers.ScalarHandler):
+    def spy(self, infos, args=None, _deserialize=handler.deserialize):
+      read_leaves.extend(info.name for info in infos)
+      return _deserialize(self, infos, args)
+    monkeypatch.setattr(handler, 'deserialize', spy)
+  state = export.restore_state(workdir, 4)
+  path = os.path.join(workdir, 'checkpoints', '4', 'state')
+  saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  assert sorted(saved) == ['opt_state', 'params', 'rng', 'step']  # what a full restore would read
+  params = {'params.' + '.'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      saved['params'])[0]}
+  assert list(state) == ['params'] and sorted(read_leaves) == sorted(params)
+  # The same arrays as the full state holds.
+  full = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)))
+  jax.tree.map(np.testing.assert_array_equal, state['params'], full['params'])
+
+
+# Tiny StackWise runs (2 stacks of 1 block, no samples), trained on first use: a masked-diffusion rack grown in
+# 2 stages of 1 step, a causal one trained jointly in 1 stage of 2 steps.
+RACKS = {'diffusion': '', 'clm': 'objective=clm,direction=joint'}
+
+
+@pytest.fixture(scope='module')
+def racks(tmp_path_factory):
+  """name -> (workdir, the job's per-stage records)."""
+  done = {}
+
+  def get(name):
+    if name not in done:
+      workdir = str(tmp_path_factory.mktemp(name) / 'run')
+      config = tiny_stackwise(RACKS[name], train__steps=2, checkpoint__every=0, train__steps_per_call=1)
+      config.sample.prompts = ()
+      with contextlib.redirect_stdout(io.StringIO()):
+        done[name] = (workdir, stackwise_job.run(config, workdir)['stages'])
+    return done[name]
+  return get
+
+
+@pytest.mark.slow
+def test_a_diffusion_racks_elbo_equals_the_jobs_own_eval_at_every_stage(racks):
+  workdir, stages = racks('diffusion')
+  code, out, err = jaxtrain(f'--workdir={workdir}', '--all-steps')
+  assert code == 0, err
+  assert [r['stage'] for r in stages] == [0, 1]
+  for logged in stages:
+    k = logged['stage']
+    record = read(workdir, f'stage_{k}.json')
+    s = record['sets']['stdlib']
+    assert record['stage'] == k and record['objective'] == 'diffusion' and 'step' not in record
+    assert f'stacks {list(range(k + 1))}' in record['model'] and record['checkpoint'].endswith(f'rack/stage_{k}.json')
+    # The ELBO and the unweighted masked CE the job logged for the stage's rack, on the same batch and masks.
+    assert abs(s['loss'] - logged['eval_loss']) < 1e-5, (s['loss'], logged)
+    assert abs(s['masked_ce'] - logged['eval_masked_ce']) < 1e-5
+    in_stage = [r for r in metrics.read_metrics(os.path.join(workdir, 'stages', str(k))) if 'eval_loss' in r][-1]
+    assert s['tokens'] == in_stage['eval_tokens'] and 0 < s['masked'] < s['tokens']  # ELBO per maskable token
+    assert record['in_run']['comparable'] and record['in_run']['logged_in'] == f'rack/stage_{k}.json'
+    assert s['bits_per_byte'] == pytest.approx(s['nats'] / math.log(2) / s['bytes'])  # a bound, as the loss
+    assert s['chat'] is None and s['positions']['position'][0] == 0  # a masked token is scored where it stands
+    assert f'in-run eval_loss at stage {k} (rack/stage_{k}.json): {logged["eval_loss"]:.6f}' in out
+    assert 'ELBO' in record['definitions']['loss']
+  assert read(workdir, 'stage_1.json')['timings']['compiles'] == 2  # one program per stage's depth
+  curve = read(workdir, 'curve.json')
+  assert curve['stages'] == [0, 1] and curve['in_run_eval_loss'] == [r['eval_loss'] for r in stages]
+  assert 'loss: the masked-diffusion ELBO' in out and 'mCE' in out
+  with open(os.path.join(workdir, 'eval', 'stage_1.md'), encoding='utf-8') as f:
+    assert '| set | tokens | bytes | loss | ppl | bits/byte | mCE | scored |' in f.read()
+
+
+@pytest.mark.slow
+def test_a_causal_rack_scores_as_a_decoder(racks):
+  workdir, stages = racks('clm')
+  code, out, err = jaxtrain(f'--workdir={workdir}')
+  assert code == 0, err
+  assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == ['stage_0.json', 'stage_0.md', 'stage_0_positions.png']
+  record = read(workdir, 'stage_0.json')
+  s = record['sets']['stdlib']
+  assert record['objective'] == 'clm' and 'masked_ce' not in s
+  assert abs(s['loss'] - stages[-1]['eval_loss']) < 1e-5 and record['in_run']['comparable']
+  assert s['positions']['position'][0] == 1 and math.isfinite(s['bits_per_byte'])  # next-token: from position 1
+  assert out.startswith('eval run stage 0: the rack of stage 0 of 1 (stacks [0, 1])')
+  assert 'loss: next-token cross-entropy' in out
+
+
+@pytest.mark.parametrize('arg', ['objective=mlm', 'direction=prepend,time=depth'])
+def test_masked_rack_outputs_add_up_to_the_stages_own_eval_loss(arg):
+  """Every stage of a fresh MLM and time-as-depth rack: the score function's per-token outputs, tallied,
+  equal the sums of the stage's own loss function (`stackwise.plan.make_loss_fn`, as its eval step runs it)."""
+  config = tiny_stackwise(arg)
+  vocab = 300
+  rd, obj = stackwise_plan.rack_setup(config, vocab)
+  stages = stackwise_plan.plan(config)
+  rack_params = stackwise_plan.initial_rack(rd, 0, vocab)
+  batch = packed_batch([[5, 9, 14], [32], [20, 7], [3, 3, 3, 3]], 32, vocab=vocab, seed=1)
+  batch['doc_ids'] = np.cumsum(batch['positions'] == 0).reshape(batch['tokens'].shape).astype(np.int32)
+  batch['doc_chunks'] = np.full_like(batch['tokens'], -1)
+  batch['scored'] = (batch['segment_ids'] > 0).astype(np.int32)
+  score = jax.jit(make_rack_score_fn(rd, obj, stages))
+  for stage in stages:
+    view = {'shared': rack_params['shared'], 'stacks': {str(i): rack_params['stacks'][str(i)] for i in stage.order}}
+    tally = stats.Tally(np.ones(rd.rc.block.vocab_size), 32, obj.kind)
+    tally.add(jax.device_get(score({'params': view}, batch)), batch['positions'])
+    loss_fn = stackwise_plan.make_loss_fn(config, rd, obj, stage, stackwise_plan.depth_schedule(config))
+    _, sums = jax.device_get(jax.jit(loss_fn, static_argnums=2)(view, batch, None))
+    m = tally.metrics()
+    assert m['tokens'] == sums['tokens'] and m['masked'] == sums['masked_sum'] > 0
+    assert m['loss'] == pytest.approx(sums['loss_sum'] / sums['tokens'], rel=1e-5)
+    assert m['masked_ce'] == pytest.approx(sums['masked_ce_sum'] / sums['masked_sum'], rel=1e-5)
+    assert math.isnan(m['bits_per_byte']) == (obj.kind == 'mlm')
+
+
+@pytest.mark.slow
+def test_a_rack_asked_for_what_it_has_not_is_one_line_exit_2(racks):
+  workdir, _ = racks('diffusion')
+  rack = os.path.join(workdir, 'rack')
+  before = _listing(workdir)
+  cases = [
+      (['--stage=5'], f'error: --stage=5: no rack of that stage in {rack}; saved stages: 0, 1'),
+      (['--stage=-1'], f'error: --stage=-1: no rack of that stage in {rack}; saved stages: 0, 1'),
+      (['--step=2'], 'error: --step=2: a StackWise run saves its rack per stage, not per step: choose one with '
+                     '--stage=K'),
+      (['--best'], 'error: --best: a StackWise run keeps the rack of each stage, not a best checkpoint'),
+      (['--stage=0', '--all-steps'], 'error: --stage=0 and --all-steps: choose one'),
+  ]
+  for argv, needle in cases:
+    code, out, err = jaxtrain(f'--workdir={workdir}', *argv)
+    assert code == 2 and len(err) == 1 and err[0].startswith(needle) and not out, (argv, code, err)
+  assert _listing(workdir) == before
+  # Without --stage: the last saved stage, as `jaxtrain generate` chooses.
+  config = rundir.load_config(workdir)
+  assert eval_run._stages(workdir, config, None, None, False, False) == [1]  # pylint: disable=protected-access

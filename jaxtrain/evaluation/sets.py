@@ -13,7 +13,6 @@ nothing is scored twice and nothing is dropped unsaid: `EvalSet` says how much o
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import os
@@ -25,12 +24,14 @@ import ml_collections
 import numpy as np
 
 from jaxtrain import data
-from jaxtrain.data import sources
+from jaxtrain.data import evalsets, sources
 from jaxtrain.evaluation import EvalError
 
 _NAME = re.compile(r'[A-Za-z0-9_-]+')
 # What the score function reads of a batch; `scored` marks the tokens of pieces scored for the first time.
 KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask', 'scored')
+# What a masked-objective rack reads besides: its masks and times are keyed by sample id (`objectives`).
+MASK_KEYS = ('doc_ids', 'doc_chunks')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +112,7 @@ def extra_sets(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer, pai
     if name in taken:
       raise EvalError('--data', f'{name}={pattern}', f'{name!r} is already the name of one of the run\'s sets '
                       f'({", ".join(taken)}); choose another NAME')
-    fields = {'chat': {'messages_field': first.field}, 'sharegpt': {'messages_field': first.field},
-              'text': {'text_field': first.field}}.get(first.format, {})
-    section = sources.source(pattern, eval=pattern, format=first.format, template=first.template or 'chatml',
-                             **fields)
-    cfg = copy.deepcopy(config.data)
-    with cfg.unlocked():
-      cfg.sources = ml_collections.ConfigDict({name: section})
-      cfg.exclude = ''  # a blocklist names the run's training documents, not these
+    cfg = evalsets.set_config(config.data, name, pattern)  # as the run's data.eval_sets are read in training
     srcs = data.pipeline.load_sources(cfg, tokenizer, 'eval')
     out.append(SetSpec(name, 'extra', f'--data={name}={pattern}', first.format in sources.CHAT_FORMATS, cfg, srcs))
   return out
@@ -140,7 +134,8 @@ def read(spec: SetSpec, tokenizer: data.Tokenizer, *, rows: int, seed: int, max_
       repeats += again
       batches.append({'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'], 'positions': batch['positions'],
                       'loss_mask': batch['loss_mask'] * fresh,
-                      'scored': (fresh & (batch['segment_ids'] > 0)).astype(np.int32)})
+                      'scored': (fresh & (batch['segment_ids'] > 0)).astype(np.int32),
+                      **{k: batch[k] for k in MASK_KEYS}})
   finally:
     close = getattr(it, 'close', None)  # the prefetch thread
     if close:

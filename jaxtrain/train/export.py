@@ -1,4 +1,4 @@
-"""Export a run's checkpoint: `jaxtrain export --workdir=DIR [--step=N] --format=hf|peft --out=OUT`.
+"""Export a run's checkpoint: `jaxtrain export --workdir=DIR [--step=N | --best] --format=hf|peft --out=OUT`.
 
   jaxtrain export --workdir=runs/llama --out=/tmp/llama-hf     # then transformers' from_pretrained(OUT)
 
@@ -20,7 +20,7 @@ import ml_collections
 
 from jaxtrain import paths
 from jaxtrain.errors import UserError
-from jaxtrain.train import rundir
+from jaxtrain.train import earlystop, rundir, runstatus
 
 
 class ExportError(UserError):
@@ -44,7 +44,10 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def restore_state(workdir: str, step: int) -> dict:
-  """The train state pytree of checkpoint `step` as host numpy arrays (no target tree or mesh needed)."""
+  """{'params': ...} of checkpoint `step` as host numpy arrays (no target tree or mesh needed): the trainable
+  parameters only (a LoRA run's adapters; its frozen base is never checkpointed). The optimizer moments, the
+  step and the rng stay on disk: what eval, generate and export read is a third of a full-parameter AdamW
+  state (orbax's partial restore reads only the arrays asked for)."""
   import jax
   import numpy as np
   import orbax.checkpoint as ocp
@@ -55,9 +58,10 @@ def restore_state(workdir: str, step: int) -> dict:
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     with drained_event_loops():  # a corrupt checkpoint fails in one line, with no asyncio noise at exit
-      tree = checkpointer.metadata(path).item_metadata.tree
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      wanted = {'params': checkpointer.metadata(path).item_metadata.tree['params']}
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                                    partial_restore=True))
   except Exception as e:  # orbax and TensorStore raise many types for a damaged file
     saved = checkpoint_steps(workdir)
     if step not in saved:  # deleted while being read: a run still training keeps only its newest checkpoints
@@ -89,8 +93,9 @@ def check_out(out: str) -> None:
 
 
 def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dtype: str = 'float32',
-           max_shard_bytes: int = 2 * 2 ** 30) -> str:
-  """Exports checkpoint `step` (default: newest) of the plain run in `workdir` to `out`; returns a one-line
+           max_shard_bytes: int = 2 * 2 ** 30, best: bool = False) -> str:
+  """Exports checkpoint `step` (default: newest; `best`: the best by the run's train.early_stop.metric,
+  `earlystop.best_checkpoint`) of the plain run in `workdir` to `out`; returns a one-line
   summary. Raises ExportError (and hf_config.HfError) for user mistakes, before writing anything. A
   StackWise run's rack exports through `jaxtrain.stackwise.export` (which `jaxtrain export` calls for it)."""
   config = load_run_config(workdir)
@@ -100,6 +105,10 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
   steps = checkpoint_steps(workdir)
   if not steps:
     raise ExportError(f'--workdir={workdir} holds no complete checkpoint in {workdir}/checkpoints; train first')
+  if best and step is not None:
+    raise ExportError(f'--best and --step={step}: choose one, the best checkpoint or a step')
+  if best:
+    step = earlystop.best_checkpoint(workdir, steps)
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ExportError(f'--step={step}: no such checkpoint in {workdir}/checkpoints; available: '
@@ -113,10 +122,12 @@ def export(workdir: str, out: str, step: int | None = None, fmt: str = 'hf', dty
     from jaxtrain.hf import peft as peft_io  # written for LoRA runs only
     peft_io.save_adapters(config, state, out)
     hf_weights.save_tokenizer(tokenizer, out)
+    runstatus.record_export(workdir, out, fmt, None, step)  # `jaxtrain runs` lists it (the adapters' own dtype)
     return f'exported the LoRA adapters of step {step} of {workdir} to {out} (PEFT format, tokenizer {tokenizer.path})'
   params = model_params_for_export(config, state, tokenizer)
   files = hf_weights.save(params, config.model, tokenizer, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
   with open(os.path.join(out, 'config.json'), encoding='utf-8') as f:
     architecture = json.load(f)['architectures'][0]
+  runstatus.record_export(workdir, out, fmt, dtype, step)
   return (f'exported step {step} of {workdir} to {out} as {architecture} ({dtype}, {len(files)} safetensors '
           f'file{"s" if len(files) > 1 else ""}, tokenizer {tokenizer.path})')
