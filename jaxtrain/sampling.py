@@ -109,10 +109,19 @@ def _check_generate(prompt: Array, max_new_tokens: int) -> None:
     raise ValueError(f'max_new_tokens must be an integer >= 0, got {max_new_tokens}')
 
 
+def _key_per_row(rng: Array) -> bool:
+  """Whether `rng` is a batch of keys (B,) typed or (B,2) raw, one per row, rather than one key."""
+  return rng.ndim == (1 if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
+
+
 def _next(logits: Array, rng: Array, i: Array, done: Array, sampling: dict, eos_id: int | None,
           pad_id: int) -> tuple[Array, Array]:
-  """Token i of the continuation (pad once a row has emitted eos) and the updated done flags."""
-  tok = sample_token(logits, jax.random.fold_in(rng, i), **sampling)
+  """Token i of the continuation (pad once a row has emitted eos) and the updated done flags. With a key per
+  row, row b draws from fold_in(rng[b], i) exactly as it would alone in a batch of one."""
+  if _key_per_row(rng):
+    tok = jax.vmap(lambda row, key: sample_token(row[None], jax.random.fold_in(key, i), **sampling)[0])(logits, rng)
+  else:
+    tok = sample_token(logits, jax.random.fold_in(rng, i), **sampling)
   tok = jnp.where(done, jnp.int32(pad_id), tok)
   if eos_id is not None:
     done = done | (tok == eos_id)
@@ -135,7 +144,12 @@ def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int
   decode_fn must hide cache rows past those it is writing (causal by cache row, as
   `jaxtrain.models.layers.cached_attention` is) and each new token overwrites the next padded row, so the
   result (the continuation at [prompt_len, prompt_len + max_new_tokens), then leftover padding) is what the
-  unpadded prompt gives; new tokens continue from positions[:, prompt_len - 1] + 1.
+  unpadded prompt gives; new tokens continue from positions[:, prompt_len - 1] + 1. A (B,) prompt_len gives
+  each row its own length: the prefill still writes cache rows [0, P) of every row at index 0, but each step
+  then passes decode_fn a (B,) index, row b writing its cache row index[b].
+
+  `rng`: one key for the batch, or a batch of keys (B,) typed / (B,2) raw, one per row, so that a row's draws
+  do not depend on the other rows.
   """
   _check_generate(prompt, max_new_tokens)
   _check_sampling(temperature, top_k, top_p)
@@ -144,15 +158,17 @@ def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int
     return prompt
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   batch, width = prompt.shape
-  plen = jnp.int32(width) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)
+  plen = jnp.int32(width) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)  # () or (B,)
+  ends = jnp.broadcast_to(plen, (batch,))  # (B,): where each row's continuation starts
+  rows = jnp.arange(batch)
   pos = _prompt_positions(prompt, positions)
-  last_pos = lax.dynamic_slice_in_dim(pos, plen - 1, 1, axis=1)  # (B,1): the position of the last prompt token
+  last_pos = jnp.take_along_axis(pos, ends[:, None] - 1, axis=1)  # (B,1): the position of the last prompt token
   out = jnp.concatenate([prompt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], axis=1)
 
   logits, cache = decode_fn(prompt, pos, cache, jnp.int32(0))
-  logits = lax.dynamic_index_in_dim(logits, plen - 1, axis=1, keepdims=False)
+  logits = jnp.take_along_axis(logits, (ends - 1)[:, None, None], axis=1)[:, 0]
   tok, done = _next(logits, rng, jnp.int32(0), jnp.zeros((batch,), jnp.bool_), sampling, eos_id, pad_id)
-  out = lax.dynamic_update_slice(out, tok[:, None], (0, plen))
+  out = out.at[rows, ends].set(tok)
 
   def cond(carry):
     i, _, done, _, _ = carry
@@ -162,7 +178,7 @@ def generate(decode_fn: DecodeFn, cache: Any, prompt: Array, max_new_tokens: int
     i, tok, done, cache, out = carry  # tok is token i-1 of the continuation, not yet in the cache
     logits, cache = decode_fn(tok[:, None], last_pos + i, cache, plen + i - 1)
     tok, done = _next(logits[:, 0], rng, i, done, sampling, eos_id, pad_id)
-    out = lax.dynamic_update_slice(out, tok[:, None], (0, plen + i))
+    out = out.at[rows, ends + i].set(tok)
     return i + 1, tok, done, cache, out
 
   return lax.while_loop(cond, body, (jnp.int32(1), tok, done, cache, out))[-1]

@@ -370,3 +370,25 @@ def test_single_pass_fills_every_mask_in_one_call():
   assert len(calls) == 1
   np.testing.assert_array_equal(ts[0], [1, 1, 1, 0])
   np.testing.assert_array_equal(out, np.where(start == MASK, TARGET, start))
+
+
+def test_generate_rows_with_their_own_lengths_and_keys_equal_each_row_alone():
+  # A (B,) prompt_len: each row continues from its own length at its own cache index (decode_fn gets a (B,)
+  # index and writes row b at index[b]); a key per row: a row draws what it draws alone in a batch of one.
+  def decode(tokens, positions, cache, index):
+    if jnp.ndim(index) == 0:
+      return toy_decode(tokens, positions, cache, index)
+    return jax.vmap(lambda t, p, c, i: jax.tree.map(lambda x: x[0], toy_decode(t[None], p[None], c[None], i)))(
+        tokens, positions, cache, index)
+
+  lengths = np.array([1, 5, 3], np.int32)
+  keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.key(11), k))(jnp.arange(3))
+  junk = np.where(np.arange(5) < lengths[:, None], PROMPTS, 11).astype(np.int32)
+  run = jax.jit(lambda prompt, n, rng: sampling.generate(decode, toy_init_cache(3, 5 + N_NEW), prompt, N_NEW, rng,
+                                                         temperature=1.0, eos_id=4, prompt_len=n))
+  got = np.asarray(run(jnp.asarray(junk), jnp.asarray(lengths), keys))
+  for b, n in enumerate(lengths):
+    alone, full = _both(PROMPTS[b:b + 1, :n], keys[b], temperature=1.0, eos_id=4)
+    np.testing.assert_array_equal(alone, full)
+    np.testing.assert_array_equal(got[b, :n + N_NEW], alone[0])
+  assert len({tuple(row[n:n + 4]) for row, n in zip(got, lengths, strict=True)}) == 3

@@ -16,10 +16,14 @@ How a rack generates follows its objective (`objectives.Objective`):
                           (`sampling.single_pass`)
 
 A plain run's Transformer is a causal rack of one stack (`from_transformer`, `load_run`), so every job
-samples through `generate`, the StackWise job's own end-of-run samples included. Prompt k of a list draws from
-fold_in(PRNGKey(seed), k) and is generated on its own, right-padded to the run's window so that one
-compilation serves every prompt: its text depends on the seed, the settings, the prompt and k, not on the
-other prompts (the same prompt listed twice gives two samples). Only the tokenizer's ids are ever emitted
+samples through `generate`, the StackWise job's own end-of-run samples included. Sample j of prompt k draws
+from key_k = fold_in(PRNGKey(seed), k) (j = 0) or fold_in(key_k, j) (j >= 1), so the first of several samples
+is the one a single sample would be. Prompts are right-padded to one width (a causal rack: the longest prompt
+of the call rounded up to a power of two; a masked one: the run's window) and up to `BATCH` rows (prompt,
+sample) generate together in one call of one compiled function, each row with its own prompt length, cache
+index and key (the last batch is padded with a copy of a row): one compilation per call serves every prompt
+length, and a row's text depends on the seed, the settings, its prompt, k and j, not on the other rows (the
+same prompt listed twice gives two samples). Only the tokenizer's ids are ever emitted
 (MASK and the rows padding the vocabulary to a multiple of 128 are not).
 A causal rack exports as a Hugging Face model through `transformer` (`jaxtrain export`).
 """
@@ -78,13 +82,15 @@ class Rack:
 @dataclasses.dataclass(frozen=True)
 class Loaded:
   """A run's model read back: the rack, the run's config and own tokenizer, and what was loaded (`what`, e.g.
-  'the rack of stage 1 of 2'). `note` says when it is not the run's final model (None when it is)."""
+  'the rack of stage 1 of 2'). `note` says when it is not the run's final model (None when it is). `base`:
+  for a LoRA run loaded with base=True, the model its adapters were trained on (the same rack without them)."""
 
   rack: Rack
   config: ml_collections.ConfigDict
   tokenizer: data.Tokenizer
   what: str
   note: str | None = None
+  base: Rack | None = None
 
   @property
   def window(self) -> int:
@@ -136,14 +142,15 @@ class Settings:
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """One generated sample: the prompt, the ids the model was given (its last ones when the prompt was cut
-  to fit; [EOS] for an empty prompt to a causal rack), the generated ids and their text, and how many prompt
-  tokens were cut from the front."""
+  to fit; [EOS] for an empty prompt to a causal rack), the generated ids and their text, how many prompt
+  tokens were cut from the front, and which of the prompt's samples it is."""
 
   prompt: str
   prompt_ids: list[int]
   ids: list[int]
   text: str
   cut: int = 0
+  sample: int = 0  # j: which of the prompt's samples (0 .. num_samples - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,29 +174,45 @@ def _allowed(logits: Array, vocab: int) -> Array:
   return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
 
 
+# Rows (prompt, sample) one compiled call generates together: a batch reads the weights once per token for
+# all its rows (what makes batched decoding faster than one row at a time), and a fixed cap keeps the KV
+# cache of a call small.
+BATCH = 8
+
+
 @functools.lru_cache(maxsize=8)
 def _sampler(p: _Program) -> Callable[[dict, Array, Array, Array], Array]:
-  """The jitted (params, start (1,T) ids, prompt length, rng) -> the max_tokens new ids (1, max_tokens) for the
-  program's objective. `start` is the prompt right-padded to window - max_tokens tokens (causal: the
+  """The jitted (params, starts (B,T) ids, prompt lengths (B,), keys (B,2)) -> the max_tokens new ids
+  (B, max_tokens) for the program's objective, each row as it would be generated alone. A start
+  is the prompt right-padded to a common width of at most window - max_tokens tokens (causal: the
   continuation overwrites the padding in the KV cache), or the prompt, max_tokens MASKs, then padding to the
-  window (masked: a padding segment the canvas never attends to). One compilation serves prompts of every
-  length; parameters are arguments, not constants baked in."""
+  window (masked: a padding segment the canvas never attends to). One compilation per batch shape serves
+  prompts of every length; parameters are arguments, not constants baked in."""
   s = p.settings
   rd, obj, order = rack.describe(p.rc, p.execution), p.obj, p.order  # outside jit: describe cannot be traced
   options = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
 
-  @jax.jit
   def causal(params: dict, prompt: Array, length: Array, rng: Array) -> Array:
-    cache = rack.init_cache(rd, order, prompt.shape[0], prompt.shape[1] + s.max_tokens)
+    cache = rack.init_cache(rd, order, prompt.shape[0], prompt.shape[1] + s.max_tokens)  # leaves (L,B,S,...)
+
+    def one_row(tokens: Array, positions: Array, cache: Any, index: Array) -> tuple[Array, Any]:
+      cache = jax.tree.map(lambda c: c[:, None], cache)
+      logits, cache = rack.decode(rd, params, order, tokens[None], positions[None], cache, index)
+      return logits[0], jax.tree.map(lambda c: c[:, 0], cache)
+    # A step writes each row's token at that row's own cache index: the decode vmapped over rows (the cache
+    # update becomes one scatter); the loop itself stays unbatched, so it copies nothing per step.
+    by_row = jax.vmap(one_row, in_axes=(0, 0, 1, 0), out_axes=(0, 1))
 
     def decode_fn(tokens: Array, positions: Array, cache: Any, index: Array) -> tuple[Array, Any]:
-      logits, cache = rack.decode(rd, params, order, tokens, positions, cache, index)
+      if jnp.ndim(index) == 0:  # the prefill: every row's padded prompt at rows [0, T)
+        logits, cache = rack.decode(rd, params, order, tokens, positions, cache, index)
+      else:
+        logits, cache = by_row(tokens, positions, cache, index)
       return _allowed(logits, p.vocab), cache
     out = sampling.generate(decode_fn, cache, prompt, s.max_tokens, rng, eos_id=p.eos_id if s.stop_at_eos else None,
                             prompt_len=length, **options)
-    return jax.lax.dynamic_slice_in_dim(out, length, s.max_tokens, axis=1)
+    return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, s.max_tokens))(out, length)
 
-  @jax.jit
   def masked(params: dict, start: Array, length: Array, rng: Array) -> Array:
     index = jnp.broadcast_to(jnp.arange(start.shape[1], dtype=jnp.int32), start.shape)
     batch = {'segment_ids': (index < length + s.max_tokens).astype(jnp.int32), 'positions': index}
@@ -203,40 +226,78 @@ def _sampler(p: _Program) -> Callable[[dict, Array, Array, Array], Array]:
       out = sampling.unmask(logits_fn, start, obj.mask_id, s.steps, rng, schedule=s.schedule, **options)
     return jax.lax.dynamic_slice_in_dim(out, length, s.max_tokens, axis=1)
 
-  return causal if obj.causal else masked
+  if obj.causal:  # the batch through one KV-cache loop, each row with its own length and key
+    return jax.jit(causal)
+  # Masked: each row runs the one-row program with its own length and key (fixed trip counts: nothing to wait for).
+  return jax.jit(jax.vmap(lambda params, start, length, rng: masked(params, start[None], length, rng)[0],
+                          in_axes=(None, 0, 0, 0)))
 
 
 def generate(r: Rack, tokenizer: data.Tokenizer, prompts: Sequence[str], settings: Settings, window: int,
-             prefix: str = '--', stop_ids: Sequence[int] = ()) -> list[Sample]:
-  """One sample per prompt, as the rack's objective generates (see the module docstring). A prompt longer
-  than the window leaves keeps its last tokens. Raises SampleError for settings that cannot work (`prefix`
-  names their keys in the message). `stop_ids`: further ids a causal sample ends at (with stop_at_eos), such
-  as a chat template's end of turn."""
+             prefix: str = '--', stop_ids: Sequence[int] = (), num_samples: int = 1) -> list[Sample]:
+  """`num_samples` samples per prompt (prompt-major: prompt 0's samples first), as the rack's objective
+  generates (see the module docstring). A prompt longer than the window leaves keeps its last tokens. Raises
+  SampleError for settings that cannot work (`prefix` names their keys in the message), including several
+  samples of a greedy draw (they would be identical). `stop_ids`: further ids a causal sample ends at (with
+  stop_at_eos), such as a chat template's end of turn."""
   s = settings
   s.check(window, r.obj.causal, prefix)
+  if num_samples < 1:
+    raise SampleError(f'{prefix}num_samples', num_samples, 'must be >= 1')
+  if num_samples > 1 and s.temperature == 0:
+    raise SampleError(f'{prefix}num_samples={num_samples}: greedy decoding ({prefix}temperature=0) gives '
+                      f'{num_samples} identical samples; set {prefix}temperature above 0 to draw different ones')
   params = jax.tree.map(jnp.asarray, {'shared': r.params['shared'],
                                       'stacks': {str(i): r.params['stacks'][str(i)] for i in r.order}})
   eos = tokenizer.eos_id
-  program = _Program(r.rd.rc, r.rd.execution, r.obj, tuple(r.order), r.schedule, dataclasses.replace(s, seed=0),
+  # Settings that change nothing for this rack are left out of the program, so they share its compilation: the
+  # seed (the keys are arguments), top_k/top_p of a greedy draw, the unmasking steps of other methods.
+  same = dict(seed=0, **(dict(top_k=0, top_p=1.0) if s.temperature == 0 else {}),
+              **({} if r.method == 'iterative unmasking' else dict(steps=1, schedule=sampling.SCHEDULES[0])),
+              **({} if r.obj.causal else dict(stop_at_eos=False)))
+  program = _Program(r.rd.rc, r.rd.execution, r.obj, tuple(r.order), r.schedule, dataclasses.replace(s, **same),
                      tokenizer.vocab_size, eos)
   run = _sampler(program)
   room = window - s.max_tokens  # prompt tokens that fit beside the continuation
-  out = []
-  for k, prompt in enumerate(prompts):
+  encoded = []
+  for prompt in prompts:
     ids = list(tokenizer.encode(prompt))
     cut = max(len(ids) - room, 0)
     ids = ids[cut:]
     if r.obj.causal and not ids:
       ids = [eos]  # documents end with EOS: after it, the model starts a new one
-    pad = [0] * (room - len(ids))
+    encoded.append((ids, cut))
+  if not encoded:
+    return []
+  # A causal batch prefills (and its cache holds) only the longest prompt of the call rounded up to a power of
+  # two, not the whole window: short prompts cost what they need, and one width serves the whole call.
+  width = min(room, _bucket(max(len(ids) for ids, _ in encoded))) if r.obj.causal else room
+  rows = []  # (prompt k, sample j, prompt ids, tokens cut, start, key)
+  for k, (ids, cut) in enumerate(encoded):
+    pad = [0] * (width - len(ids))
     start = ids + pad if r.obj.causal else ids + [r.obj.mask_id] * s.max_tokens + pad
-    rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), k)
-    new = [int(t) for t in np.asarray(run(params, jnp.asarray([start], jnp.int32), jnp.int32(len(ids)), rng))[0]]
-    ends = [new.index(t) for t in (eos, *stop_ids) if t in new] if r.obj.causal and s.stop_at_eos else []
+    key = jax.random.fold_in(jax.random.PRNGKey(s.seed), k)
+    rows += [(k, j, ids, cut, start, key if j == 0 else jax.random.fold_in(key, j)) for j in range(num_samples)]
+  size = -(-len(rows) // -(-len(rows) // BATCH))  # batches of equal size, at most BATCH: one compilation
+  new = []
+  for at in range(0, len(rows), size):
+    part = rows[at:at + size]
+    part += [part[0]] * (size - len(part))  # the last batch: copies of a row, their results dropped
+    out = run(params, jnp.asarray([p[4] for p in part], jnp.int32), jnp.asarray([len(p[2]) for p in part], jnp.int32),
+              jnp.stack([p[5] for p in part]))
+    new += np.asarray(out).tolist()[:len(rows) - at]
+  samples = []
+  for (k, j, ids, cut, _, _), ids_new in zip(rows, new, strict=True):
+    ends = [ids_new.index(t) for t in (eos, *stop_ids) if t in ids_new] if r.obj.causal and s.stop_at_eos else []
     if ends:
-      new = new[:min(ends) + 1]  # the rest is padding after the row (or the turn) ended
-    out.append(Sample(prompt, ids, new, tokenizer.decode(new), cut))
-  return out
+      ids_new = ids_new[:min(ends) + 1]  # the rest is padding after the row (or the turn) ended
+    samples.append(Sample(prompts[k], ids, ids_new, tokenizer.decode(ids_new), cut, j))
+  return samples
+
+
+def _bucket(n: int, least: int = 16) -> int:
+  """The smallest power of two >= n (and >= least): few prefill widths, so few compilations across calls."""
+  return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
 def from_transformer(params: dict, mc: ModelConfig, execution: execution_lib.Execution | None = None) -> Rack:
@@ -300,14 +361,22 @@ def load(workdir: str, stage: int | None = None, config: ml_collections.ConfigDi
   return Loaded(Rack(rd, obj, order, params, plan.depth_schedule(config)), config, tokenizer, what, note)
 
 
-def load_run(workdir: str, step: int | None = None, stage: int | None = None) -> Loaded:
+def load_run(workdir: str, step: int | None = None, stage: int | None = None, base: bool = False) -> Loaded:
   """The model of any run in `workdir`: the rack of `stage` of a StackWise run (default: the last saved; see
   `load`), or checkpoint `step` of a plain run (default: the newest) as a causal rack of one stack, a LoRA
-  run's adapters merged into its base as for an export. Reads only; raises SampleError (one line) for a
-  directory that is no run, a run with nothing saved yet, or a step/stage it does not have."""
-  from jaxtrain.train import export  # plain runs' checkpoints
+  run's adapters merged into its base as for an export. `base`: also the model without the adapters
+  (`Loaded.base`: the unquantized base the LoRA or QLoRA run started from, init.from_hf's or its seed's).
+  Reads only; raises SampleError (one line) for a directory that is no run, a run with nothing saved yet, a
+  step/stage it does not have, or base=True for a run without adapters."""
+  from jaxtrain.train import export, state as state_lib  # plain runs' checkpoints
 
   config = rundir.load_config(workdir, SampleError)
+  if base and config.stackwise.num_stacks:
+    raise SampleError(f'--compare_base: {workdir} is a StackWise run; only a LoRA or QLoRA run has a base model '
+                      'beside its adapters to compare with')
+  if base and not (config.lora.rank or config.init.lora_from):
+    raise SampleError(f'--compare_base: {workdir} is a full-parameter run (lora.rank=0, no init.lora_from); '
+                      'only a LoRA or QLoRA run has a base model beside its adapters to compare with')
   if config.stackwise.num_stacks:
     if step is not None:
       raise SampleError(f'--step={step}: a StackWise run saves its rack per stage, not per step; choose one with '
@@ -325,10 +394,19 @@ def load_run(workdir: str, step: int | None = None, stage: int | None = None) ->
     raise SampleError(f'--step={step}: no such checkpoint in {workdir}/checkpoints; available: '
                       f'{", ".join(map(str, steps))}')
   tokenizer = rundir.load_tokenizer(config, workdir)
-  params = export.model_params_for_export(config, export.restore_state(workdir, step), tokenizer)
+  state = export.restore_state(workdir, step)
+  base_params = None
+  if base:  # built once: the merged model adds the adapters to this same base
+    mc = models.model_config(config.model, config.model.vocab_size or tokenizer.vocab_size)  # as the export's
+    base_params = state_lib.lora_base(config, mc)
+    params = state_lib.merged_params(config, mc, state, base_params)
+  else:
+    params = export.model_params_for_export(config, state, tokenizer)
   rows = int(params['embed'].shape[0])
   mc = dataclasses.replace(models.model_config(config.model, rows), vocab_size=rows)
-  r = from_transformer(params, mc, execution_lib.from_model(config.model, mc))
+  execution = execution_lib.from_model(config.model, mc)
+  r = from_transformer(params, mc, execution)
   final = int(config.train.steps)
   note = None if step == final else f"note: checkpoint step {step} of the run's {final} steps, not its final model"
-  return Loaded(r, config, tokenizer, f'checkpoint step {step} of {workdir}', note)
+  return Loaded(r, config, tokenizer, f'checkpoint step {step} of {workdir}', note,
+                None if base_params is None else from_transformer(base_params, mc, execution))

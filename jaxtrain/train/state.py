@@ -228,14 +228,21 @@ def checkpointed(state: dict) -> dict:
   return {k: v for k, v in state.items() if k != 'frozen'}
 
 
-def merged_params(config: ml_collections.ConfigDict, mc: models.ModelConfig, restored: dict) -> dict:
+def lora_base(config: ml_collections.ConfigDict, mc: models.ModelConfig) -> dict:
+  """The unquantized base a LoRA run started from: `init.from_hf`'s weights, or the init of its seed."""
+  load = load_base(config, mc)
+  return load(None) if load else models.init_params(mc, jax.random.PRNGKey(config.train.seed))
+
+
+def merged_params(config: ml_collections.ConfigDict, mc: models.ModelConfig, restored: dict,
+                  base: dict | None = None) -> dict:
   """Full-precision model parameters of a restored state: the params themselves, or with LoRA the base
-  rebuilt unquantized (from `init.from_hf` or the seed) with the adapters merged in. A QLoRA run merges into
-  the original base, not the quantized one, so export does not bake in quantisation error."""
+  rebuilt unquantized (`lora_base`, or `base` when the caller has it already) with the adapters merged in. A
+  QLoRA run merges into the original base, not the quantized one, so export does not bake in quantisation
+  error."""
   if not (config.lora.rank or config.init.lora_from):
     return restored['params']
   _, _, shapes = models.describe(mc)
   settings = lora_settings(config, mc, shapes)
-  load = load_base(config, mc)
-  base = load(None) if load else models.init_params(mc, jax.random.PRNGKey(config.train.seed))
+  base = lora_base(config, mc) if base is None else base
   return lora.merge(base, restored['params'], settings.scale)
