@@ -65,6 +65,12 @@ BENCHMARKS = (
           ('--stacks=3', '--d_model=64', '--seq=128')),
     Bench('stackwise_compare', 'stackwise_compare.py', 'StackWise: progressive versus end-to-end',
           ('--set=train.steps=40', '--reeval_batches=2')),
+    Bench('generate', 'generate.py', 'Generation: KV-cache decoding vs transformers generate (CPU)',
+          ('--quick', '--new_tokens=16', '--repeats=1')),
+    Bench('harness', 'harness.py', "lm-evaluation-harness: loglikelihood requests/s vs lm-eval's HF backend (CPU)",
+          ('--quick', '--repeat=1', '--repeats=1')),
+    Bench('eval_throughput', 'eval_throughput.py', "Eval throughput: `jaxtrain eval` vs the training step's forward",
+          ('--sizes=tiny', '--batches=4', '--rounds=3'), ('--batches=16', '--rounds=7')),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
 
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f'{name} failed with exit status {e.returncode}: {e.stderr.strip().splitlines()[-1:]}', file=sys.stderr)
       failed.append(name)
       continue
+    with open(opts.doc, encoding='utf-8') as f:  # read again: others may have edited it while this one ran
+      doc = f.read()
     doc = splice(doc, name, block(bench, command, out, seconds, datetime.date.today()), bench.title)
     with open(opts.doc, 'w', encoding='utf-8') as f:  # after each benchmark: a later failure loses nothing
       f.write(doc)
