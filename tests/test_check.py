@@ -17,6 +17,7 @@ from jaxtrain import data, models, sharding
 from jaxtrain.train import memory, optim
 from jaxtrain.data import sources
 from tests.conftest import REPO
+from tests.helpers import run_command
 
 
 def load_config(name: str, arg: str | None = None):
@@ -78,16 +79,15 @@ def test_check_tiny_previews_tokens_counts_params_and_writes_nothing(tmp_path):
 
 
 def test_check_1b_takes_seconds_and_allocates_no_parameters(tmp_path):
-  # A first run builds the 32k tokenizer in its own cache (a BPE build has a footprint of its own); the second
-  # run is the one measured.
-  env = dict(os.environ, JAXTRAIN_CACHE=str(tmp_path / 'cache'),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache' / 'jax'))
-  run('jaxtrain.cli', 'check', '--config=configs/llama.py:size=1b', f'--workdir={tmp_path}/warm', env=env)
+  # The 32k tokenizer is built (and cached for the suite) here first: a BPE build has a footprint of its own,
+  # and the process measured is the one that finds it cached.
+  config = load_config('llama.py', 'size=1b')
+  data.load_tokenizer(config.data)
   code, out, err, seconds, peak_rss = run('jaxtrain.cli', 'check', '--config=configs/llama.py:size=1b',
-                                          f'--workdir={tmp_path}/run', env=env)
+                                          f'--workdir={tmp_path}/run')
   assert code == 0, err[-2000:]
   assert seconds < 60
-  m = load_config('llama.py', 'size=1b').model
+  m = config.model
   vocab, d, h, f = 32768, m.d_model, m.d_model // m.num_heads, m.mlp_dim
   block = d * h * (m.num_heads + 2 * m.num_kv_heads) + m.num_heads * h * d + 3 * d * f + 2 * d
   expected = 2 * vocab * d + m.num_layers * block + d  # untied embedding and head, final norm
@@ -107,12 +107,11 @@ def test_preflight_prints_the_report_then_trains(tmp_path, capsys):
   assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2')
 
 
-def test_check_rejects_bad_configs_in_one_line(tmp_path):
+def test_check_rejects_bad_configs_in_one_line(tmp_path, capsys):
   for args, needle in ((['--config.model.num_kv_heads=3'], 'model.num_kv_heads=3'),
                        # validate accepts it; the held-out split is empty, which only reading the data shows
                        (['--config.data.eval_fraction=0.0'], 'data.eval_fraction=0.0')):
-    code, out, err, _, _ = run('jaxtrain.cli', 'check', '--config=configs/tiny.py', *args,
-                               f'--workdir={tmp_path}/run')
+    code, out, err = run_command(capsys, 'check', '--config=configs/tiny.py', *args, f'--workdir={tmp_path}/run')
     lines = [line for line in err.splitlines() if line.strip() and 'Warning' not in line]
     assert code == 2, (args, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], (args, lines)

@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # everything here is local: nothing may download
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -137,15 +138,20 @@ def reference_rolling(params, mc, ids, prefix, window):
   """Sum of log p(token | all tokens before it, at most `window` - 1 of them, the prefix first) from a plain
   forward pass of each chunk of `window` predictions (no packing): lm-eval's rolling definition, by hand."""
   graphdef, _, _ = models.describe(mc)
+  # Each chunk is right-padded to `window` (causal: padding after a token changes nothing before it), so the
+  # forward pass compiles once rather than running op by op.
+  forward = jax.jit(lambda p, b, t: losses.token_cross_entropy(models.apply(graphdef, p, b), t)[0])
   seq = [prefix] + list(ids)
   total = 0.0
   for a in range(1, len(seq), window):  # predict seq[a:e] from the `window` tokens before seq[e - 1]
     e = min(a + window, len(seq))
     s = max(0, e - 1 - window)
-    inp = np.asarray([seq[s:e - 1]], np.int32)
-    batch = {'tokens': inp, 'segment_ids': np.ones_like(inp), 'positions': np.arange(inp.shape[1])[None]}
-    ce, _ = losses.token_cross_entropy(models.apply(graphdef, params, batch), np.asarray([seq[s + 1:e]], np.int32))
-    total -= float(np.asarray(ce)[0, a - 1 - s:].sum())
+    n = e - 1 - s
+    inp, tgt = np.zeros((1, window), np.int32), np.zeros((1, window), np.int32)
+    inp[0, :n], tgt[0, :n] = seq[s:e - 1], seq[s + 1:e]
+    batch = {'tokens': inp, 'segment_ids': (np.arange(window) < n)[None].astype(np.int32),
+             'positions': np.arange(window, dtype=np.int32)[None]}
+    total -= float(np.asarray(forward(params, batch, tgt))[0, a - 1 - s:n].sum())
   return total
 
 
@@ -202,6 +208,19 @@ def test_generate_until_stops_at_the_stop_string(lm):
     assert cut == text.split(stop)[0] and stop not in cut
 
 
+def test_continuation_merged_into_the_context_is_one_line(lm):
+  """A choice the tokenizer merges into the context's last token (no target_delimiter) has no token to score:
+  one EvalError naming it (lm-eval's HF backend fails an assertion), not a traceback."""
+  pairs = [(w[:k], w[k:]) for w in ('return', 'import', 'self', 'print', 'range', 'def', 'class')
+           for k in range(1, len(w))]
+  merged = [(c, x) for c, x in pairs if len(lm.tok_encode(c + x)) <= len(lm.tok_encode(c))]
+  assert merged, 'no word of the list splits inside one token of this tokenizer'
+  context, continuation = merged[0]
+  with pytest.raises(EvalError, match=f'the continuation {continuation!r} after the context {context!r} has no '
+                     'token of its own.*target_delimiter'):
+    lm.loglikelihood(instances('loglikelihood', [('import os\n', ' x'), (context, continuation)]))
+
+
 @pytest.mark.parametrize('args, says', [
     (['--harness=no_such_task'], 'no such lm-eval task, group or tag; local tasks: jaxtrain_local, '
      'jaxtrain_python_choice, jaxtrain_python_lines'),
@@ -225,6 +244,23 @@ def test_missing_run_dir_and_model_choice(tmp_path, capsys):
   assert code == 2 and 'give the model: --workdir=RUN' in err
   code, _, err = run_command(capsys, 'eval', f'--workdir={tmp_path}', '--limit=3')
   assert code == 2 and '--limit without --harness' in err
+
+
+def test_max_length_beyond_learned_positions_is_refused(tiny, tmp_path):
+  """A GPT-2 directory has positions for n_positions tokens: a longer --max-length would read clamped rows of the
+  table (wrong numbers, no error), so it is one line; the table's length itself is fine."""
+  import shutil
+
+  import transformers
+
+  cfg = transformers.GPT2Config(vocab_size=512, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+  transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+  for name in os.listdir(tiny['hf']):
+    if name.startswith('tokenizer'):
+      shutil.copy(os.path.join(tiny['hf'], name), tmp_path / name)
+  with pytest.raises(EvalError, match=r"--max-length=64: the model has learned positions for 32 tokens only"):
+    harness.load_hf(str(tmp_path), max_length=64)
+  assert harness.load_hf(str(tmp_path), max_length=32).window == 32
 
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch):

@@ -157,10 +157,12 @@ def test_frozen_prefix_keeps_no_activations():
       abstract = dict(built.abstract, frozen=jax.eval_shape(lambda: built.create()['frozen']))
       return step.lower(abstract, b).compile().memory_analysis().temp_size_in_bytes
 
-  shallow, deep = temp_bytes('append', 2, 1), temp_bytes('append', 6, 5)
-  joint2, joint6 = temp_bytes('joint', 2, 0), temp_bytes('joint', 6, 0)
+  # Four stacks show the trend as well as six did (measured: append 15.5 MB at 2, 4 and 6 stacks; joint 31,
+  # 59 and 88 MB) and compile in two thirds of the time.
+  shallow, deep = temp_bytes('append', 2, 1), temp_bytes('append', 4, 3)
+  joint2, joint4 = temp_bytes('joint', 2, 0), temp_bytes('joint', 4, 0)
   assert deep < 1.15 * shallow, (shallow, deep)
-  assert joint6 > 2 * joint2 and joint6 > 2 * deep, (joint2, joint6, deep)
+  assert joint4 > 1.7 * joint2 and joint4 > 3 * deep, (joint2, joint4, deep)
 
 
 def test_lora_trunk_adapters_all_learn_and_merge_into_the_trunk():
