@@ -206,8 +206,11 @@ def test_named_sets_are_logged_and_equal_jaxtrain_eval(plateau, held):
   code, out, err = jaxtrain('eval', f'--workdir={workdir}', '--step=6', f'--data=again={held}', '--batches=1')
   assert code == 0, err
   with open(os.path.join(workdir, 'eval', '6.json'), encoding='utf-8') as f:
-    again = json.load(f)['sets']['again']
+    scored = json.load(f)['sets']
+  again = scored['again']
   assert again['repeats_skipped'] == 0 and abs(again['loss'] - held_loss[6]) < 1e-5, (again['loss'], held_loss)
+  # The run's own named set is scored without being asked for, as the loop scored it.
+  assert scored['held']['kind'] == 'named' and scored['held']['loss'] == again['loss'], scored['held']
 
 
 def test_target_stops_at_the_first_evaluation_reaching_it(plateau, held, tmp_path):

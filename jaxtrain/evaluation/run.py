@@ -108,7 +108,7 @@ def evaluate(workdir: str, *, step: int | None = None, all_steps: bool = False, 
   t = time.perf_counter()
   read = [sets_lib.read(s, tokenizer, rows=scorer.rows, seed=config.train.seed, max_batches=budget) for s in specs]
   reference = None  # the run's own eval stream (every source mixed), to compare with metrics.jsonl
-  if len(specs) - len(pairs) > 1 and any(at in logged for at in chosen):
+  if sum(s.kind == 'source' for s in specs) > 1 and any(at in logged for at in chosen):
     mixture = sets_lib.SetSpec('mixture of the sources', 'in-run', 'the run\'s eval stream', False, config.data,
                                [src for s in specs if s.kind == 'source' for src in s.srcs])
     reference = sets_lib.read(mixture, tokenizer, rows=scorer.rows, seed=config.train.seed, max_batches=eval_batches)

@@ -36,7 +36,8 @@ MASK_KEYS = ('doc_ids', 'doc_chunks')
 
 @dataclasses.dataclass(frozen=True)
 class SetSpec:
-  """A named set before it is read: `kind` 'source' (a run source's eval split) or 'extra' (--data files);
+  """A named set before it is read: `kind` 'source' (a run source's eval split), 'named' (one of the run's
+  data.eval_sets) or 'extra' (--data files);
   `where` its files as the user would name them; `data_cfg` the data section whose sources are `srcs`."""
 
   name: str
@@ -90,10 +91,18 @@ def parse_data(values: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def run_sets(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer) -> list[SetSpec]:
-  """One set per source of the run: its eval split, as the run's in-loop evaluation reads it."""
+  """One set per source of the run (its eval split, as the run's in-loop evaluation reads it), then each of the
+  run's named `data.eval_sets` (logged in the run as eval_loss/NAME; a name a source already has gets
+  '(eval_sets)' added here)."""
   srcs = data.pipeline.load_sources(config.data, tokenizer, 'eval')
-  return [SetSpec(s.name, 'source', _where(s.spec), s.spec.format in sources.CHAT_FORMATS, config.data, [s])
-          for s in srcs]
+  out = [SetSpec(s.name, 'source', _where(s.spec), s.spec.format in sources.CHAT_FORMATS, config.data, [s])
+         for s in srcs]
+  chat = sources.source_specs(config.data)[0].format in sources.CHAT_FORMATS
+  patterns = dict(evalsets.parse(config.data.get('eval_sets', '') or ''))
+  for name, cfg, set_srcs in evalsets.load(config.data, tokenizer):
+    shown = name if name not in {s.name for s in out} else f'{name}(eval_sets)'
+    out.append(SetSpec(shown, 'named', f'data.eval_sets {name}={patterns[name]}', chat, cfg, set_srcs))
+  return out
 
 
 def _where(spec: sources.SourceSpec) -> str:
@@ -113,7 +122,13 @@ def extra_sets(config: ml_collections.ConfigDict, tokenizer: data.Tokenizer, pai
       raise EvalError('--data', f'{name}={pattern}', f'{name!r} is already the name of one of the run\'s sets '
                       f'({", ".join(taken)}); choose another NAME')
     cfg = evalsets.set_config(config.data, name, pattern)  # as the run's data.eval_sets are read in training
-    srcs = data.pipeline.load_sources(cfg, tokenizer, 'eval')
+    try:
+      srcs = data.pipeline.load_sources(cfg, tokenizer, 'eval')
+    except sources.DataError as e:  # said as the user gave it: the set's config key is internal, eval takes no config
+      valid = e.valid.replace(f'data.sources.{name}.', '')
+      if 'max_bad_fraction' in valid:
+        valid = "fix or remove those records (eval skips bad ones up to the run's own data.max_bad_fraction)"
+      raise EvalError('--data', f'{name}={pattern}', f'{e.problem}; {valid}') from None
     out.append(SetSpec(name, 'extra', f'--data={name}={pattern}', first.format in sources.CHAT_FORMATS, cfg, srcs))
   return out
 
