@@ -281,6 +281,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
     config = json.load(f)
   config['stackwise']['num_stacks'] = 2
   (fake / 'config.json').write_text(json.dumps(config), encoding='utf-8')
+  (tmp_path / 'latin1.txt').write_bytes('café naïve\n'.encode('latin-1'))
+  (tmp_path / 'empty.txt').write_bytes(b'')
   before = _listing(workdir)
   cases = [
       ([f'--workdir={tmp_path}/nope'], f'error: --workdir={tmp_path}/nope does not exist'),
@@ -297,6 +299,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path):
       ([f'--workdir={workdir}', '--stage=1'], f'error: --stage=1: {workdir} is a plain run, not a StackWise run: '
                                               'choose its checkpoint with --step=N'),
       (['--step=2'], 'error: --workdir is required'),
+      # --data files that do not read: named as given (not as the set's internal config key), and no remedy eval
+      # cannot take (it has no --config to raise data.max_bad_fraction)
+      ([f'--workdir={workdir}', f'--data=lat={tmp_path}/latin1.txt'],
+       f"error: --data='lat={tmp_path}/latin1.txt': has 1 bad records of 1 (100.0%, more than "
+       f"data.max_bad_fraction=0.01; first: not valid UTF-8 (byte 0xe9) at {tmp_path}/latin1.txt); fix or remove "
+       "those records (eval skips"),
+      ([f'--workdir={workdir}', f'--data=e={tmp_path}/empty.txt'],
+       f"error: --data='e={tmp_path}/empty.txt': holds no non-empty document for the eval split; expected files "
+       "with text in field/column text_field='text'"),
   ]
   for argv, needle in cases:
     code, out, err = jaxtrain(*argv)
@@ -314,6 +325,26 @@ def test_a_checkpoint_deleted_while_read_says_so(tiny_run, tmp_path):
   shutil.rmtree(copy / 'checkpoints' / '2')
   with pytest.raises(export.ExportError, match=r'checkpoint 2 of .* was deleted while it was read .*saved now: 4\)'):
     export.restore_state(str(copy), 2)
+
+
+def test_all_steps_skips_a_checkpoint_deleted_while_it_ran(tiny_run, tmp_path, monkeypatch):
+  """--all-steps on a run still training: a checkpoint that checkpoint.keep deletes after the listing is skipped
+  with a note (not exit 2 with the earlier steps' files already written); the others are scored."""
+  import shutil
+
+  from jaxtrain.evaluation import run as run_lib
+
+  workdir, _ = tiny_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
+  shutil.rmtree(copy / 'checkpoints' / '4')
+  monkeypatch.setattr(run_lib, '_steps', lambda *a, **k: [2, 4])  # the listing made before 4 went
+  code, out, err = jaxtrain(f'--workdir={copy}', '--all-steps')
+  assert code == 0, err
+  assert err == [f'note: checkpoint 4 of {copy} was deleted while this ran (the run is still training and keeps '
+                 'only its newest checkpoint.keep); skipped'], err
+  assert sorted(os.listdir(copy / 'eval')) == ['2.json', '2.md', '2_positions.png', 'curve.json', 'curve.png']
+  assert read(str(copy), 'curve.json')['steps'] == [2]
 
 
 def test_a_restore_reads_the_parameters_only(tiny_run, monkeypatch):

@@ -177,6 +177,17 @@ def test_compare_base_equals_generating_from_the_base_model(lora_run, capsys, tm
   assert code == 0 and [line.split(' ', 1)[0] for line in stdout.splitlines()[1:3]] == ['sample', 'base']
 
 
+def test_a_markdown_cell_keeps_the_samples_spaces():
+  """Markdown trims a table cell and HTML collapses runs of spaces: a sample's indentation (generated code), its
+  runs of spaces and a sample of spaces only stay visible as &nbsp;; pipes and line breaks as before."""
+  from jaxtrain.cli import generate as generate_cli
+
+  assert generate_cli._cell('    return x') == '&nbsp;' * 4 + 'return x'
+  assert generate_cli._cell('a  b|c\n  d ') == 'a&nbsp;&nbsp;b&#124;c<br>&nbsp;&nbsp;d&nbsp;'
+  assert generate_cli._cell('   ') == '&nbsp;' * 3 and generate_cli._cell('x = 1') == 'x = 1'
+  assert generate_cli._cell('') == ' ' and generate_cli._cell('<|im_end|>') == '&lt;&#124;im_end&#124;&gt;'
+
+
 def test_bad_input_is_one_line_and_writes_nothing(lora_run, capsys, tmp_path):
   workdir, _ = lora_run
   full = tmp_path / 'full'  # the same run, as if it had trained all parameters
@@ -214,6 +225,7 @@ def test_bad_input_is_one_line_and_writes_nothing(lora_run, capsys, tmp_path):
     code, out, err = run_command(capsys, 'generate', f'--workdir={workdir}', *args)
     assert code == 2 and not out, (args, out, err)
     assert err.count('\n') == 1 and err.startswith('error: ') and words in err, (args, err)
+    assert 'not both' not in err or 'both.jsonl' in err, (args, err)  # said only of an object with both
   code, _, err = run_command(capsys, 'generate', f'--workdir={full}', '--compare_base')
   assert code == 2 and 'full-parameter run' in err and err.count('\n') == 1, err
   assert (_listing(workdir), _listing(full)) == before

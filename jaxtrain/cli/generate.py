@@ -142,8 +142,9 @@ def read_prompts(path: str) -> list[Prompt]:
                         '{"prompt": "def f("}') from None
     if not isinstance(obj, dict) or ('prompt' in obj) == ('messages' in obj):
       got = f'an object with fields {sorted(obj)[:6]}' if isinstance(obj, dict) else f'a JSON {type(obj).__name__}'
+      both = isinstance(obj, dict) and 'prompt' in obj
       raise SampleError(f'{where}: {got}; expected an object with either "prompt" (text) or "messages" (a chat '
-                        'conversation), not both')
+                        f'conversation){", not both" if both else ""}')
     if 'prompt' in obj and not isinstance(obj['prompt'], str):
       raise SampleError(f'{where}: "prompt" is a {type(obj["prompt"]).__name__}; expected a string')
     if 'messages' in obj and not (isinstance(obj['messages'], list) and obj['messages']):
@@ -303,8 +304,11 @@ def build_record(workdir: str, loaded: Loaded, prompts: list[Prompt], samples: l
 
 def _cell(text: str) -> str:
   """A sample as one Markdown table cell: HTML-escaped (chat tokens such as <|im_end|> stay visible), pipes
-  and line breaks kept."""
-  return html.escape(text, quote=False).replace('|', '&#124;').replace('\n', '<br>') or ' '
+  and line breaks kept, and spaces a cell would trim or collapse (indentation, runs, a sample of spaces only)
+  kept as &nbsp;."""
+  out = html.escape(text, quote=False).replace('|', '&#124;')
+  out = re.sub(r'^ +| {2,}| +$', lambda m: '&nbsp;' * len(m.group()), out, flags=re.M)
+  return out.replace('\n', '<br>') or ' '
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -106,6 +106,13 @@ def _check_window(max_length: int | None) -> None:
     raise EvalError('--max-length', max_length, 'expected at least 2 tokens (a context and a continuation)')
 
 
+def _check_positions(mc: Any, max_length: int | None) -> None:
+  """A learned position table (GPT-2) has no row past its length: a longer window would read clamped rows."""
+  if max_length is not None and mc.positions == 'learned' and max_length > mc.max_positions:
+    raise EvalError('--max-length', max_length, f'the model has learned positions for {mc.max_positions} tokens '
+                    f'only; give at most {mc.max_positions}')
+
+
 def resolve_run(workdir: str, step: int | None = None, best: bool = False) -> tuple[Any, int]:
   """(the run's config, the checkpoint step to score: `step`, the run's best with `best`, else the newest) of
   the plain, LoRA or QLoRA run in `workdir`. Reads no weights. One-line EvalError for a directory that is no
@@ -142,6 +149,7 @@ def load_run(workdir: str, step: int | None = None, max_length: int | None = Non
   config, step = resolve_run(workdir, step, best)
   tokenizer = rundir.load_tokenizer(config, workdir)
   scorer = Scorer(config, tokenizer, workdir)  # the run's state layout and transform (LoRA, QLoRA)
+  _check_positions(scorer.mc, max_length)  # the model's (an init.from_hf run's: its checkpoint's architecture)
   with jax.set_mesh(scorer.mesh):
     weights = scorer.weights(step)
     transform = scorer.built.transform
@@ -186,6 +194,7 @@ def load_hf(model_dir: str, max_length: int | None = None) -> Model:
 
   _check_window(max_length)
   mc = check_hf(model_dir)
+  _check_positions(mc, max_length)
   tokenizer = data.load_tokenizer(ml_collections.ConfigDict({'tokenizer': model_dir}))
   hf_tok = tokenizer_lib.as_transformers(tokenizer)
   params = jax.device_put(hf_weights.load_params(model_dir, mc), jax.devices()[0])
@@ -413,6 +422,13 @@ def model_class() -> type:
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
+      for key, _, cont in requests:
+        if key is not None and not cont:  # lm-eval's HF backend asserts here: a task's mistake, said in one line
+          context, continuation = key
+          raise EvalError(f'an lm-eval request: the continuation {continuation!r} after the context '
+                          f'{context[-40:]!r} has no token of its own (the tokenizer merges it into the context\'s '
+                          "last token, and only the tokens after the context's are scored)", valid="separate them "
+                          'in the task (e.g. target_delimiter: " ", or a context ending in a newline)')
       out = self.engine.loglikelihoods([(list(ctx), list(cont)) for _, ctx, cont in requests])
       for (key, _, _), answer in zip(requests, out, strict=True):
         if key is not None:  # rolling windows carry no key: their sums are cached per text

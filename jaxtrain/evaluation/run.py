@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -117,8 +118,18 @@ def evaluate(workdir: str, *, step: int | None = None, all_steps: bool = False, 
   records = []
   with jax.set_mesh(scorer.mesh):
     for at in chosen:
-      record = score_step(scorer, at, read, token_bytes, tokenizer, reference=reference, logged=logged.get(at),
-                          eval_batches=eval_batches, budget=budget)
+      try:
+        record = score_step(scorer, at, read, token_bytes, tokenizer, reference=reference, logged=logged.get(at),
+                            eval_batches=eval_batches, budget=budget)
+      except export.ExportError:
+        # --all-steps on a run still training: checkpoint.keep deleted this one since the listing. The others
+        # are still worth scoring (a lone --step, or every checkpoint gone, stays the one-line error).
+        if not all_steps or scorer.unit != 'step' or at in export.checkpoint_steps(workdir) or (
+            at == chosen[-1] and not records):
+          raise
+        print(f'note: checkpoint {at} of {workdir} was deleted while this ran (the run is still training and keeps '
+              'only its newest checkpoint.keep); skipped', file=sys.stderr, flush=True)
+        continue
       record['timings']['read_s'] = read_s
       record['timings']['total_s'] = time.perf_counter() - t0
       written = report.write_step(workdir, record)
