@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -32,23 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from generate import tiny_config  # noqa: E402  (the same benchmark model)
 from timing import time_calls  # noqa: E402
-
-
-def tiny_config(quick: bool):
-  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(REPO, 'configs', 'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  m = c.model
-  if quick:
-    m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 128, 2, 4, 4, 384
-  else:
-    m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 384, 6, 6, 6, 1024
-  c.data.tokenizer_vocab_size, c.data.seq_len, c.data.batch_size = 2048, 256, 2
-  c.train.steps, c.train.eval_every, c.train.steps_per_call, c.checkpoint.every = 1, 0, 1, 0
-  c.log.plot, c.log.peak_flops = False, 1e12
-  return c
 
 
 def task_requests(repeat: int) -> list:

@@ -57,3 +57,20 @@ def run_command(capsys, *args: str) -> tuple[int, str, str]:
     code = e.code
   out, err = capsys.readouterr()
   return code, out, err
+
+
+def run_captured(*args: str) -> tuple[int, str, str]:
+  """(exit status, stdout, stderr) of `jaxtrain ARGS` in this process, captured without capsys (module
+  fixtures have none)."""
+  import contextlib
+  import io
+
+  from jaxtrain import cli
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      cli.main(['jaxtrain', *args])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  return code, out.getvalue(), err.getvalue()

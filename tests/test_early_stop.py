@@ -4,8 +4,6 @@ the first evaluation reaching it, the best checkpoint survives checkpoint.keep=1
 logged per set (equal to `jaxtrain eval` on the same files), and bad settings are one line, exit 2, nothing
 written. Every run goes through the `jaxtrain train` command in this process."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -13,8 +11,8 @@ import shutil
 
 import pytest
 
-from jaxtrain import cli
 from jaxtrain.train import earlystop, metrics
+from tests.helpers import run_captured
 from tests.conftest import REPO
 
 # configs/tiny.py, one step per call, one eval batch, no plot, a stated peak (no probe matmul); 12 steps with an
@@ -34,14 +32,8 @@ MIN_DELTA = 1.0
 
 def jaxtrain(*argv: str) -> tuple[int, str, list[str]]:
   """(exit status, stdout, stderr lines) of `jaxtrain ARGV` in this process."""
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      cli.main(['jaxtrain', *argv])
-      code = 0
-    except SystemExit as e:
-      code = e.code
-  return code, out.getvalue(), [line for line in err.getvalue().splitlines() if line.strip()]
+  code, out, err = run_captured(*argv)
+  return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def train(workdir: str, *extra: str) -> str:

@@ -3,8 +3,6 @@ tasks its scores equal lm-eval's own Hugging Face backend on the exported model 
 equals per-token sums of a plain forward pass, packed batches compile once, and bad input is one line, exit 2,
 nothing written. One tiny run is trained and exported once for the module."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -17,11 +15,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxtrain import cli, models  # noqa: E402
+from jaxtrain import models  # noqa: E402
 from jaxtrain.evaluation import EvalError, harness  # noqa: E402
 from jaxtrain.train import export, loop as train, losses  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.helpers import run_command  # noqa: E402
+from tests.helpers import run_captured, run_command  # noqa: E402
 from tests.test_train import tiny_config  # noqa: E402
 
 lm_eval = pytest.importorskip('lm_eval')
@@ -55,14 +53,7 @@ def lm(tiny):
 
 def jaxtrain(*argv: str) -> tuple[int, str, str]:
   """(exit status, stdout, stderr) of `jaxtrain ARGV` in this process (usable in module fixtures)."""
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      cli.main(['jaxtrain', *argv])
-      code = 0
-    except SystemExit as e:
-      code = e.code
-  return code, out.getvalue(), err.getvalue()
+  return run_captured(*argv)
 
 
 def files(directory: str) -> list[str]:

@@ -3,8 +3,6 @@ early-stopped for real (tiny in-process runs of 4 steps, trained once for the mo
 run directory; the statuses a run cannot cheaply reach (killed by SIGKILL, on another host, running, from an
 older jaxtrain, a StackWise rack mid-stage) fabricated on disk beside them."""
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -15,9 +13,10 @@ import time
 
 import pytest
 
-from jaxtrain import cli, data
+from jaxtrain import data
 from jaxtrain.errors import NonFiniteError, UserError
 from jaxtrain.train import resume, runstatus
+from tests.helpers import run_captured
 from tests.conftest import REPO
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -28,14 +27,7 @@ SHORT = ('--config.train.steps=4', '--config.train.eval_every=2', '--config.chec
 
 def command(*args: str) -> tuple[int, str, str]:
   """(exit status, stdout, stderr) of `jaxtrain ARGS` in this process (a module fixture has no capsys)."""
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      cli.main(['jaxtrain', *args])
-      code = 0
-    except SystemExit as e:
-      code = e.code
-  return code, out.getvalue(), err.getvalue()
+  return run_captured(*args)
 
 
 def train(root, name: str, *flags: str) -> tuple[int, str, str]:
